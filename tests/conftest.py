@@ -1,0 +1,118 @@
+"""Shared fixtures: real SQLite files and the real PostgreSQL server, free ports, ../shared/data.
+
+CI sets ``TRIAGED_STRICT_SKIPS=1``: there every skip (missing ../shared/data, dcmtk, Orthanc, PostgreSQL)
+becomes a failure, except GPU tests on a machine without CUDA.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from triaged.config import Settings, load_settings
+from triaged.db.engine import make_engine, make_session_factory
+from triaged.db.schema import upgrade
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+POSTGRES_URL = os.environ.get("TRIAGED_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+STRICT_SKIPS = os.environ.get("TRIAGED_STRICT_SKIPS") == "1"
+
+
+def shared_data() -> Path:
+    """Path of ../shared/data, or skip (fail in CI) with the reason."""
+    if not (SHARED_DATA / "README.md").is_file():
+        pytest.skip(f"needs ../shared/data beside the repository (looked in {SHARED_DATA})")
+    return SHARED_DATA
+
+
+@pytest.fixture
+def shared_data_dir() -> Path:
+    return shared_data()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[Any]) -> Iterator[None]:
+    outcome = yield
+    report = outcome.get_result()  # type: ignore[attr-defined]
+    if STRICT_SKIPS and report.skipped and item.get_closest_marker("gpu") is None and not hasattr(report, "wasxfail"):
+        report.outcome = "failed"
+        report.longrepr = f"skip not allowed in CI (TRIAGED_STRICT_SKIPS=1): {report.longrepr}"
+
+
+def free_port() -> int:
+    """A TCP port free on loopback right now (bind to port 0, as pynetdicom's tests do)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _postgres_available() -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", 5432), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'triaged.db'}"
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A fresh schema in the `test` database, dropped afterwards."""
+    if not _postgres_available():
+        pytest.skip("needs PostgreSQL on 127.0.0.1:5432 (database test)")
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    admin = make_engine(POSTGRES_URL)
+    with admin.begin() as connection:
+        connection.exec_driver_sql(f"CREATE SCHEMA {schema}")
+    try:
+        yield f"{POSTGRES_URL}?options=-csearch_path%3D{schema}"
+    finally:
+        with admin.begin() as connection:
+            connection.exec_driver_sql(f"DROP SCHEMA {schema} CASCADE")
+        admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Parametrises a test over a real SQLite file and the real PostgreSQL server."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'triaged.db'}"
+    return str(request.getfixturevalue("postgres_url"))
+
+
+@pytest.fixture
+def engine(db_url: str) -> Iterator[Engine]:
+    """An engine on a database migrated to head."""
+    eng = make_engine(db_url)
+    upgrade(eng)
+    yield eng
+    eng.dispose()
+
+
+@pytest.fixture
+def session_factory(engine: Engine) -> sessionmaker[Session]:
+    return make_session_factory(engine)
+
+
+@pytest.fixture
+def make_settings(tmp_path: Path) -> Callable[..., Settings]:
+    """Settings rooted in a temp data dir; keyword overrides as nested dicts."""
+
+    def factory(**overrides: Any) -> Settings:
+        overrides.setdefault("data_dir", tmp_path / "data")
+        return load_settings(None, **overrides)
+
+    return factory

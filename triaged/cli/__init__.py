@@ -1,0 +1,1 @@
+"""Typer command-line interface: thin shells over the service functions."""

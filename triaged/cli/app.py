@@ -1,0 +1,46 @@
+"""Typer root: `triaged …`. Each command group lives in its own module (style P15)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from triaged import __version__
+from triaged.cli import db
+from triaged.cli.common import CliState
+
+app = typer.Typer(
+    name="triaged",
+    help="DICOM triage daemon for brain MRI: receive, classify, send flagged Secondary Captures back.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+app.add_typer(db.app, name="db")
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"triaged {__version__}")
+        raise typer.Exit
+
+
+@app.callback()
+def root(
+    ctx: typer.Context,
+    config: Annotated[
+        Path | None,
+        typer.Option("--config", "-c", envvar="TRIAGED_CONFIG", help="TOML config file.", dir_okay=False),
+    ] = None,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
+    ] = False,
+) -> None:
+    """Load settings lazily so `--help` works even with a broken config."""
+    ctx.obj = CliState(config_file=config)
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,221 @@
+"""Settings: one TOML file plus ``TRIAGED_…`` environment overrides, validated once at start.
+
+The composition root (CLI callback or daemon) calls :func:`load_settings` and passes the frozen object
+down; nothing else reads the environment (style P2). Nested keys are overridden with a double
+underscore, e.g. ``TRIAGED_DICOM__PORT=11113``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from triaged.errors import ConfigError
+
+CONFIG_ENV_VAR = "TRIAGED_CONFIG"
+_AE_TITLE = re.compile(r"^[ -~]{1,16}$")
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_MODEL_DIR = REPO_ROOT / "models" / "densenet121-brainmri-v1"
+
+
+def _default_data_dir() -> Path:
+    return Path.home() / ".local" / "share" / "triaged"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+def _check_ae_title(value: str) -> str:
+    stripped = value.strip()
+    if not _AE_TITLE.match(stripped) or "\\" in stripped:
+        raise ValueError("must be 1-16 printable ASCII characters without backslash")
+    return stripped
+
+
+class Peer(_Section):
+    """A DICOM node we accept associations from and may send outputs to."""
+
+    ae_title: str
+    host: str = "127.0.0.1"
+    port: int = Field(default=104, ge=1, le=65535)
+    quiet_seconds: float | None = Field(default=None, ge=0)
+
+    _ae = field_validator("ae_title")(_check_ae_title)
+
+
+class TlsSettings(_Section):
+    enabled: bool = False
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    ca_file: Path | None = None
+    require_client_cert: bool = False
+
+    @model_validator(mode="after")
+    def _files_when_enabled(self) -> TlsSettings:
+        if self.enabled and (self.cert_file is None or self.key_file is None):
+            raise ValueError("cert_file and key_file are required when TLS is enabled")
+        if self.require_client_cert and self.ca_file is None:
+            raise ValueError("ca_file is required when require_client_cert is true")
+        return self
+
+
+class DicomSettings(_Section):
+    ae_title: str = "TRIAGED"
+    bind_address: str = "0.0.0.0"
+    port: int = Field(default=11112, ge=1, le=65535)
+    max_associations: int = Field(default=16, ge=1)
+    max_pdu_size: int = Field(default=0, ge=0, description="0 = unlimited")
+    acse_timeout: float = Field(default=30, gt=0)
+    dimse_timeout: float = Field(default=60, gt=0)
+    network_timeout: float = Field(default=60, gt=0)
+    accept_unknown_peers: bool = True
+    peers: dict[str, Peer] = Field(default_factory=dict)
+    extra_storage_sop_classes: tuple[str, ...] = ()
+    tls: TlsSettings = TlsSettings()
+
+    _ae = field_validator("ae_title")(_check_ae_title)
+
+    def peer_for_ae(self, ae_title: str) -> tuple[str, Peer] | None:
+        for name, peer in self.peers.items():
+            if peer.ae_title == ae_title.strip():
+                return name, peer
+        return None
+
+
+class StorageSettings(_Section):
+    directory: Path | None = None
+    min_free_bytes: int = Field(default=1 << 30, ge=0)
+    retention_days: float | None = Field(default=None, gt=0)
+
+
+class DatabaseSettings(_Section):
+    url: str | None = None
+    busy_timeout_ms: int = Field(default=30_000, ge=0)
+
+
+class SeriesSettings(_Section):
+    quiet_seconds: float = Field(default=5.0, ge=0)
+    sweep_interval_seconds: float = Field(default=1.0, gt=0)
+
+
+class WorkerSettings(_Section):
+    count: int = Field(default=1, ge=0)
+    torch_threads: int | None = Field(default=None, ge=1)
+    lease_seconds: float = Field(default=120.0, gt=0)
+    heartbeat_seconds: float = Field(default=10.0, gt=0)
+    poll_seconds: float = Field(default=0.5, gt=0)
+    max_attempts: int = Field(default=5, ge=1)
+    export_max_attempts: int = Field(default=10, ge=1)
+    backoff_base_seconds: float = Field(default=5.0, gt=0)
+    backoff_max_seconds: float = Field(default=3600.0, gt=0)
+
+
+class ModelSettings(_Section):
+    directory: Path = DEFAULT_MODEL_DIR
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    cam_top_k: int = Field(default=3, ge=0, le=32)
+
+
+class OutputSettings(_Section):
+    mode: Literal["urgent", "all", "none"] = "all"
+    destination: str | None = Field(default=None, description="peer name; default: the peer that sent the study")
+    secondary_captures: bool = True
+    key_object_selection: bool = True
+    structured_report: bool = True
+    not_assessable: Literal["none", "sc", "sr"] = "none"
+    series_number: int = Field(default=9900, ge=1, le=99999)
+
+
+class HttpSettings(_Section):
+    enabled: bool = True
+    bind_address: str = "127.0.0.1"
+    port: int = Field(default=9110, ge=0, le=65535)
+
+
+class Settings(BaseSettings):
+    """Everything triaged can be told; defaults make ``triaged serve`` work with no file."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="TRIAGED_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+    )
+
+    data_dir: Path = Field(default_factory=_default_data_dir)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["auto", "json", "console"] = "auto"
+    dicom: DicomSettings = DicomSettings()
+    storage: StorageSettings = StorageSettings()
+    database: DatabaseSettings = DatabaseSettings()
+    series: SeriesSettings = SeriesSettings()
+    worker: WorkerSettings = WorkerSettings()
+    model: ModelSettings = ModelSettings()
+    outputs: OutputSettings = OutputSettings()
+    http: HttpSettings = HttpSettings()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls))
+
+    @property
+    def storage_dir(self) -> Path:
+        return self.storage.directory or self.data_dir / "storage"
+
+    @property
+    def database_url(self) -> str:
+        return self.database.url or f"sqlite:///{self.data_dir / 'triaged.db'}"
+
+
+def _format_error(exc: ValidationError) -> str:
+    first = exc.errors()[0]
+    key = ".".join(str(part) for part in first["loc"]) or "(root)"
+    more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+    return f"config error: {key}: {first['msg']}{more}"
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
+    """Load and validate settings; raise :class:`ConfigError` with a one-line message naming the key.
+
+    ``config_file`` defaults to ``$TRIAGED_CONFIG`` when set. Environment variables win over the file;
+    ``overrides`` (from CLI options) win over both.
+    """
+    if config_file is None and os.environ.get(CONFIG_ENV_VAR):
+        config_file = Path(os.environ[CONFIG_ENV_VAR])
+    settings_cls: type[Settings] = Settings
+    if config_file is not None:
+        if not config_file.is_file():
+            raise ConfigError(f"config error: file not found: {config_file}")
+        try:
+            tomllib.loads(config_file.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"config error: {config_file}: {exc}") from exc
+
+        class _FileSettings(Settings):
+            model_config = SettingsConfigDict(**{**Settings.model_config, "toml_file": config_file})
+
+        settings_cls = _FileSettings
+    try:
+        return settings_cls(**overrides)
+    except ValidationError as exc:
+        raise ConfigError(_format_error(exc)) from exc

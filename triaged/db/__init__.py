@@ -1,0 +1,1 @@
+"""Database layer: typed models, engine setup, migrations and the job queue."""

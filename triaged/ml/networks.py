@@ -1,0 +1,78 @@
+"""Network factory: the product DenseNet121 and the comparison models, all 1-channel 2-D classifiers."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+from monai.networks.nets import DenseNet121, ResNet
+from torch import nn
+
+ARCHITECTURES = ("densenet121", "resnet50", "smallcnn")
+
+
+class SmallCNN(nn.Module):
+    """A ~50k-parameter baseline: four conv-BN-ReLU-pool stages and global average pooling."""
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 4, width: int = 16) -> None:
+        super().__init__()
+        chans = [in_channels, width, width * 2, width * 4, width * 4]
+        layers: list[nn.Module] = []
+        for cin, cout in zip(chans[:-1], chans[1:], strict=True):
+            layers += [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
+                       nn.MaxPool2d(2)]
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.2), nn.Linear(chans[-1], num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.head(self.features(x))
+        return out
+
+
+def build_network(arch: str, num_classes: int, in_channels: int = 1) -> nn.Module:
+    """Instantiate ``arch`` (one of :data:`ARCHITECTURES`) with random weights."""
+    if arch == "densenet121":
+        return DenseNet121(spatial_dims=2, in_channels=in_channels, out_channels=num_classes)
+    if arch == "resnet50":
+        return ResNet(block="bottleneck", layers=[3, 4, 6, 3], block_inplanes=[64, 128, 256, 512], spatial_dims=2,
+                      n_input_channels=in_channels, num_classes=num_classes)
+    if arch == "smallcnn":
+        return SmallCNN(in_channels=in_channels, num_classes=num_classes)
+    raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
+
+
+def cam_target_layer(arch: str) -> str:
+    """Name of the layer Grad-CAM hooks for ``arch`` (last feature map before pooling)."""
+    return {"densenet121": "features.norm5", "resnet50": "layer4", "smallcnn": "features.14"}[arch]
+
+
+def load_torchvision_densenet121(model: nn.Module, path: Path) -> None:
+    """Initialise a MONAI DenseNet121 from a local torchvision ImageNet state dict (nothing is downloaded).
+
+    Keys are renamed (``denselayerN.`` → ``denselayerN.layers.``; old-style ``norm.1`` → ``norm1``), ``conv0`` is
+    summed over RGB for one input channel, and the classifier head is left freshly initialised.
+    """
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} does not hold a state dict")
+    own = model.state_dict()
+    mapped: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        k = re.sub(r"\.(norm|relu|conv)\.(\d)", r".\1\2", str(key))
+        k = re.sub(r"(denselayer\d+)\.", r"\1.layers.", k)
+        if k.startswith("classifier."):
+            continue
+        if k == "features.conv0.weight" and value.shape[1] != own[k].shape[1]:
+            value = value.sum(dim=1, keepdim=True)
+        if k not in own or own[k].shape != value.shape:
+            raise ValueError(f"ImageNet weight {key!r} does not fit the network (as {k!r})")
+        mapped[k] = value
+    missing = [k for k in own if k not in mapped and not k.startswith("class_layers")]
+    if missing:
+        raise ValueError(f"ImageNet file lacks {len(missing)} weights, e.g. {missing[0]!r}")
+    model.load_state_dict(mapped, strict=False)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
