@@ -69,7 +69,5 @@ def configure_logging(level: str = "info", log_format: LogFormat = "auto") -> No
     )
 
 
-def _identity(
-    logger: object, method_name: str, event_dict: structlog.types.EventDict
-) -> structlog.types.EventDict:
+def _identity(logger: object, method_name: str, event_dict: structlog.types.EventDict) -> structlog.types.EventDict:
     return event_dict

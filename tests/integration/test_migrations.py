@@ -17,7 +17,14 @@ def test_head_matches_models(engine: Engine) -> None:
     with engine.connect() as connection:
         diff = compare_metadata(MigrationContext.configure(connection, opts={"compare_type": True}), Base.metadata)
     assert diff == []
-    assert set(inspect(engine).get_table_names()) >= {"studies", "series", "instances", "jobs", "results", "outputs"}
+    assert set(inspect(engine).get_table_names()) >= {
+        "studies",
+        "series",
+        "instances",
+        "jobs",
+        "results",
+        "outputs",
+    }
     require_current_schema(engine)
 
 

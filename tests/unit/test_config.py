@@ -20,7 +20,9 @@ def test_defaults_work_without_a_file(monkeypatch: pytest.MonkeyPatch, tmp_path:
 
 def test_file_then_env_override(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     config = tmp_path / "triaged.toml"
-    config.write_text('[dicom]\nport = 2000\nae_title = "FILEAE"\n[dicom.peers.pacs]\nae_title = "ORTHANC"\nport = 4242\n')
+    config.write_text(
+        '[dicom]\nport = 2000\nae_title = "FILEAE"\n[dicom.peers.pacs]\nae_title = "ORTHANC"\nport = 4242\n'
+    )
     monkeypatch.setenv("TRIAGED_DICOM__PORT", "3000")
     settings = load_settings(config)
     assert settings.dicom.port == 3000
@@ -54,5 +56,5 @@ def test_missing_and_unparseable_files(tmp_path: Path) -> None:
         load_settings(tmp_path / "nope.toml")
     broken = tmp_path / "broken.toml"
     broken.write_text("[dicom\n")
-    with pytest.raises(ConfigError, match="broken.toml"):
+    with pytest.raises(ConfigError, match=r"broken\.toml"):
         load_settings(broken)

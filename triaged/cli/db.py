@@ -28,6 +28,8 @@ def status_command(ctx: typer.Context) -> None:
     engine = open_engine(settings, require_current=False)
     current = current_revision(engine)
     head = head_revision(settings.database_url)
-    typer.echo(f"current {current or 'empty'}, head {head}: {'up to date' if current == head else 'run `triaged db upgrade`'}")
+    typer.echo(
+        f"current {current or 'empty'}, head {head}: {'up to date' if current == head else 'run `triaged db upgrade`'}"
+    )
     if current != head:
         raise typer.Exit(1)

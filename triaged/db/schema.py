@@ -45,6 +45,4 @@ def require_current_schema(engine: Engine) -> None:
     current, head = current_revision(engine), head_revision(url)
     if current != head:
         where = "empty" if current is None else f"at revision {current}"
-        raise SchemaOutdatedError(
-            f"database schema is {where}, this version needs {head}: run `triaged db upgrade`"
-        )
+        raise SchemaOutdatedError(f"database schema is {where}, this version needs {head}: run `triaged db upgrade`")

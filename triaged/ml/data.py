@@ -22,7 +22,15 @@ from pathlib import Path
 SPLITS = ("train", "val", "test")
 CHENG_BLOCK = 12
 MANIFEST_FIELDS = (
-    "path", "source", "label", "split", "group", "excluded", "exclude_reason", "clean_test", "in_cheng",
+    "path",
+    "source",
+    "label",
+    "split",
+    "group",
+    "excluded",
+    "exclude_reason",
+    "clean_test",
+    "in_cheng",
 )
 
 
@@ -91,14 +99,26 @@ def build_samples(data_root: Path) -> list[Sample]:
         elif row["cheng_match"] and cheng_label.get(row["cheng_match"], row["label"]) != row["label"]:
             reason = f"cheng_label_mismatch:{cheng_label[row['cheng_match']]}"
         samples.append(
-            Sample(node, "kaggle", row["label"], "", uf.find(node), bool(reason), reason,
-                   row["clean_test"] == "true", row["in_cheng"] == "true")
+            Sample(
+                node,
+                "kaggle",
+                row["label"],
+                "",
+                uf.find(node),
+                bool(reason),
+                reason,
+                row["clean_test"] == "true",
+                row["in_cheng"] == "true",
+            )
         )
     return samples
 
 
 def assign_splits(
-    samples: Sequence[Sample], *, seed: int = 20260, fractions: tuple[float, float, float] = (0.70, 0.15, 0.15)
+    samples: Sequence[Sample],
+    *,
+    seed: int = 20260,
+    fractions: tuple[float, float, float] = (0.70, 0.15, 0.15),
 ) -> list[Sample]:
     """Assign whole groups to train/val/test, stratified by each group's majority label.
 
@@ -109,7 +129,9 @@ def assign_splits(
     for s in samples:
         groups[s.group].append(s)
     totals = Counter(s.label for s in samples)
-    target = {(sp, lab): fr * n for lab, n in totals.items() for sp, fr in zip(SPLITS, fractions, strict=True)}
+    target = {
+        (sp, lab): fr * n for lab, n in totals.items() for sp, fr in zip(SPLITS, fractions, strict=True)
+    }
     have: Counter[tuple[str, str]] = Counter()
     chosen: dict[str, str] = {}
     order = sorted(groups)
@@ -122,7 +144,9 @@ def assign_splits(
         if g in pinned:
             split = "test"
         else:
-            split = max(SPLITS, key=lambda sp: (target[(sp, label)] - have[(sp, label)]) / max(target[(sp, label)], 1))
+            split = max(
+                SPLITS, key=lambda sp: (target[(sp, label)] - have[(sp, label)]) / max(target[(sp, label)], 1)
+            )
         chosen[g] = split
         for s in members:
             have[(split, s.label)] += 1
@@ -135,8 +159,19 @@ def manifest_csv(samples: Iterable[Sample]) -> bytes:
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(MANIFEST_FIELDS)
     for s in sorted(samples, key=lambda s: s.path):
-        writer.writerow([s.path, s.source, s.label, s.split, s.group, str(s.excluded).lower(), s.exclude_reason,
-                         str(s.clean_test).lower(), str(s.in_cheng).lower()])
+        writer.writerow(
+            [
+                s.path,
+                s.source,
+                s.label,
+                s.split,
+                s.group,
+                str(s.excluded).lower(),
+                s.exclude_reason,
+                str(s.clean_test).lower(),
+                str(s.in_cheng).lower(),
+            ]
+        )
     return buf.getvalue().encode()
 
 
@@ -152,8 +187,17 @@ def write_manifest(samples: Iterable[Sample], path: Path) -> str:
 def read_manifest(path: Path) -> list[Sample]:
     """Read a manifest written by :func:`write_manifest`."""
     return [
-        Sample(r["path"], r["source"], r["label"], r["split"], r["group"], r["excluded"] == "true",
-               r["exclude_reason"], r["clean_test"] == "true", r["in_cheng"] == "true")
+        Sample(
+            r["path"],
+            r["source"],
+            r["label"],
+            r["split"],
+            r["group"],
+            r["excluded"] == "true",
+            r["exclude_reason"],
+            r["clean_test"] == "true",
+            r["in_cheng"] == "true",
+        )
         for r in _read_csv(path)
     ]
 
@@ -164,10 +208,16 @@ def training_samples(samples: Sequence[Sample], split: str) -> list[Sample]:
     A Kaggle image matched to a Cheng slice is the same picture at lower fidelity; keeping both would only
     double-weight those slices. Evaluation sets keep every non-excluded row.
     """
-    return [s for s in samples if s.split == split and not s.excluded and not (s.source == "kaggle" and s.in_cheng)]
+    return [
+        s
+        for s in samples
+        if s.split == split and not s.excluded and not (s.source == "kaggle" and s.in_cheng)
+    ]
 
 
-def evaluation_samples(samples: Sequence[Sample], split: str, *, clean_test_only: bool = False) -> list[Sample]:
+def evaluation_samples(
+    samples: Sequence[Sample], split: str, *, clean_test_only: bool = False
+) -> list[Sample]:
     """Non-excluded samples of ``split`` (optionally only Kaggle ``clean_test`` rows)."""
     out = [s for s in samples if s.split == split and not s.excluded]
     return [s for s in out if s.clean_test] if clean_test_only else out
@@ -176,6 +226,8 @@ def evaluation_samples(samples: Sequence[Sample], split: str, *, clean_test_only
 def split_summary(samples: Sequence[Sample]) -> dict[str, dict[str, int]]:
     """Counts per split and label (excluded rows under ``excluded``), for logs and the model card."""
     out: dict[str, dict[str, int]] = defaultdict(dict)
-    for (sp, lab), n in sorted(Counter(("excluded" if s.excluded else s.split, s.label) for s in samples).items()):
+    for (sp, lab), n in sorted(
+        Counter(("excluded" if s.excluded else s.split, s.label) for s in samples).items()
+    ):
         out[sp][lab] = n
     return dict(out)

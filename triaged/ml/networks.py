@@ -20,10 +20,16 @@ class SmallCNN(nn.Module):
         chans = [in_channels, width, width * 2, width * 4, width * 4]
         layers: list[nn.Module] = []
         for cin, cout in zip(chans[:-1], chans[1:], strict=True):
-            layers += [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
-                       nn.MaxPool2d(2)]
+            layers += [
+                nn.Conv2d(cin, cout, 3, padding=1, bias=False),
+                nn.BatchNorm2d(cout),
+                nn.ReLU(inplace=True),
+                nn.MaxPool2d(2),
+            ]
         self.features = nn.Sequential(*layers)
-        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.2), nn.Linear(chans[-1], num_classes))
+        self.head = nn.Sequential(
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.2), nn.Linear(chans[-1], num_classes)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out: torch.Tensor = self.head(self.features(x))
@@ -35,8 +41,14 @@ def build_network(arch: str, num_classes: int, in_channels: int = 1) -> nn.Modul
     if arch == "densenet121":
         return DenseNet121(spatial_dims=2, in_channels=in_channels, out_channels=num_classes)
     if arch == "resnet50":
-        return ResNet(block="bottleneck", layers=[3, 4, 6, 3], block_inplanes=[64, 128, 256, 512], spatial_dims=2,
-                      n_input_channels=in_channels, num_classes=num_classes)
+        return ResNet(
+            block="bottleneck",
+            layers=[3, 4, 6, 3],
+            block_inplanes=[64, 128, 256, 512],
+            spatial_dims=2,
+            n_input_channels=in_channels,
+            num_classes=num_classes,
+        )
     if arch == "smallcnn":
         return SmallCNN(in_channels=in_channels, num_classes=num_classes)
     raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
@@ -44,7 +56,7 @@ def build_network(arch: str, num_classes: int, in_channels: int = 1) -> nn.Modul
 
 def cam_target_layer(arch: str) -> str:
     """Name of the layer Grad-CAM hooks for ``arch`` (last feature map before pooling)."""
-    return {"densenet121": "features.norm5", "resnet50": "layer4", "smallcnn": "features.14"}[arch]
+    return {"densenet121": "class_layers.relu", "resnet50": "layer4", "smallcnn": "features.13"}[arch]
 
 
 def load_torchvision_densenet121(model: nn.Module, path: Path) -> None:
