@@ -129,9 +129,7 @@ def assign_splits(
     for s in samples:
         groups[s.group].append(s)
     totals = Counter(s.label for s in samples)
-    target = {
-        (sp, lab): fr * n for lab, n in totals.items() for sp, fr in zip(SPLITS, fractions, strict=True)
-    }
+    target = {(sp, lab): fr * n for lab, n in totals.items() for sp, fr in zip(SPLITS, fractions, strict=True)}
     have: Counter[tuple[str, str]] = Counter()
     chosen: dict[str, str] = {}
     order = sorted(groups)
@@ -144,9 +142,7 @@ def assign_splits(
         if g in pinned:
             split = "test"
         else:
-            split = max(
-                SPLITS, key=lambda sp: (target[(sp, label)] - have[(sp, label)]) / max(target[(sp, label)], 1)
-            )
+            split = max(SPLITS, key=lambda sp: (target[(sp, label)] - have[(sp, label)]) / max(target[(sp, label)], 1))
         chosen[g] = split
         for s in members:
             have[(split, s.label)] += 1
@@ -208,16 +204,10 @@ def training_samples(samples: Sequence[Sample], split: str) -> list[Sample]:
     A Kaggle image matched to a Cheng slice is the same picture at lower fidelity; keeping both would only
     double-weight those slices. Evaluation sets keep every non-excluded row.
     """
-    return [
-        s
-        for s in samples
-        if s.split == split and not s.excluded and not (s.source == "kaggle" and s.in_cheng)
-    ]
+    return [s for s in samples if s.split == split and not s.excluded and not (s.source == "kaggle" and s.in_cheng)]
 
 
-def evaluation_samples(
-    samples: Sequence[Sample], split: str, *, clean_test_only: bool = False
-) -> list[Sample]:
+def evaluation_samples(samples: Sequence[Sample], split: str, *, clean_test_only: bool = False) -> list[Sample]:
     """Non-excluded samples of ``split`` (optionally only Kaggle ``clean_test`` rows)."""
     out = [s for s in samples if s.split == split and not s.excluded]
     return [s for s in out if s.clean_test] if clean_test_only else out
@@ -226,8 +216,6 @@ def evaluation_samples(
 def split_summary(samples: Sequence[Sample]) -> dict[str, dict[str, int]]:
     """Counts per split and label (excluded rows under ``excluded``), for logs and the model card."""
     out: dict[str, dict[str, int]] = defaultdict(dict)
-    for (sp, lab), n in sorted(
-        Counter(("excluded" if s.excluded else s.split, s.label) for s in samples).items()
-    ):
+    for (sp, lab), n in sorted(Counter(("excluded" if s.excluded else s.split, s.label) for s in samples).items()):
         out[sp][lab] = n
     return dict(out)

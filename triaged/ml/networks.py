@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import re
 from pathlib import Path
 
@@ -19,7 +20,7 @@ class SmallCNN(nn.Module):
         super().__init__()
         chans = [in_channels, width, width * 2, width * 4, width * 4]
         layers: list[nn.Module] = []
-        for cin, cout in zip(chans[:-1], chans[1:], strict=True):
+        for cin, cout in itertools.pairwise(chans):
             layers += [
                 nn.Conv2d(cin, cout, 3, padding=1, bias=False),
                 nn.BatchNorm2d(cout),
@@ -38,10 +39,12 @@ class SmallCNN(nn.Module):
 
 def build_network(arch: str, num_classes: int, in_channels: int = 1) -> nn.Module:
     """Instantiate ``arch`` (one of :data:`ARCHITECTURES`) with random weights."""
+    net: nn.Module
     if arch == "densenet121":
-        return DenseNet121(spatial_dims=2, in_channels=in_channels, out_channels=num_classes)
+        net = DenseNet121(spatial_dims=2, in_channels=in_channels, out_channels=num_classes)
+        return net
     if arch == "resnet50":
-        return ResNet(
+        net = ResNet(
             block="bottleneck",
             layers=[3, 4, 6, 3],
             block_inplanes=[64, 128, 256, 512],
@@ -49,6 +52,7 @@ def build_network(arch: str, num_classes: int, in_channels: int = 1) -> nn.Modul
             n_input_channels=in_channels,
             num_classes=num_classes,
         )
+        return net
     if arch == "smallcnn":
         return SmallCNN(in_channels=in_channels, num_classes=num_classes)
     raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
@@ -76,10 +80,11 @@ def load_torchvision_densenet121(model: nn.Module, path: Path) -> None:
         if k.startswith("classifier."):
             continue
         if k == "features.conv0.weight" and value.shape[1] != own[k].shape[1]:
-            value = value.sum(dim=1, keepdim=True)
-        if k not in own or own[k].shape != value.shape:
+            mapped[k] = value.sum(dim=1, keepdim=True)
+        else:
+            mapped[k] = value
+        if k not in own or own[k].shape != mapped[k].shape:
             raise ValueError(f"ImageNet weight {key!r} does not fit the network (as {k!r})")
-        mapped[k] = value
     missing = [k for k in own if k not in mapped and not k.startswith("class_layers")]
     if missing:
         raise ValueError(f"ImageNet file lacks {len(missing)} weights, e.g. {missing[0]!r}")

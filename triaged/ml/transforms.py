@@ -95,8 +95,8 @@ def content_box(shape: tuple[int, int], input_size: int) -> tuple[int, int, int,
     """
     h, w = shape
     scale = input_size / max(h, w)
-    nh = max(1, int(round(h * scale)))
-    nw = max(1, int(round(w * scale)))
+    nh = max(1, round(h * scale))
+    nw = max(1, round(w * scale))
     top = (input_size - nh) // 2
     left = (input_size - nw) // 2
     return top, left, nh, nw

@@ -1,0 +1,195 @@
+"""Model directories: ``model.json`` + ``model.safetensors``, verified by sha256 before anything is loaded.
+
+A model directory is the unit that is trained, evaluated, shipped and loaded by the daemon; ``model.json``
+carries everything needed to reproduce inference (architecture, classes, preprocessing, calibration,
+thresholds) so no parameter is hard-coded elsewhere.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from triaged.errors import ModelError
+from triaged.ml.networks import build_network
+from triaged.ml.transforms import PreprocessingConfig
+
+MODEL_JSON = "model.json"
+WEIGHTS_FILE = "model.safetensors"
+FORMAT_VERSION = 1
+DEFAULT_CLASSES = ("glioma", "meningioma", "notumor", "pituitary")
+NO_TUMOUR = "notumor"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """The parsed ``model.json``; ``extra`` keeps every other key (metrics, training record, ...)."""
+
+    name: str
+    version: str
+    arch: str
+    classes: tuple[str, ...]
+    preprocessing: PreprocessingConfig
+    weights_sha256: str
+    temperature: float = 1.0
+    thresholds: Mapping[str, float] = field(default_factory=dict)
+    aggregation: Mapping[str, Any] = field(default_factory=dict)
+    ood: Mapping[str, Any] = field(default_factory=dict)
+    provisional: bool = False
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format_version": FORMAT_VERSION,
+            "name": self.name,
+            "version": self.version,
+            "arch": self.arch,
+            "classes": list(self.classes),
+            "in_channels": 1,
+            "input_size": self.preprocessing.input_size,
+            "preprocessing": self.preprocessing.to_dict(),
+            "temperature": self.temperature,
+            "thresholds": dict(self.thresholds),
+            "aggregation": dict(self.aggregation),
+            "ood": dict(self.ood),
+            "provisional": self.provisional,
+            "weights_file": WEIGHTS_FILE,
+            "weights_sha256": self.weights_sha256,
+            **dict(self.extra),
+        }
+
+
+_KNOWN = {
+    "format_version",
+    "name",
+    "version",
+    "arch",
+    "classes",
+    "in_channels",
+    "input_size",
+    "preprocessing",
+    "temperature",
+    "thresholds",
+    "aggregation",
+    "ood",
+    "provisional",
+    "weights_file",
+    "weights_sha256",
+}
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def read_spec(model_dir: Path) -> ModelSpec:
+    """Parse ``model.json``; raises :class:`ModelError` with the reason when it is missing or malformed."""
+    path = model_dir / MODEL_JSON
+    try:
+        data = json.loads(path.read_text())
+        return ModelSpec(
+            name=str(data["name"]),
+            version=str(data["version"]),
+            arch=str(data["arch"]),
+            classes=tuple(str(c) for c in data["classes"]),
+            preprocessing=PreprocessingConfig.from_dict(data["preprocessing"]),
+            weights_sha256=str(data["weights_sha256"]),
+            temperature=float(data.get("temperature", 1.0)),
+            thresholds={str(k): float(v) for k, v in data.get("thresholds", {}).items()},
+            aggregation=dict(data.get("aggregation", {})),
+            ood=dict(data.get("ood", {})),
+            provisional=bool(data.get("provisional", False)),
+            extra={k: v for k, v in data.items() if k not in _KNOWN},
+        )
+    except FileNotFoundError as exc:
+        raise ModelError(f"model directory {model_dir} has no {MODEL_JSON}") from exc
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ModelError(f"{path} is malformed: {exc}") from exc
+
+
+def load_model(model_dir: Path) -> tuple[ModelSpec, nn.Module]:
+    """Load a model directory after checking the weights' sha256 against ``model.json``.
+
+    The network is returned in eval mode on the CPU in float32 (fp16-stored weights are upcast).
+    """
+    spec = read_spec(model_dir)
+    weights = model_dir / WEIGHTS_FILE
+    if not weights.is_file():
+        raise ModelError(f"model directory {model_dir} has no {WEIGHTS_FILE}")
+    actual = sha256_file(weights)
+    if actual != spec.weights_sha256:
+        raise ModelError(
+            f"{weights} sha256 {actual[:12]}… does not match model.json ({spec.weights_sha256[:12]}…); "
+            "the weights file was modified or belongs to another model"
+        )
+    try:
+        model = build_network(spec.arch, num_classes=len(spec.classes))
+        state = {k: v.float() for k, v in load_file(str(weights)).items()}
+        model.load_state_dict(state)
+    except (ValueError, RuntimeError) as exc:
+        raise ModelError(f"cannot load {weights}: {exc}") from exc
+    return spec, model.eval()
+
+
+def save_model_dir(model_dir: Path, model: nn.Module, spec: ModelSpec, *, half: bool = False) -> ModelSpec:
+    """Write ``model.safetensors`` then ``model.json`` with the new sha256; returns the spec as written."""
+    model_dir.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    if half:
+        state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+    weights = model_dir / WEIGHTS_FILE
+    tmp = weights.with_suffix(".tmp")
+    save_file(state, str(tmp), metadata={"arch": spec.arch})
+    tmp.replace(weights)
+    written = ModelSpec(**{**spec.__dict__, "weights_sha256": sha256_file(weights)})
+    write_spec(model_dir, written)
+    return written
+
+
+def write_spec(model_dir: Path, spec: ModelSpec) -> None:
+    """Rewrite ``model.json`` (e.g. after calibration) without touching the weights."""
+    tmp = model_dir / (MODEL_JSON + ".tmp")
+    tmp.write_text(json.dumps(spec.to_json(), indent=2, sort_keys=False) + "\n")
+    tmp.replace(model_dir / MODEL_JSON)
+
+
+def default_aggregation() -> dict[str, Any]:
+    """Series-aggregation parameters used until evaluation tunes them (see :mod:`triaged.ml.inference`)."""
+    return {"top_k": 3, "min_brain_fraction": 0.15, "neighbour_window": 1}
+
+
+def build_random_model_dir(path: Path, *, seed: int = 0, arch: str = "smallcnn", input_size: int = 64) -> Path:
+    """Write a randomly initialised model directory in the registry format, for tests of other layers.
+
+    Its scores are meaningless; the gate, aggregation and file format are the real ones.
+    """
+    torch.manual_seed(seed)
+    model = build_network(arch, num_classes=len(DEFAULT_CLASSES))
+    spec = ModelSpec(
+        name=f"random-{arch}",
+        version="0.0.0",
+        arch=arch,
+        classes=DEFAULT_CLASSES,
+        preprocessing=PreprocessingConfig(input_size=input_size),
+        weights_sha256="",
+        temperature=1.0,
+        thresholds={"urgency": 0.5},
+        aggregation=default_aggregation(),
+        ood={},
+        provisional=True,
+        extra={"description": "randomly initialised test model; not for use on patients"},
+    )
+    save_model_dir(path, model, spec)
+    return path

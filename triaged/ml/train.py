@@ -1,0 +1,351 @@
+"""Training loop: ``python -m triaged.ml.train`` or ``triaged train``.
+
+Fixed-length warm-up + cosine schedule, AdamW, label smoothing, class-balanced loss, channels-last, bf16 autocast
+where fast. A checkpoint is written after every epoch (``last.pt`` and ``best.pt``) so a run can be resumed or
+exported at any time; ``--max-minutes`` stops cleanly between epochs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import structlog
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from triaged.ml.augment import build_train_augment
+from triaged.ml.data import assign_splits, build_samples, read_manifest, split_summary, training_samples, write_manifest
+from triaged.ml.dataset import CachedImages, preprocess_files, sample_labels, sample_paths
+from triaged.ml.device import Placement, choose_placement
+from triaged.ml.networks import build_network, count_parameters, load_torchvision_densenet121
+from triaged.ml.registry import DEFAULT_CLASSES, ModelSpec, default_aggregation, save_model_dir
+from triaged.ml.transforms import PreprocessingConfig
+
+log = structlog.get_logger()
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that defines a training run (recorded in checkpoints and ``model.json``)."""
+
+    data_root: Path
+    out_dir: Path
+    arch: str = "densenet121"
+    input_size: int = 128
+    epochs: int = 20
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0
+    label_smoothing: float = 0.1
+    seed: int = 20260
+    device: str = "auto"
+    precision: str = "auto"
+    threads: int = 2
+    workers: int = 1
+    max_minutes: float | None = None
+    max_steps: int | None = None
+    patience: int = 0
+    resume: bool = False
+    init: str | None = None
+    limit: int | None = None
+    manifest: Path | None = None
+    cache_dir: Path | None = None
+    model_name: str = "densenet121-brainmri"
+    model_version: str = "1.0.0"
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _lr_lambda(total_steps: int, warmup_steps: int) -> Any:
+    def f(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return 0.01 + 0.99 * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return f
+
+
+def _load_arrays(cfg: TrainConfig, prep: PreprocessingConfig) -> tuple[dict[str, Any], str]:
+    if cfg.manifest is not None:
+        samples = read_manifest(cfg.manifest)
+    else:
+        samples = assign_splits(build_samples(cfg.data_root), seed=cfg.seed)
+    manifest_sha = write_manifest(samples, cfg.out_dir / "manifest.csv")
+    log.info("data_split", manifest_sha256=manifest_sha, summary=split_summary(samples))
+    arrays: dict[str, Any] = {}
+    for split in ("train", "val"):
+        chosen = training_samples(samples, split)
+        if cfg.limit is not None:
+            chosen = random.Random(cfg.seed).sample(chosen, min(cfg.limit, len(chosen)))
+        images = preprocess_files(sample_paths(cfg.data_root, chosen), prep, cache_dir=cfg.cache_dir)
+        arrays[split] = (images, sample_labels(chosen, DEFAULT_CLASSES))
+    return arrays, manifest_sha
+
+
+@torch.inference_mode()
+def _validate(model: nn.Module, loader: DataLoader[Any], placement: Placement) -> dict[str, float]:
+    model.eval()
+    logits_all, labels_all = [], []
+    for x, y in loader:
+        with placement.autocast():
+            logits_all.append(model(x.to(placement.device).contiguous(memory_format=torch.channels_last)).float().cpu())
+        labels_all.append(y)
+    logits, labels = torch.cat(logits_all), torch.cat(labels_all)
+    pred = logits.argmax(1)
+    recalls = [float((pred[labels == c] == c).float().mean()) for c in range(logits.shape[1]) if (labels == c).any()]
+    return {
+        "val_loss": float(nn.functional.cross_entropy(logits, labels)),
+        "val_acc": float((pred == labels).float().mean()),
+        "val_balanced_acc": float(np.mean(recalls)),
+    }
+
+
+def _build_model(cfg: TrainConfig) -> nn.Module:
+    model = build_network(cfg.arch, num_classes=len(DEFAULT_CLASSES))
+    if cfg.init:
+        kind, _, path = cfg.init.partition(":")
+        if kind == "imagenet" and cfg.arch == "densenet121":
+            load_torchvision_densenet121(model, Path(path))
+        elif kind == "checkpoint":
+            model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True)["model"])
+        else:
+            raise ValueError(f"--init must be imagenet:PATH (densenet121 only) or checkpoint:PATH, got {cfg.init!r}")
+    return model
+
+
+def export_checkpoint(checkpoint: Path, model_dir: Path, *, provisional: bool = True, half: bool = False) -> ModelSpec:
+    """Write a model directory from a training checkpoint (uncalibrated until :mod:`evaluate` updates it)."""
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    cfg = state["config"]
+    model = build_network(cfg["arch"], num_classes=len(state["classes"]))
+    model.load_state_dict(state["model"])
+    spec = ModelSpec(
+        name=cfg["model_name"],
+        version=cfg["model_version"],
+        arch=cfg["arch"],
+        classes=tuple(state["classes"]),
+        preprocessing=PreprocessingConfig.from_dict(state["preprocessing"]),
+        weights_sha256="",
+        temperature=1.0,
+        thresholds={"urgency": 0.5},
+        aggregation=default_aggregation(),
+        ood={},
+        provisional=provisional,
+        extra={
+            "data_manifest_sha256": state["manifest_sha256"],
+            "training": {
+                "config": cfg,
+                "epoch": state["epoch"],
+                "history": state["history"],
+                "compute": state["compute"],
+            },
+        },
+    )
+    return save_model_dir(model_dir, model, spec, half=half)
+
+
+def train(cfg: TrainConfig) -> Path:
+    """Run (or resume) training; returns the path of the best checkpoint."""
+    torch.set_num_threads(cfg.threads)
+    _seed_everything(cfg.seed)
+    cfg.out_dir.mkdir(parents=True, exist_ok=True)
+    placement = choose_placement(cfg.device, cfg.precision)
+    log.info("train_start", device=placement.device, precision=placement.precision, arch=cfg.arch, config=cfg.to_json())
+    prep = PreprocessingConfig(input_size=cfg.input_size)
+    arrays, manifest_sha = _load_arrays(cfg, prep)
+    train_x, train_y = arrays["train"]
+    counts = np.bincount(train_y, minlength=len(DEFAULT_CLASSES)).astype(np.float64)
+    class_weight = torch.tensor(counts.sum() / (len(counts) * np.maximum(counts, 1)), dtype=torch.float32)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    train_loader = DataLoader(
+        CachedImages(train_x, train_y, build_train_augment(cfg.input_size, seed=cfg.seed)),
+        batch_size=cfg.batch_size,
+        shuffle=True,
+        drop_last=True,
+        num_workers=cfg.workers,
+        generator=gen,
+        persistent_workers=cfg.workers > 0,
+        worker_init_fn=_worker_init,
+    )
+    val_loader = DataLoader(CachedImages(*arrays["val"]), batch_size=64, shuffle=False)
+    model = _build_model(cfg).to(placement.device)
+    model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = len(train_loader)
+    total = cfg.epochs * steps_per_epoch
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, _lr_lambda(total, max(1, int(cfg.warmup_epochs * steps_per_epoch)))
+    )
+    loss_fn = nn.CrossEntropyLoss(weight=class_weight.to(placement.device), label_smoothing=cfg.label_smoothing)
+    history: list[dict[str, float]] = []
+    compute: dict[str, Any] = {
+        "wall_seconds": 0.0,
+        "images_seen": 0,
+        "epochs": 0,
+        "device": placement.device,
+        "precision": placement.precision,
+        "threads": cfg.threads,
+    }
+    start_epoch, best, stale = 0, (-1.0, -math.inf), 0
+    last_path, best_path = cfg.out_dir / "last.pt", cfg.out_dir / "best.pt"
+    if cfg.resume and last_path.is_file():
+        state = torch.load(last_path, map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch, history, compute = state["epoch"], state["history"], state["compute"]
+        best, stale = tuple(state["best"]), int(state["stale"])
+        gen.set_state(state["generator"])
+        log.info("train_resumed", epoch=start_epoch)
+    log.info(
+        "train_plan",
+        params=count_parameters(model),
+        train_images=len(train_y),
+        val_images=len(arrays["val"][1]),
+        steps_per_epoch=steps_per_epoch,
+        class_weight=class_weight.tolist(),
+    )
+    t_run = time.monotonic()
+    step = 0
+    for epoch in range(start_epoch, cfg.epochs):
+        t_epoch = time.monotonic()
+        model.train()
+        run_loss, run_correct, run_n = 0.0, 0, 0
+        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", mininterval=20.0)
+        for x_cpu, y_cpu in bar:
+            x = x_cpu.to(placement.device).contiguous(memory_format=torch.channels_last)
+            y = y_cpu.to(placement.device)
+            with placement.autocast():
+                logits = model(x)
+            loss = loss_fn(logits.float(), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            run_loss += float(loss.detach()) * len(y)
+            run_correct += int((logits.argmax(1) == y).sum())
+            run_n += len(y)
+            bar.set_postfix(
+                loss=f"{run_loss / run_n:.4f}",
+                acc=f"{run_correct / run_n:.4f}",
+                lr=f"{scheduler.get_last_lr()[0]:.2e}",
+                refresh=False,
+            )
+            step += 1
+            if cfg.max_steps is not None and step >= cfg.max_steps:
+                break
+        bar.close()
+        metrics = {
+            "epoch": epoch + 1,
+            "train_loss": run_loss / max(run_n, 1),
+            "train_acc": run_correct / max(run_n, 1),
+            **_validate(model, val_loader, placement),
+        }
+        epoch_s = time.monotonic() - t_epoch
+        metrics["epoch_seconds"] = epoch_s
+        history.append(metrics)
+        compute["wall_seconds"] += epoch_s
+        compute["images_seen"] += run_n
+        compute["epochs"] = epoch + 1
+        score = (metrics["val_acc"], -metrics["val_loss"])
+        improved = score > best
+        best, stale = (score, 0) if improved else (best, stale + 1)
+        state = {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "epoch": epoch + 1,
+            "history": history,
+            "compute": compute,
+            "best": list(best),
+            "stale": stale,
+            "generator": gen.get_state(),
+            "config": cfg.to_json(),
+            "classes": list(DEFAULT_CLASSES),
+            "preprocessing": prep.to_dict(),
+            "manifest_sha256": manifest_sha,
+        }
+        _atomic_save(state, last_path)
+        if improved:
+            _atomic_save(state, best_path)
+        (cfg.out_dir / "history.json").write_text(json.dumps({"history": history, "compute": compute}, indent=1))
+        log.info(
+            "epoch_done",
+            **{k: round(v, 5) for k, v in metrics.items()},
+            best=improved,
+            img_per_s=round(run_n / epoch_s, 1),
+        )
+        elapsed = time.monotonic() - t_run
+        if cfg.max_steps is not None and step >= cfg.max_steps:
+            break
+        if cfg.patience and stale >= cfg.patience:
+            log.info("early_stop", epoch=epoch + 1)
+            break
+        if cfg.max_minutes is not None and elapsed + epoch_s > cfg.max_minutes * 60 and epoch + 1 < cfg.epochs:
+            log.warning("time_budget_reached", epoch=epoch + 1, elapsed_s=round(elapsed))
+            break
+    export_checkpoint(best_path, cfg.out_dir / "model")
+    log.info("train_done", best_checkpoint=str(best_path), compute=compute)
+    return best_path
+
+
+def _worker_init(worker_id: int) -> None:
+    torch.set_num_threads(1)
+    info = torch.utils.data.get_worker_info()
+    if info is not None and isinstance(info.dataset, CachedImages) and info.dataset.augment is not None:
+        augment = info.dataset.augment
+        if hasattr(augment, "set_random_state"):
+            augment.set_random_state(seed=int(info.seed % 2**31))
+
+
+def _atomic_save(state: dict[str, Any], path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
+    """Command-line interface for ``python -m triaged.ml.train`` (same options as ``triaged train``)."""
+    p = argparse.ArgumentParser(prog="python -m triaged.ml.train", description=__doc__)
+    defaults = {f.name: f.default for f in fields(TrainConfig)}
+    p.add_argument("--data-root", type=Path, default=Path(__file__).resolve().parents[3] / "shared" / "data")
+    p.add_argument("--out-dir", type=Path, required=True)
+    for name in ("arch", "device", "precision", "init", "model_name", "model_version"):
+        p.add_argument("--" + name.replace("_", "-"), default=defaults[name])
+    for name in ("input_size", "epochs", "batch_size", "threads", "workers", "max_steps", "patience", "limit", "seed"):
+        p.add_argument("--" + name.replace("_", "-"), type=int, default=defaults[name])
+    for name in ("lr", "weight_decay", "warmup_epochs", "label_smoothing", "max_minutes"):
+        p.add_argument("--" + name.replace("_", "-"), type=float, default=defaults[name])
+    p.add_argument("--manifest", type=Path, default=None)
+    p.add_argument("--cache-dir", type=Path, default=None)
+    p.add_argument("--resume", action="store_true")
+    ns = p.parse_args(argv)
+    return TrainConfig(**vars(ns))
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    train(parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
