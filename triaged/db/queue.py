@@ -1,14 +1,46 @@
-"""The job queue on the `jobs` table (design: Queue). Owner: processing work; extend, don't fork."""
+"""The job queue on the `jobs` table (design: Queue). Owner: processing work; extend, don't fork.
+
+State machine (style P7)::
+
+    queued --claim--> running --complete--> done
+                         |--fail(permanent)--> failed
+                         |--fail(retryable)--> queued (run_after = now + backoff) | dead (attempts exhausted)
+                         '--lease expired (reaper)--> queued | dead
+
+A claim is one short write transaction: PostgreSQL ``SELECT … FOR UPDATE SKIP LOCKED``; SQLite's engine
+issues ``BEGIN IMMEDIATE`` so the select-then-conditional-update runs under the single writer lock.
+:func:`complete` runs inside the caller's transaction so results and job completion commit together.
+"""
 
 from __future__ import annotations
 
-from datetime import datetime
-from typing import Any
+import random
+from collections.abc import Iterable, Sequence
+from datetime import datetime, timedelta
+from typing import Any, cast
 
-from sqlalchemy import select
-from sqlalchemy.orm import Session
+import structlog
+from sqlalchemy import Executable, func, select, update
+from sqlalchemy.engine import CursorResult
+from sqlalchemy.orm import Session, sessionmaker
 
 from triaged.db.models import ACTIVE_JOB_STATES, Job, JobKind, JobState, utcnow
+from triaged.errors import JobError, TriagedError
+
+log = structlog.get_logger()
+
+REAP_BATCH = 100
+REAP_MAX_BATCHES = 10
+_ERROR_MAX_CHARS = 2000
+
+
+class LeaseLostError(JobError):
+    """The job is no longer running under this worker's lease (it expired and was re-queued or finished)."""
+
+
+def _rowcount(session: Session, statement: Executable) -> int:
+    result = cast(CursorResult[Any], session.execute(statement))
+    return int(result.rowcount)
 
 
 def enqueue(
@@ -45,3 +77,244 @@ def enqueue(
     session.add(job)
     session.flush()
     return job
+
+
+def claim(
+    session_factory: sessionmaker[Session],
+    *,
+    worker_id: str,
+    kinds: Sequence[JobKind],
+    lease_seconds: float,
+    now: datetime | None = None,
+) -> Job | None:
+    """Take the most urgent runnable job (highest priority, oldest ``run_after``) and lease it.
+
+    Returns a detached :class:`Job` already in state ``running`` (attempts incremented), or ``None``.
+    """
+    if not kinds:
+        return None
+    now = now or utcnow()
+    with session_factory.begin() as session:
+        query = (
+            select(Job)
+            .where(Job.state == JobState.QUEUED, Job.run_after <= now, Job.kind.in_(list(kinds)))
+            .order_by(Job.priority.desc(), Job.run_after.asc(), Job.id.asc())
+            .limit(1)
+        )
+        if session.get_bind().dialect.name == "postgresql":
+            query = query.with_for_update(skip_locked=True)
+        job = session.scalars(query).first()
+        if job is None:
+            return None
+        # Conditional update: belt and braces on top of the row lock / writer lock.
+        updated = _rowcount(
+            session,
+            update(Job)
+            .where(Job.id == job.id, Job.state == JobState.QUEUED)
+            .values(
+                state=JobState.RUNNING,
+                lease_owner=worker_id,
+                lease_expires_at=now + timedelta(seconds=lease_seconds),
+                heartbeat_at=now,
+                attempts=Job.attempts + 1,
+                updated_at=now,
+            )
+            .execution_options(synchronize_session=False),
+        )
+        if updated != 1:
+            return None
+        session.refresh(job)
+        session.expunge(job)
+    return job
+
+
+def heartbeat(session_factory: sessionmaker[Session], job_id: int, worker_id: str, lease_seconds: float) -> bool:
+    """Extend the lease; ``False`` when this worker no longer holds the job (stop and roll back)."""
+    now = utcnow()
+    with session_factory.begin() as session:
+        result = _rowcount(
+            session,
+            update(Job)
+            .where(Job.id == job_id, Job.state == JobState.RUNNING, Job.lease_owner == worker_id)
+            .values(lease_expires_at=now + timedelta(seconds=lease_seconds), heartbeat_at=now, updated_at=now)
+            .execution_options(synchronize_session=False),
+        )
+        return result == 1
+
+
+def complete(session: Session, job_id: int, worker_id: str) -> None:
+    """Mark the job done in the caller's transaction; raise :class:`LeaseLostError` if it is not ours.
+
+    The caller must let the exception roll back its transaction, so a job whose lease was taken over
+    never commits results twice.
+    """
+    now = utcnow()
+    result = _rowcount(
+        session,
+        update(Job)
+        .where(Job.id == job_id, Job.state == JobState.RUNNING, Job.lease_owner == worker_id)
+        .values(state=JobState.DONE, finished_at=now, lease_expires_at=None, updated_at=now, last_error=None)
+        .execution_options(synchronize_session=False),
+    )
+    if result != 1:
+        raise LeaseLostError(f"job {job_id} is no longer leased by {worker_id}")
+
+
+def error_line(error: BaseException) -> str:
+    """One line ``ClassName: message`` for ``last_error`` (no tracebacks in the database)."""
+    message = " ".join(str(error).split())
+    text = f"{type(error).__name__}: {message}" if message else type(error).__name__
+    return text[:_ERROR_MAX_CHARS]
+
+
+def is_retryable(error: BaseException) -> bool:
+    """Operational errors say so themselves; unknown exceptions are assumed transient."""
+    if isinstance(error, TriagedError):
+        return bool(error.retryable)
+    return True
+
+
+def backoff_seconds(attempts: int, base: float, maximum: float, rng: random.Random | None = None) -> float:
+    """Exponential backoff with full jitter: uniform(0, min(maximum, base * 2**(attempts-1)))."""
+    ceiling = min(maximum, base * (2 ** max(0, attempts - 1)))
+    return (rng or random).uniform(0.0, ceiling)
+
+
+def fail(
+    session_factory: sessionmaker[Session],
+    job_id: int,
+    worker_id: str,
+    error: BaseException,
+    *,
+    backoff_base_seconds: float = 5.0,
+    backoff_max_seconds: float = 3600.0,
+    now: datetime | None = None,
+    rng: random.Random | None = None,
+) -> JobState:
+    """Record a failed attempt and return the job's new state (``failed``, ``queued`` or ``dead``).
+
+    Raises :class:`LeaseLostError` if the job is no longer running under ``worker_id``.
+    """
+    now = now or utcnow()
+    with session_factory.begin() as session:
+        query = select(Job).where(Job.id == job_id, Job.state == JobState.RUNNING, Job.lease_owner == worker_id)
+        if session.get_bind().dialect.name == "postgresql":
+            query = query.with_for_update()
+        job = session.scalars(query).first()
+        if job is None:
+            raise LeaseLostError(f"job {job_id} is no longer leased by {worker_id}")
+        job.last_error = error_line(error)
+        job.lease_expires_at = None
+        job.updated_at = now
+        if not is_retryable(error):
+            job.state = JobState.FAILED
+            job.finished_at = now
+        elif job.attempts >= job.max_attempts:
+            job.state = JobState.DEAD
+            job.finished_at = now
+        else:
+            job.state = JobState.QUEUED
+            job.lease_owner = None
+            delay = backoff_seconds(job.attempts, backoff_base_seconds, backoff_max_seconds, rng)
+            job.run_after = now + timedelta(seconds=delay)
+        return JobState(job.state)
+
+
+def reap_expired_leases(
+    session_factory: sessionmaker[Session], now: datetime | None = None, *, batch_size: int = REAP_BATCH
+) -> int:
+    """Re-queue running jobs whose lease expired (their worker died); ``dead`` when attempts ran out.
+
+    Each batch is its own short transaction and the number of batches is bounded, so the reaper can
+    neither hold the writer lock for long nor loop forever (procrastinate #1408/#1518).
+    """
+    now = now or utcnow()
+    total = 0
+    for _ in range(REAP_MAX_BATCHES):
+        with session_factory.begin() as session:
+            query = (
+                select(Job)
+                .where(Job.state == JobState.RUNNING, Job.lease_expires_at < now)
+                .order_by(Job.id)
+                .limit(batch_size)
+            )
+            if session.get_bind().dialect.name == "postgresql":
+                query = query.with_for_update(skip_locked=True)
+            jobs = list(session.scalars(query))
+            for job in jobs:
+                owner = job.lease_owner
+                job.last_error = f"LeaseExpiredError: lease of {owner} expired"
+                job.lease_expires_at = None
+                job.updated_at = now
+                if job.attempts >= job.max_attempts:
+                    job.state = JobState.DEAD
+                    job.finished_at = now
+                else:
+                    job.state = JobState.QUEUED
+                    job.lease_owner = None
+                    job.run_after = now
+                log.warning(
+                    "job_lease_expired", job_id=job.id, kind=str(job.kind), worker=owner, new_state=str(job.state)
+                )
+        total += len(jobs)
+        if len(jobs) < batch_size:
+            break
+    return total
+
+
+def requeue(session: Session, job_ids: Iterable[int], *, now: datetime | None = None) -> list[int]:
+    """Put finished ``dead``/``failed`` jobs back in the queue with fresh attempts (CLI retry/resend).
+
+    Jobs with an active twin (same ``dedupe_key`` already queued/running) are left alone. Returns the
+    ids actually re-queued, in the caller's transaction.
+    """
+    now = now or utcnow()
+    requeued: list[int] = []
+    for job in session.scalars(select(Job).where(Job.id.in_(list(job_ids))).order_by(Job.id)):
+        if job.state not in (JobState.DEAD, JobState.FAILED):
+            continue
+        twin = session.scalar(
+            select(Job.id).where(Job.dedupe_key == job.dedupe_key, Job.state.in_(ACTIVE_JOB_STATES), Job.id != job.id)
+        )
+        if twin is not None:
+            continue
+        job.state = JobState.QUEUED
+        job.attempts = 0
+        job.run_after = now
+        job.lease_owner = None
+        job.lease_expires_at = None
+        job.finished_at = None
+        job.updated_at = now
+        session.flush()
+        requeued.append(job.id)
+    return requeued
+
+
+def release(session_factory: sessionmaker[Session], job_id: int, worker_id: str) -> bool:
+    """Give a running job back without counting the attempt (graceful shutdown mid-job)."""
+    now = utcnow()
+    with session_factory.begin() as session:
+        result = _rowcount(
+            session,
+            update(Job)
+            .where(Job.id == job_id, Job.state == JobState.RUNNING, Job.lease_owner == worker_id)
+            .values(
+                state=JobState.QUEUED,
+                lease_owner=None,
+                lease_expires_at=None,
+                run_after=now,
+                attempts=func.max(Job.attempts - 1, 0)
+                if session.get_bind().dialect.name == "sqlite"
+                else func.greatest(Job.attempts - 1, 0),
+                updated_at=now,
+            )
+            .execution_options(synchronize_session=False),
+        )
+        return result == 1
+
+
+def counts_by_state(session_factory: sessionmaker[Session]) -> dict[tuple[str, str], int]:
+    """``{(kind, state): n}`` for the jobs gauge and `jobs list` summaries."""
+    with session_factory() as session:
+        rows = session.execute(select(Job.kind, Job.state, func.count()).group_by(Job.kind, Job.state))
+        return {(str(kind), str(state)): int(n) for kind, state, n in rows}
