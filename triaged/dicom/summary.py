@@ -1,0 +1,121 @@
+"""Plain types and identities shared by the output builders: summaries, key slices, derived UIDs.
+
+Every UID is derived from the result (model sha256, source series UID, generation, kind, index), so a
+rebuilt or re-sent object is the same instance to the PACS, which then de-duplicates it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+import highdicom as hd
+import numpy as np
+from numpy.typing import NDArray
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+
+OutputKindName = Literal["sc", "kos", "sr"]
+MANUFACTURER = "triaged"
+MANUFACTURER_MODEL_NAME = "triaged brain MRI triage"
+URGENT_PREFIX = "AI TRIAGE URGENT:"
+ROUTINE_PREFIX = "AI TRIAGE:"
+SERIES_NUMBER_OFFSET: dict[OutputKindName, int] = {"sc": 0, "kos": 1, "sr": 2}
+
+
+@dataclass(frozen=True)
+class TriageSummary:
+    """What the pipeline decided for one series generation (a plain copy of the ``results`` row)."""
+
+    series_instance_uid: str
+    generation: int
+    status: Literal["assessed", "not_assessable"]
+    model_name: str
+    model_version: str
+    model_sha256: str
+    label: str | None = None
+    probabilities: Mapping[str, float] = field(default_factory=dict)
+    urgency: float | None = None
+    threshold: float | None = None
+    urgent: bool = False
+    reason: str | None = None
+
+    @property
+    def assessed(self) -> bool:
+        return self.status == "assessed"
+
+
+@dataclass(frozen=True)
+class KeySlice:
+    """One source slice to show: its dataset (with pixels), 1-based frame for multi-frame, Grad-CAM map."""
+
+    dataset: Dataset
+    frame_number: int | None = None
+    cam: NDArray[np.floating] | None = None
+    tumour_probability: float | None = None
+
+
+@dataclass(frozen=True)
+class BuiltOutput:
+    kind: OutputKindName
+    index: int
+    dataset: Dataset
+
+    @property
+    def sop_instance_uid(self) -> str:
+        return str(self.dataset.SOPInstanceUID)
+
+    @property
+    def sop_class_uid(self) -> str:
+        return str(self.dataset.SOPClassUID)
+
+    @property
+    def series_instance_uid(self) -> str:
+        return str(self.dataset.SeriesInstanceUID)
+
+
+def derived_uid(summary: TriageSummary, *parts: str) -> str:
+    """A ``2.25.<int>`` UID (PS3.5 B.2) that is a pure function of the result and ``parts``.
+
+    (pydicom's ``generate_uid(prefix=None, ...)`` ignores its entropy sources, so hash ourselves.)
+    """
+    sources = [summary.model_sha256, summary.series_instance_uid, str(summary.generation), *parts]
+    digest = hashlib.sha256("\x1f".join(sources).encode("utf-8")).digest()
+    return "2.25." + str(int.from_bytes(digest[:16], "big"))
+
+
+def series_uid(summary: TriageSummary, kind: OutputKindName) -> str:
+    return derived_uid(summary, "series", kind)
+
+
+def instance_uid(summary: TriageSummary, kind: OutputKindName, index: int) -> str:
+    return derived_uid(summary, "instance", kind, str(index))
+
+
+def pretty_label(label: str | None) -> str:
+    return {"notumor": "no tumour", None: "none"}.get(label, str(label))
+
+
+def series_description(summary: TriageSummary) -> str:
+    """`AI TRIAGE URGENT: …` / `AI TRIAGE: …`, at most 64 characters (LO)."""
+    if not summary.assessed:
+        text = f"{ROUTINE_PREFIX} not assessable"
+    elif summary.urgent:
+        text = f"{URGENT_PREFIX} suspected {pretty_label(summary.label)}"
+    else:
+        text = f"{ROUTINE_PREFIX} {pretty_label(summary.label)} (below threshold)"
+    return text[:64]
+
+
+def contributing_equipment(summary: TriageSummary) -> list[hd.ContributingEquipment]:
+    return [
+        hd.ContributingEquipment(
+            manufacturer=MANUFACTURER,
+            purpose_of_reference=codes.DCM.ProcessingEquipment,
+            manufacturer_model_name=summary.model_name[:64],
+            software_versions=summary.model_version[:64],
+            contribution_description=f"AI triage model sha256 {summary.model_sha256[:16]}",
+        )
+    ]
