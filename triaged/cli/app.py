@@ -8,7 +8,9 @@ from typing import Annotated
 import typer
 
 from triaged import __version__
+from triaged.cli import daemon as daemon_cli
 from triaged.cli import db
+from triaged.cli import jobs as jobs_cli
 from triaged.cli.common import CliState
 
 app = typer.Typer(
@@ -19,6 +21,8 @@ app = typer.Typer(
     add_completion=False,
 )
 app.add_typer(db.app, name="db")
+daemon_cli.register(app)
+jobs_cli.register(app)
 
 
 def _version(value: bool) -> None:

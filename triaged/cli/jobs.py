@@ -1,0 +1,284 @@
+"""`triaged jobs list`, `results show`, `reprocess`, `retry`, `purge`: thin shells over db/queue and db/repo."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from sqlalchemy import select
+
+from triaged.cli.common import echo_json, echo_table, fail, open_engine, session_scope, settings_from
+from triaged.db import queue, repo
+from triaged.db.engine import make_session_factory
+from triaged.db.models import Job, JobKind, JobState, Result, Series, SeriesState, utcnow
+from triaged.errors import NotFoundError
+
+jobs_app = typer.Typer(help="The job queue.", no_args_is_help=True)
+results_app = typer.Typer(help="Triage results.", no_args_is_help=True)
+
+Json = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value is not None else None
+
+
+def _job_dict(job: Job, series_uid: str | None) -> dict[str, Any]:
+    return {
+        "id": job.id,
+        "kind": str(job.kind),
+        "state": str(job.state),
+        "priority": job.priority,
+        "series_instance_uid": series_uid,
+        "generation": job.generation,
+        "attempts": job.attempts,
+        "max_attempts": job.max_attempts,
+        "run_after": _iso(job.run_after),
+        "lease_owner": job.lease_owner,
+        "last_error": job.last_error,
+        "created_at": _iso(job.created_at),
+        "finished_at": _iso(job.finished_at),
+    }
+
+
+@jobs_app.command("list")
+def list_jobs(
+    ctx: typer.Context,
+    state: Annotated[JobState | None, typer.Option("--state", help="Only jobs in this state.")] = None,
+    kind: Annotated[JobKind | None, typer.Option("--kind", help="Only jobs of this kind.")] = None,
+    limit: Annotated[int, typer.Option("--limit", min=1, help="At most this many (newest first).")] = 100,
+    as_json: Json = False,
+) -> None:
+    """List jobs, newest first."""
+    settings = settings_from(ctx)
+    with session_scope(settings) as session:
+        query = (
+            select(Job, Series.series_instance_uid)
+            .outerjoin(Series, Series.id == Job.series_id)
+            .order_by(Job.id.desc())
+            .limit(limit)
+        )
+        if state is not None:
+            query = query.where(Job.state == state)
+        if kind is not None:
+            query = query.where(Job.kind == kind)
+        rows = [_job_dict(job, uid) for job, uid in session.execute(query)]
+    if as_json:
+        echo_json(rows)
+        return
+    echo_table(
+        ["ID", "KIND", "STATE", "ATTEMPTS", "SERIES", "LAST ERROR"],
+        [
+            [
+                str(r["id"]),
+                r["kind"],
+                r["state"],
+                f"{r['attempts']}/{r['max_attempts']}",
+                r["series_instance_uid"] or "-",
+                (r["last_error"] or "")[:80],
+            ]
+            for r in rows
+        ],
+    )
+
+
+def _result_dict(result: Result) -> dict[str, Any]:
+    return {
+        "id": result.id,
+        "job_id": result.job_id,
+        "generation": result.generation,
+        "model_name": result.model_name,
+        "model_version": result.model_version,
+        "model_sha256": result.model_sha256,
+        "status": str(result.status),
+        "reason": result.reason,
+        "label": result.label,
+        "probabilities": result.probabilities,
+        "urgency": result.urgency,
+        "threshold": result.threshold,
+        "urgent": result.urgent,
+        "ood_score": result.ood_score,
+        "timings": result.timings,
+        "created_at": _iso(result.created_at),
+        "slices": [
+            {
+                "slice_index": s.slice_index,
+                "sop_instance_uid": s.sop_instance_uid,
+                "frame_number": s.frame_number,
+                "probabilities": s.probabilities,
+                "tumour_probability": s.tumour_probability,
+                "in_brain": s.in_brain,
+                "is_key": s.is_key,
+                "cam_path": s.cam_path,
+            }
+            for s in result.slice_predictions
+        ],
+        "outputs": [
+            {
+                "kind": str(o.kind),
+                "sop_instance_uid": o.sop_instance_uid,
+                "series_instance_uid": o.series_instance_uid,
+                "destination": o.destination,
+                "sent_at": _iso(o.sent_at),
+            }
+            for o in result.outputs
+        ],
+    }
+
+
+@results_app.command("show")
+def show_results(
+    ctx: typer.Context,
+    series_instance_uid: Annotated[str, typer.Argument(help="SeriesInstanceUID.")],
+    as_json: Json = False,
+) -> None:
+    """Every result of one series (oldest first), with per-slice predictions."""
+    settings = settings_from(ctx)
+    with session_scope(settings) as session:
+        try:
+            series = repo.series_by_uid(session, series_instance_uid)
+        except NotFoundError as exc:
+            fail(str(exc))
+        results = session.scalars(select(Result).where(Result.series_id == series.id).order_by(Result.id)).all()
+        data: dict[str, Any] = {
+            "series_instance_uid": series.series_instance_uid,
+            "state": str(series.state),
+            "generation": series.generation,
+            "skip_reason": series.skip_reason,
+            "results": [_result_dict(r) for r in results],
+        }
+    if as_json:
+        echo_json(data)
+        return
+    typer.echo(f"series {data['series_instance_uid']}: {data['state']} (generation {data['generation']})")
+    if data["skip_reason"]:
+        typer.echo(f"  reason: {data['skip_reason']}")
+    rows = [
+        [
+            str(r["id"]),
+            str(r["generation"]),
+            f"{r['model_name']} {r['model_version']}",
+            r["status"],
+            r["label"] or "-",
+            "-" if r["urgency"] is None else f"{r['urgency']:.3f}",
+            "URGENT" if r["urgent"] else "",
+            r["reason"] or "",
+        ]
+        for r in data["results"]
+    ]
+    echo_table(["ID", "GEN", "MODEL", "STATUS", "LABEL", "URGENCY", "FLAG", "REASON"], rows)
+
+
+def _parse_since(value: str) -> datetime:
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        fail(f"--since: not an ISO date/time: {value!r} (e.g. 2026-11-25 or 2026-11-25T10:00)")
+    return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
+
+
+def reprocess(  # noqa: PLR0917 - Typer options
+    ctx: typer.Context,
+    uid: Annotated[str | None, typer.Argument(help="SeriesInstanceUID (StudyInstanceUID with --study).")] = None,
+    study: Annotated[bool, typer.Option("--study", help="UID is a StudyInstanceUID: every series of it.")] = False,
+    since: Annotated[str | None, typer.Option("--since", help="Series received since (ISO date/time, UTC).")] = None,
+    failed: Annotated[bool, typer.Option("--failed", help="Series whose processing failed.")] = False,
+    model: Annotated[
+        Path | None, typer.Option("--model", help="Model directory to use instead of the configured one.")
+    ] = None,
+    as_json: Json = False,
+) -> None:
+    """Queue series for processing again (a new result if the model changed; the old one is kept)."""
+    if uid is None and since is None and not failed:
+        fail("name a series UID, a study UID with --study, --since or --failed", 2)
+    if study and uid is None:
+        fail("--study needs a StudyInstanceUID", 2)
+    model_dir: str | None = None
+    if model is not None:
+        if not (model / "model.json").is_file():
+            fail(f"--model: {model} is not a model directory (no model.json)", 2)
+        model_dir = str(model.resolve())
+    cutoff = _parse_since(since) if since is not None else None
+    settings = settings_from(ctx)
+    with session_scope(settings) as session:
+        selected: dict[int, Series] = {}
+        try:
+            if uid is not None:
+                found = repo.series_of_study(session, uid) if study else [repo.series_by_uid(session, uid)]
+                selected.update({s.id: s for s in found})
+        except NotFoundError as exc:
+            fail(str(exc))
+        if cutoff is not None or failed:
+            query = select(Series)
+            if cutoff is not None:
+                query = query.where(Series.last_received_at >= cutoff)
+            if failed:
+                query = query.where(Series.state == SeriesState.FAILED)
+            if uid is not None:
+                query = query.where(Series.id.in_(list(selected)))
+                selected = {}
+            selected.update({s.id: s for s in session.scalars(query)})
+        eligible = [s for s in selected.values() if s.state != SeriesState.RECEIVING]
+        jobs = repo.enqueue_reprocess(session, eligible, model_dir=model_dir, max_attempts=settings.worker.max_attempts)
+        queued = [{"job_id": j.id, "series_id": j.series_id, "generation": j.generation} for j in jobs]
+    if as_json:
+        echo_json({"queued": queued, "selected": len(selected)})
+        return
+    skipped = len(selected) - len(queued)
+    typer.echo(
+        f"queued {len(queued)} series for reprocessing"
+        + (f" ({skipped} skipped: still receiving or already queued)" if skipped else "")
+    )
+
+
+def retry(
+    ctx: typer.Context,
+    job_ids: Annotated[list[int] | None, typer.Argument(help="Job ids (dead or failed).")] = None,
+    all_dead: Annotated[bool, typer.Option("--all", help="Every dead job.")] = False,
+    as_json: Json = False,
+) -> None:
+    """Put dead (or explicitly named failed) jobs back in the queue with fresh attempts."""
+    if not job_ids and not all_dead:
+        fail("name job ids or use --all", 2)
+    settings = settings_from(ctx)
+    with session_scope(settings) as session:
+        ids = list(job_ids or [])
+        if ids:
+            known = set(session.scalars(select(Job.id).where(Job.id.in_(ids))))
+            missing = sorted(set(ids) - known)
+            if missing:
+                fail(f"unknown job id(s): {', '.join(map(str, missing))}")
+        if all_dead:
+            ids.extend(repo.dead_job_ids(session))
+        requeued = queue.requeue(session, sorted(set(ids)))
+    if as_json:
+        echo_json({"requeued": requeued})
+        return
+    typer.echo(f"re-queued {len(requeued)} job(s)" + (f": {', '.join(map(str, requeued))}" if requeued else ""))
+
+
+def purge(
+    ctx: typer.Context,
+    older_than_days: Annotated[float, typer.Option("--older-than-days", min=0, help="Age of received files.")],
+    as_json: Json = False,
+) -> None:
+    """Delete received DICOM files of finished series older than N days; results and outputs are kept."""
+    from triaged.runtime import build_store
+
+    settings = settings_from(ctx)
+    factory = make_session_factory(open_engine(settings))
+    count = repo.purge_received_files(factory, build_store(settings), utcnow() - timedelta(days=older_than_days))
+    if as_json:
+        echo_json({"purged": count})
+        return
+    typer.echo(f"purged {count} received file(s)")
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(jobs_app, name="jobs")
+    app.add_typer(results_app, name="results")
+    app.command("reprocess")(reprocess)
+    app.command("retry")(retry)
+    app.command("purge")(purge)

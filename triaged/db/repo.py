@@ -1,0 +1,129 @@
+"""Query and maintenance helpers over the pipeline tables (used by the daemon's housekeeping and the CLI)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Protocol
+
+import structlog
+from sqlalchemy import exists, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from triaged.db import queue
+from triaged.db.models import (
+    ACTIVE_JOB_STATES,
+    Instance,
+    Job,
+    JobKind,
+    JobState,
+    Series,
+    SeriesState,
+    Study,
+    utcnow,
+)
+from triaged.errors import NotFoundError
+
+log = structlog.get_logger()
+
+PURGE_BATCH = 500
+FINAL_SERIES_STATES = (SeriesState.DONE, SeriesState.FAILED, SeriesState.SKIPPED)
+
+
+class _PathStore(Protocol):
+    def path_for(self, relative: str) -> Path: ...
+
+
+def purge_received_files(
+    session_factory: sessionmaker[Session], store: _PathStore, older_than: datetime, *, max_batches: int = 20
+) -> int:
+    """Delete received files older than ``older_than`` of finished series (results and outputs are kept).
+
+    Only series in a final state with no active job are touched: an export job may still need the
+    source files to build its outputs. Each batch is one short transaction.
+    """
+    active = exists().where(Job.series_id == Instance.series_id, Job.state.in_(ACTIVE_JOB_STATES))
+    purged = 0
+    for _ in range(max_batches):
+        with session_factory.begin() as session:
+            rows = session.scalars(
+                select(Instance)
+                .join(Series, Series.id == Instance.series_id)
+                .where(
+                    Instance.purged_at.is_(None),
+                    Instance.received_at < older_than,
+                    Series.state.in_(FINAL_SERIES_STATES),
+                    ~active,
+                )
+                .limit(PURGE_BATCH)
+            ).all()
+            now = utcnow()
+            for instance in rows:
+                path = store.path_for(instance.file_path)
+                try:
+                    path.unlink(missing_ok=True)
+                except OSError as exc:
+                    log.warning("purge_unlink_failed", instance_id=instance.id, error=queue.error_line(exc))
+                    continue
+                instance.purged_at = now
+                purged += 1
+        if len(rows) < PURGE_BATCH:
+            break
+    if purged:
+        log.info("received_files_purged", count=purged, older_than=older_than.isoformat())
+    return purged
+
+
+def series_by_uid(session: Session, series_instance_uid: str) -> Series:
+    series = session.scalar(select(Series).where(Series.series_instance_uid == series_instance_uid))
+    if series is None:
+        raise NotFoundError(f"unknown series {series_instance_uid}")
+    return series
+
+
+def series_of_study(session: Session, study_instance_uid: str) -> list[Series]:
+    study = session.scalar(select(Study).where(Study.study_instance_uid == study_instance_uid))
+    if study is None:
+        raise NotFoundError(f"unknown study {study_instance_uid}")
+    return list(session.scalars(select(Series).where(Series.study_id == study.id).order_by(Series.id)))
+
+
+def enqueue_reprocess(
+    session: Session,
+    series: Sequence[Series],
+    *,
+    model_dir: str | None,
+    max_attempts: int,
+    priority: int = 0,
+) -> list[Job]:
+    """Queue an infer job per series for its current generation (a new result when the model differs).
+
+    The pipeline is idempotent per (series, generation, model sha256): reprocessing with the same model
+    completes without a second result; with another model it adds a result and keeps the old one.
+    """
+    jobs: list[Job] = []
+    tag = model_dir or "default"
+    for item in series:
+        job = queue.enqueue(
+            session,
+            JobKind.INFER,
+            dedupe_key=f"reprocess:{item.id}:{item.generation}:{tag}"[:200],
+            series_id=item.id,
+            generation=item.generation,
+            payload={"model_dir": model_dir} if model_dir else {},
+            priority=priority,
+            max_attempts=max_attempts,
+        )
+        if job is not None:
+            item.state = SeriesState.QUEUED
+            item.skip_reason = None
+            jobs.append(job)
+    return jobs
+
+
+def dead_job_ids(session: Session, kind: JobKind | None = None) -> list[int]:
+    query = select(Job.id).where(Job.state == JobState.DEAD).order_by(Job.id)
+    if kind is not None:
+        query = query.where(Job.kind == kind)
+    return list(session.scalars(query))
