@@ -167,7 +167,7 @@ def write_spec(model_dir: Path, spec: ModelSpec) -> None:
 
 def default_aggregation() -> dict[str, Any]:
     """Series-aggregation parameters used until evaluation tunes them (see :mod:`triaged.ml.inference`)."""
-    return {"top_k": 3, "min_brain_fraction": 0.15, "neighbour_window": 1}
+    return {"top_k": 3, "min_brain_fraction": 0.15, "relative_brain_fraction": 0.5, "neighbour_window": 1}
 
 
 def build_random_model_dir(path: Path, *, seed: int = 0, arch: str = "smallcnn", input_size: int = 64) -> Path:

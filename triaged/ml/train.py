@@ -11,6 +11,7 @@ import argparse
 import json
 import math
 import random
+import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
@@ -161,7 +162,12 @@ def export_checkpoint(checkpoint: Path, model_dir: Path, *, provisional: bool = 
             },
         },
     )
-    return save_model_dir(model_dir, model, spec, half=half)
+    written = save_model_dir(model_dir, model, spec, half=half)
+    manifest = checkpoint.parent / "manifest.csv"
+    if manifest.is_file():
+        shutil.copyfile(manifest, model_dir / "manifest.csv")
+        shutil.copyfile(manifest.with_name("manifest.csv.sha256"), model_dir / "manifest.csv.sha256")
+    return written
 
 
 def train(cfg: TrainConfig) -> Path:

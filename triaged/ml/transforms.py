@@ -6,6 +6,7 @@ inputs must look; nothing here depends on where the pixels came from (PNG/JPEG o
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -82,7 +83,10 @@ def preprocess_slice(preprocess: Compose, pixels: np.ndarray) -> torch.Tensor:
     """Apply ``preprocess`` to one 2-D slice, validating the input first (bad shapes fail loudly)."""
     if pixels.ndim != 2:
         raise ValueError(f"expected a 2-D slice, got shape {pixels.shape}")
-    out = preprocess(np.ascontiguousarray(pixels, dtype=np.float32))
+    with warnings.catch_warnings():
+        # A blank slice (all pixels equal) is legitimate input; MONAI warns and maps it to zeros.
+        warnings.filterwarnings("ignore", message="Divide by zero", category=Warning)
+        out = preprocess(np.ascontiguousarray(pixels, dtype=np.float32))
     if not isinstance(out, torch.Tensor):
         raise TypeError(f"preprocess returned {type(out).__name__}, expected a tensor")
     return out.as_subclass(torch.Tensor)

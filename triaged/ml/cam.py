@@ -1,0 +1,49 @@
+"""Grad-CAM / Grad-CAM++ heat maps (MONAI) mapped back onto the original slice geometry."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from monai.visualize import GradCAM, GradCAMpp
+from torch import nn
+
+from triaged.ml.transforms import content_box
+
+CAM_METHODS = ("gradcam", "gradcampp")
+
+
+def compute_cams(
+    model: nn.Module, x: torch.Tensor, class_index: int, target_layer: str, *, method: str = "gradcam"
+) -> np.ndarray:
+    """Return (N, S, S) float32 maps in [0, 1] for ``class_index`` on preprocessed inputs ``x`` (N, 1, S, S).
+
+    Runs in fp32 with gradients (CAM needs them) regardless of the inference precision; each map is min-max
+    normalised per slice by MONAI.
+    """
+    if method not in CAM_METHODS:
+        raise ValueError(f"method must be one of {CAM_METHODS}, got {method!r}")
+    disable_inplace_activations(model)
+    cls = GradCAM if method == "gradcam" else GradCAMpp
+    cam = cls(nn_module=model, target_layers=target_layer)
+    param = next(model.parameters())
+    with torch.enable_grad():
+        maps = cam(x.to(param.device, param.dtype).contiguous().requires_grad_(True), class_idx=class_index)
+    out = maps.detach().float().cpu().numpy()[:, 0]
+    model.zero_grad(set_to_none=True)
+    result: np.ndarray = np.clip(np.nan_to_num(out, nan=0.0), 0.0, 1.0).astype(np.float32)
+    return result
+
+
+def disable_inplace_activations(model: nn.Module) -> None:
+    """Make ReLUs out-of-place: MONAI's backward hooks cannot see through in-place ops (results are identical)."""
+    for module in model.modules():
+        if isinstance(module, nn.ReLU):
+            module.inplace = False
+
+
+def cam_to_slice(cam: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Crop a square model-space map to where the slice lies and resize it to the slice's (H, W)."""
+    top, left, h, w = content_box(shape, cam.shape[0])
+    crop = torch.from_numpy(np.ascontiguousarray(cam[top : top + h, left : left + w]))[None, None]
+    resized = nn.functional.interpolate(crop, size=shape, mode="bilinear", align_corners=False)[0, 0]
+    return resized.clamp_(0.0, 1.0).numpy().astype(np.float32)

@@ -1,0 +1,225 @@
+"""Inference: batched calibrated slice probabilities, assessability, series aggregation and Grad-CAM.
+
+:class:`Predictor` keeps torch inside; :class:`Triage` is the facade the pipeline uses (see :mod:`triaged.ml.api`).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import structlog
+import torch
+from torch import nn
+
+from triaged.ml.aggregate import aggregate_series, brain_fraction, in_brain_mask
+from triaged.ml.cam import cam_to_slice, compute_cams
+from triaged.ml.device import Placement, choose_placement, torch_threads
+from triaged.ml.gate import gate_reason
+from triaged.ml.networks import cam_target_layer
+from triaged.ml.registry import ModelSpec, load_model
+from triaged.ml.results import SeriesAssessment, SeriesMeta
+from triaged.ml.transforms import build_preprocess, preprocess_slice
+
+log = structlog.get_logger()
+
+
+class Predictor:
+    """A loaded network with its preprocessing, placement and temperature."""
+
+    def __init__(self, spec: ModelSpec, model: nn.Module, placement: Placement, *, batch_size: int = 32) -> None:
+        self.spec = spec
+        self.placement = placement
+        self.batch_size = batch_size
+        self.model = model.to(placement.device).eval()
+        self.model = self.model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        self.preprocess = build_preprocess(spec.preprocessing)
+
+    @classmethod
+    def from_dir(cls, model_dir: Path, *, device: str = "auto", precision: str = "auto") -> Predictor:
+        spec, model = load_model(model_dir)
+        return cls(spec, model, choose_placement(device, precision))
+
+    def preprocess_slices(self, slices: Sequence[np.ndarray]) -> torch.Tensor:
+        """Stack preprocessed slices into an (N, 1, S, S) float32 CPU tensor."""
+        return torch.stack([preprocess_slice(self.preprocess, np.asarray(s)) for s in slices])
+
+    @torch.inference_mode()
+    def logits(self, x: torch.Tensor) -> np.ndarray:
+        """Raw logits (N, C) as float32, computed in batches under the chosen precision."""
+        out = []
+        for start in range(0, x.shape[0], self.batch_size):
+            batch = x[start : start + self.batch_size].to(self.placement.device)
+            batch = batch.contiguous(memory_format=torch.channels_last)
+            with self.placement.autocast():
+                out.append(self.model(batch).float().cpu())
+        if not out:
+            return np.zeros((0, len(self.spec.classes)), dtype=np.float32)
+        return torch.cat(out).numpy().astype(np.float32)
+
+    def calibrated(self, logits: np.ndarray) -> np.ndarray:
+        """Temperature-scaled softmax probabilities (N, C) float32."""
+        return softmax(logits / self.spec.temperature)
+
+    def cams(self, x: torch.Tensor, class_index: int, *, method: str = "gradcam") -> np.ndarray:
+        return compute_cams(self.model, x, class_index, cam_target_layer(self.spec.arch), method=method)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    result: np.ndarray = (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
+    return result
+
+
+def energy_score(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """Free energy ``-T·logsumexp(logits/T)``: higher means less like the training data (Liu et al. 2020)."""
+    z = logits / temperature
+    m = z.max(axis=1, keepdims=True)
+    result: np.ndarray = (-temperature * (m[:, 0] + np.log(np.exp(z - m).sum(axis=1)))).astype(np.float32)
+    return result
+
+
+class Triage:
+    """Assess series with one shipped model; safe to call from one worker thread at a time (calls serialise)."""
+
+    def __init__(
+        self, model_dir: Path, *, device: str = "auto", precision: str = "auto", threads: int | None = None
+    ) -> None:
+        self._predictor = Predictor.from_dir(Path(model_dir), device=device, precision=precision)
+        self._threads = threads
+        self._lock = threading.Lock()
+        spec = self._predictor.spec
+        log.info(
+            "model_loaded",
+            model_name=spec.name,
+            model_version=spec.version,
+            arch=spec.arch,
+            device=self._predictor.placement.device,
+            precision=self._predictor.placement.precision,
+            threads=threads or torch.get_num_threads(),
+            provisional=spec.provisional,
+        )
+
+    @property
+    def model_name(self) -> str:
+        return self._predictor.spec.name
+
+    @property
+    def model_version(self) -> str:
+        return self._predictor.spec.version
+
+    @property
+    def weights_sha256(self) -> str:
+        return self._predictor.spec.weights_sha256
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return self._predictor.spec.classes
+
+    @property
+    def threshold(self) -> float:
+        return float(self._predictor.spec.thresholds.get("urgency", 0.5))
+
+    def assess(self, slices: Sequence[np.ndarray], meta: SeriesMeta, *, cam_top_k: int = 3) -> SeriesAssessment:
+        """Gate, score and aggregate one series (slices in patient order, any size, modality LUT applied)."""
+        for i, s in enumerate(slices):
+            if np.asarray(s).ndim != 2:
+                raise ValueError(f"slice {i} has shape {np.asarray(s).shape}; expected 2-D")
+        reason = gate_reason(meta) or (None if slices else "series has no slices")
+        if reason is not None:
+            return self._not_assessable(reason, len(slices), {})
+        with self._lock, torch_threads(self._threads):
+            return self._assess(slices, cam_top_k)
+
+    def _assess(self, slices: Sequence[np.ndarray], cam_top_k: int) -> SeriesAssessment:
+        p = self._predictor
+        spec = p.spec
+        timings: dict[str, float] = {}
+        t = time.perf_counter()
+        x = p.preprocess_slices(slices)
+        fractions = brain_fraction(x.numpy())
+        in_brain = in_brain_mask(fractions, spec.aggregation)
+        timings["preprocess"] = time.perf_counter() - t
+        t = time.perf_counter()
+        logits = p.logits(x)
+        probs = p.calibrated(logits)
+        timings["inference"] = time.perf_counter() - t
+        if not in_brain.any():
+            return self._not_assessable(
+                "no slice contains enough brain", len(slices), timings, probs=probs, in_brain=in_brain
+            )
+        energies = energy_score(logits[in_brain], float(spec.ood.get("temperature", 1.0)))
+        ood_score = float(np.median(energies))
+        ood_threshold = spec.ood.get("energy_threshold")
+        if ood_threshold is not None and ood_score > float(ood_threshold):
+            reason = f"out of distribution (energy {ood_score:.2f} > {float(ood_threshold):.2f})"
+            return self._not_assessable(
+                reason, len(slices), timings, probs=probs, in_brain=in_brain, ood_score=ood_score
+            )
+        score = aggregate_series(probs, in_brain, spec.classes, spec.aggregation)
+        t = time.perf_counter()
+        cams: dict[int, np.ndarray] = {}
+        chosen = list(score.key_slice_indices[: max(0, cam_top_k)])
+        if chosen:
+            maps = p.cams(x[chosen], score.label_index)
+            cams = {i: cam_to_slice(m, np.asarray(slices[i]).shape) for i, m in zip(chosen, maps, strict=True)}
+        timings["cam"] = time.perf_counter() - t
+        urgent = score.urgency >= self.threshold
+        result = SeriesAssessment(
+            assessable=True,
+            reason=None,
+            label=spec.classes[score.label_index],
+            class_probabilities={c: float(v) for c, v in zip(spec.classes, score.class_probabilities, strict=True)},
+            urgency=score.urgency,
+            threshold=self.threshold,
+            urgent=urgent,
+            slice_probabilities=probs,
+            slice_in_brain=in_brain,
+            key_slice_indices=score.key_slice_indices[: max(1, cam_top_k)],
+            cams=cams,
+            ood_score=ood_score,
+            timings=timings,
+        )
+        log.info(
+            "series_assessed",
+            label=result.label,
+            urgency=round(score.urgency, 4),
+            urgent=urgent,
+            slices=len(slices),
+            in_brain=int(in_brain.sum()),
+            ood_score=round(ood_score, 3),
+            **{f"{k}_s": round(v, 4) for k, v in timings.items()},
+        )
+        return result
+
+    def _not_assessable(
+        self,
+        reason: str,
+        n_slices: int,
+        timings: dict[str, float],
+        *,
+        probs: np.ndarray | None = None,
+        in_brain: np.ndarray | None = None,
+        ood_score: float | None = None,
+    ) -> SeriesAssessment:
+        n_classes = len(self.classes)
+        log.info("series_not_assessable", reason=reason, slices=n_slices)
+        return SeriesAssessment(
+            assessable=False,
+            reason=reason,
+            label=None,
+            class_probabilities={},
+            urgency=None,
+            threshold=self.threshold,
+            urgent=False,
+            slice_probabilities=probs if probs is not None else np.zeros((0, n_classes), dtype=np.float32),
+            slice_in_brain=in_brain if in_brain is not None else np.zeros(n_slices, dtype=bool),
+            key_slice_indices=(),
+            cams={},
+            ood_score=ood_score,
+            timings=timings,
+        )

@@ -1,0 +1,132 @@
+"""Release criteria on the real MR DICOM series in ``../shared/data/dicom`` (evaluation only, never training).
+
+Criteria: the normal anatomical brain series (UIH 3D T1, Siemens XA30 MPRAGE) must not be flagged urgent, and the
+diffusion/EPI series must be ``not_assessable``. DICOM is read here with pydicom only to feed the DICOM-free
+:class:`~triaged.ml.inference.Triage` API the way the pipeline does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.pixels.processing import apply_modality_lut
+
+from triaged.ml.inference import Triage
+from triaged.ml.results import SeriesMeta
+
+RELEASE_SERIES: tuple[tuple[str, str, str], ...] = (
+    ("uih_t1_gre_3d_sag", "neurolabusc_dcm_qa_uih/In/DTI_132225/t1_gre_fsp_3d_sag__132750", "not_urgent"),
+    ("siemens_xa30_mprage", "neurolabusc_dcm_qa_xa30/In/6_anat-T1w_acq-tfl", "not_urgent"),
+    ("toshiba_dti_b0", "neurolabusc_dcm_qa_toshiba/In/Galan/8006_DTI_AX_30d", "not_assessable"),
+    ("siemens_dwi_sag_b0", "neurolabusc_dcm_qa_sag/In/6_DWI_SagAP", "not_assessable"),
+    ("philips_dti_b0", "neurolabusc_dcm_qa_philips/In/Vanderbilt_2018/601_WIP_dti_ax", "not_assessable"),
+    ("ge_epi_fmri", "neurolabusc_dcm_qa_nih/In/20180918GE/mr_0004", "not_assessable"),
+    ("siemens_epi_mosaic", "neurolabusc_dcm_qa_ts/In/1.dcm", "not_assessable"),
+)
+
+
+def _strs(value: Any) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return tuple(v for v in value.split("\\") if v)
+    return tuple(str(v) for v in value)
+
+
+def _b_values(ds: Dataset) -> tuple[float, ...]:
+    values: list[float] = []
+    if "DiffusionBValue" in ds:
+        values.append(float(ds.DiffusionBValue))
+    for group in ds.get("PerFrameFunctionalGroupsSequence", []):
+        for diff in group.get("MRDiffusionSequence", []):
+            if "DiffusionBValue" in diff:
+                values.append(float(diff.DiffusionBValue))
+    return tuple(sorted(set(values)))
+
+
+def _frames(ds: Dataset) -> list[np.ndarray]:
+    pixels = ds.pixel_array
+    frames = [pixels] if int(ds.get("NumberOfFrames", 1)) == 1 else list(pixels)
+    out = []
+    for frame in frames:
+        values = np.asarray(apply_modality_lut(frame, ds), dtype=np.float32)
+        if ds.get("PhotometricInterpretation", "") == "MONOCHROME1":
+            values = values.max() - values
+        out.append(values)
+    return out
+
+
+def read_series(path: Path) -> tuple[list[np.ndarray], SeriesMeta]:
+    """Read a one-file-per-slice series directory or one (multi-frame) file into slices and metadata."""
+    files = sorted(path.iterdir()) if path.is_dir() else [path]
+    datasets = [pydicom.dcmread(f) for f in files if f.is_file()]
+    datasets.sort(key=lambda d: int(d.get("InstanceNumber", 0) or 0))
+    slices = [frame for ds in datasets for frame in _frames(ds)]
+    first = datasets[0]
+    meta = SeriesMeta(
+        modality=str(first.get("Modality", "")),
+        body_part_examined=str(first.get("BodyPartExamined", "")),
+        series_description=str(first.get("SeriesDescription", "")),
+        protocol_name=str(first.get("ProtocolName", "")),
+        image_type=_strs(first.get("ImageType")),
+        scanning_sequence=_strs(first.get("ScanningSequence")),
+        sequence_variant=_strs(first.get("SequenceVariant")),
+        diffusion_b_values=tuple(sorted({b for ds in datasets for b in _b_values(ds)})),
+        number_of_slices=len(slices),
+    )
+    return slices, meta
+
+
+def _summary(result: Any, slices: int) -> dict[str, Any]:
+    tumour = (1.0 - result.slice_probabilities[:, 2]) if result.slice_probabilities.size else np.zeros(0)
+    return {
+        "assessable": result.assessable,
+        "reason": result.reason,
+        "label": result.label,
+        "urgency": result.urgency,
+        "urgent": result.urgent,
+        "threshold": result.threshold,
+        "ood_score": result.ood_score,
+        "slices": slices,
+        "in_brain": int(result.slice_in_brain.sum()),
+        "slices_tumour_over_0.5": int((tumour[result.slice_in_brain] > 0.5).sum()) if tumour.size else 0,
+        "max_slice_tumour_prob": float(tumour[result.slice_in_brain].max())
+        if tumour.size and result.slice_in_brain.any()
+        else None,
+    }
+
+
+def evaluate_release(triage: Triage, dicom_root: Path) -> dict[str, Any]:
+    """Run the release series through ``triage``; also report what the classifier alone would say (gate bypassed)."""
+    series: list[dict[str, Any]] = []
+    for name, rel, expect in RELEASE_SERIES:
+        slices, meta = read_series(dicom_root / rel)
+        result = triage.assess(slices, meta, cam_top_k=0)
+        ungated_meta = dataclasses.replace(
+            meta,
+            series_description="t1",
+            protocol_name="t1",
+            image_type=("ORIGINAL", "PRIMARY"),
+            scanning_sequence=("GR",),
+            diffusion_b_values=(),
+            body_part_examined="",
+        )
+        ungated = triage.assess(slices, ungated_meta, cam_top_k=0)
+        passed = (not result.urgent) if expect == "not_urgent" else (not result.assessable)
+        series.append(
+            {
+                "name": name,
+                "path": rel,
+                "expect": expect,
+                "passed": passed,
+                "series_description": meta.series_description,
+                "result": _summary(result, len(slices)),
+                "classifier_without_metadata_gate": _summary(ungated, len(slices)),
+            }
+        )
+    return {"passed": all(s["passed"] for s in series), "series": series}

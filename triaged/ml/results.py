@@ -1,0 +1,41 @@
+"""Result and metadata dataclasses of the ML interface (re-exported by :mod:`triaged.ml.api`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class SeriesMeta:
+    """Series metadata needed by the assessability gate (filled by the pipeline; ml never imports pydicom)."""
+
+    modality: str
+    body_part_examined: str
+    series_description: str
+    protocol_name: str
+    image_type: tuple[str, ...]
+    scanning_sequence: tuple[str, ...]
+    sequence_variant: tuple[str, ...]
+    diffusion_b_values: tuple[float, ...]
+    number_of_slices: int
+
+
+@dataclass(frozen=True)
+class SeriesAssessment:
+    """Result of assessing one series; ``urgent`` is never True when ``assessable`` is False."""
+
+    assessable: bool
+    reason: str | None
+    label: str | None
+    class_probabilities: dict[str, float]
+    urgency: float | None
+    threshold: float
+    urgent: bool
+    slice_probabilities: np.ndarray
+    slice_in_brain: np.ndarray
+    key_slice_indices: tuple[int, ...]
+    cams: dict[int, np.ndarray]
+    ood_score: float | None
+    timings: dict[str, float]
