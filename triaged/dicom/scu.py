@@ -107,12 +107,7 @@ def _associate(items: Sequence[_Item], destination: Destination, options: SendOp
     )
     if assoc.is_established:
         return assoc
-    if assoc.is_rejected:
-        why = "rejected the association"
-    elif assoc.is_aborted:
-        why = "aborted the association"
-    else:
-        why = "could not be reached"
+    why = "rejected the association" if assoc.is_rejected else "could not be reached or aborted the association"
     raise DicomPeerError(f"{destination} {why}")
 
 
