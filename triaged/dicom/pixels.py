@@ -140,6 +140,8 @@ def decode_instance(ds: Dataset, where: str = "instance", *, allow_mosaic: bool 
 
     ``allow_mosaic`` decodes a Siemens mosaic as one tiled image (for inspection, never for inference).
     """
+    if not any(keyword in ds for keyword in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+        raise PixelDecodeError(f"{where}: no pixel data")
     _check_greyscale(ds, where, allow_mosaic=allow_mosaic)
     array = _decode_array(ds, where)
     frames = int(ds.get("NumberOfFrames", 1) or 1)
