@@ -1,0 +1,210 @@
+"""Store one received instance: parse just the UIDs, write the file durably, commit the rows (design: Receiving).
+
+Independent of pynetdicom events so it can be reasoned about and tested on its own: the receiver hands
+over the request's SOP class/instance UIDs, the accepted transfer syntax and the encoded dataset bytes
+exactly as received; :meth:`Ingestor.store` returns the DIMSE status to answer. Nothing is decoded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from dataclasses import dataclass
+from datetime import datetime
+from io import BytesIO
+
+import structlog
+from pydicom import dcmread
+from pydicom.dataset import FileMetaDataset
+from pydicom.errors import InvalidDicomError
+from pydicom.filewriter import write_file_meta_info
+from pydicom.tag import Tag
+from pydicom.uid import UID
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+
+from triaged import metrics
+from triaged.dicom import status
+from triaged.dicom.records import InstanceFacts, RecordOutcome, record_instance
+from triaged.dicom.storage import InstanceStore
+from triaged.dicom.uids import uid_path, validate_uid
+from triaged.errors import InvalidUidError, OutOfSpaceError, StoreError
+from triaged.log import uid_hash
+
+log = structlog.get_logger()
+
+#: Our Implementation Class UID (PS3.7 D.3.3.2), a fixed 2.25 UID derived from the project name.
+IMPLEMENTATION_CLASS_UID = "2.25.198377432911938069711383213521458125612"
+IMPLEMENTATION_VERSION_NAME = "TRIAGED_0_1"
+
+_PARSE_TAGS = [
+    Tag(0x0008, 0x0016),  # SOPClassUID
+    Tag(0x0008, 0x0018),  # SOPInstanceUID
+    Tag(0x0008, 0x0060),  # Modality
+    Tag(0x0020, 0x000D),  # StudyInstanceUID
+    Tag(0x0020, 0x000E),  # SeriesInstanceUID
+    Tag(0x0020, 0x0013),  # InstanceNumber
+]
+_LOCK_STRIPES = 64
+
+
+@dataclass(frozen=True)
+class StoreRequest:
+    """What the receiver knows about one C-STORE: request UIDs, negotiated syntax, raw dataset bytes."""
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    transfer_syntax_uid: str
+    dataset: bytes
+    calling_ae_title: str
+    association_id: int | None
+
+
+class RejectError(Exception):
+    """Internal: carries the status to answer; never leaves :meth:`Ingestor.store`."""
+
+    def __init__(self, code: int, comment: str) -> None:
+        super().__init__(comment)
+        self.code = code
+        self.comment = comment
+
+
+def file_meta_bytes(sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: str) -> bytes:
+    """Preamble, ``DICM`` and a File Meta Information group that is a pure function of its arguments.
+
+    Deterministic meta means the stored file's sha256 changes only when the dataset bytes change, which is
+    what idempotency on SOP Instance UID compares.
+    """
+    meta = FileMetaDataset()
+    meta.FileMetaInformationVersion = b"\x00\x01"
+    meta.MediaStorageSOPClassUID = UID(sop_class_uid)
+    meta.MediaStorageSOPInstanceUID = UID(sop_instance_uid)
+    meta.TransferSyntaxUID = UID(transfer_syntax_uid)
+    meta.ImplementationClassUID = UID(IMPLEMENTATION_CLASS_UID)
+    meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
+    buffer = BytesIO()
+    buffer.write(b"\x00" * 128 + b"DICM")
+    write_file_meta_info(buffer, meta, enforce_standard=True)  # type: ignore[arg-type]
+    return buffer.getvalue()
+
+
+def parse_facts(meta: bytes, request: StoreRequest) -> InstanceFacts:
+    """Read only the identifying attributes (no pixel data); raise :class:`RejectError` on bad input."""
+    try:
+        ds = dcmread(BytesIO(meta + request.dataset), stop_before_pixels=True, specific_tags=_PARSE_TAGS)
+        sop_class: str = str(ds.get("SOPClassUID", "") or "")
+        sop_instance: str = str(ds.get("SOPInstanceUID", "") or "")
+        modality = str(ds.get("Modality", "") or "")[:16]
+        study_uid: str = str(ds.get("StudyInstanceUID", "") or "")
+        series_uid: str = str(ds.get("SeriesInstanceUID", "") or "")
+        raw_number = ds.get("InstanceNumber")
+        instance_number = int(raw_number) if raw_number not in (None, "") else None
+    except (InvalidDicomError, ValueError, TypeError, OverflowError, EOFError, OSError, KeyError) as exc:
+        raise RejectError(status.CANNOT_UNDERSTAND, f"dataset cannot be parsed: {type(exc).__name__}") from exc
+    except Exception as exc:  # pydicom raises many types on corrupt input; none may escape (P4)
+        raise RejectError(status.CANNOT_UNDERSTAND, f"dataset cannot be parsed: {type(exc).__name__}") from exc
+    try:
+        sop_instance = validate_uid(sop_instance)
+        study_uid = validate_uid(study_uid)
+        series_uid = validate_uid(series_uid)
+        sop_class = validate_uid(sop_class)
+    except InvalidUidError as exc:
+        raise RejectError(status.CANNOT_UNDERSTAND_INVALID_UID, f"invalid UID in dataset: {exc}") from exc
+    if sop_class != request.sop_class_uid:
+        raise RejectError(status.DATASET_DOES_NOT_MATCH_SOP_CLASS, "dataset SOP Class UID differs from request")
+    if sop_instance != request.sop_instance_uid:
+        raise RejectError(status.CANNOT_UNDERSTAND_UID_MISMATCH, "dataset SOP Instance UID differs from request")
+    return InstanceFacts(
+        sop_instance_uid=sop_instance,
+        sop_class_uid=sop_class,
+        study_instance_uid=study_uid,
+        series_instance_uid=series_uid,
+        modality=modality,
+        instance_number=instance_number,
+        transfer_syntax_uid=request.transfer_syntax_uid,
+    )
+
+
+class Ingestor:
+    """The durable-acknowledge path shared by every association of one receiver."""
+
+    def __init__(self, store: InstanceStore, session_factory: sessionmaker[Session]) -> None:
+        self.store = store
+        self.session_factory = session_factory
+        # Serialise work on the same SOP Instance UID within this process (re-sends racing each other).
+        self._locks = [threading.Lock() for _ in range(_LOCK_STRIPES)]
+
+    def store_instance(self, request: StoreRequest, *, now: datetime) -> tuple[int, str, RecordOutcome | None]:
+        """Store one instance; return ``(status, comment, outcome)``. Never raises."""
+        try:
+            outcome = self._store(request, now)
+        except RejectError as failure:
+            metrics.INSTANCES_REJECTED.labels(reason=status.status_name(failure.code)).inc()
+            log.warning(
+                "store_rejected",
+                status=f"0x{failure.code:04X}",
+                reason=status.status_name(failure.code),
+                comment=failure.comment,
+                sop_instance_uid=uid_hash(request.sop_instance_uid),
+            )
+            return failure.code, failure.comment, None
+        except Exception:  # last line of defence (P4): an escaping exception becomes a generic 0xC211
+            metrics.INSTANCES_REJECTED.labels(reason="internal_error").inc()
+            log.exception("store_internal_error", sop_instance_uid=uid_hash(request.sop_instance_uid))
+            return status.OUT_OF_RESOURCES_STORE_FAILED, "internal error while storing", None
+        metrics.INSTANCES_RECEIVED.inc()
+        return status.SUCCESS, "", outcome
+
+    def _store(self, request: StoreRequest, now: datetime) -> RecordOutcome:
+        try:
+            request_uid = validate_uid(request.sop_instance_uid)
+            validate_uid(request.sop_class_uid)
+        except InvalidUidError as exc:
+            raise RejectError(status.CANNOT_UNDERSTAND_INVALID_UID, f"invalid UID in request: {exc}") from exc
+        meta = file_meta_bytes(request.sop_class_uid, request_uid, request.transfer_syntax_uid)
+        facts = parse_facts(meta, request)
+        digest = hashlib.sha256(meta)
+        digest.update(request.dataset)
+        sha = digest.hexdigest()
+        relative = uid_path(facts.sop_instance_uid, f".{sha[:16]}.dcm")
+        size = len(meta) + len(request.dataset)
+        lock = self._locks[hash(request_uid) % _LOCK_STRIPES]
+        with lock:
+            created = self._write(relative, meta, request.dataset, size)
+            try:
+                with self.session_factory.begin() as session:
+                    outcome = record_instance(
+                        session,
+                        facts,
+                        file_path=relative,
+                        size_bytes=size,
+                        sha256=sha,
+                        calling_ae_title=request.calling_ae_title,
+                        association_id=request.association_id,
+                        now=now,
+                    )
+            except SQLAlchemyError as exc:
+                if created:
+                    self.store.remove(relative)
+                log.error("store_commit_failed", error=type(exc).__name__, sop_instance_uid=uid_hash(request_uid))
+                raise RejectError(status.OUT_OF_RESOURCES_STORE_FAILED, "database unavailable") from exc
+        log.debug(
+            "store_received",
+            sop_instance_uid=uid_hash(request_uid),
+            series_instance_uid=uid_hash(facts.series_instance_uid),
+            outcome=outcome.kind,
+        )
+        return outcome
+
+    def _write(self, relative: str, meta: bytes, dataset: bytes, size: int) -> bool:
+        """Write the file unless this exact content is already stored; return whether we created it."""
+        if self.store.exists(relative):
+            return False
+        try:
+            self.store.write_atomic(relative, (meta, dataset))
+        except OutOfSpaceError as exc:
+            raise RejectError(status.OUT_OF_RESOURCES, "out of resources: free disk below threshold") from exc
+        except StoreError as exc:
+            log.error("store_write_failed", error=str(exc))
+            raise RejectError(status.OUT_OF_RESOURCES_STORE_FAILED, "could not write the instance") from exc
+        return True

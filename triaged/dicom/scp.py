@@ -1,0 +1,272 @@
+"""The DICOM receiver: a pynetdicom Storage SCP that acknowledges only durably stored instances.
+
+Handlers are thin (style P5): the C-STORE handler hands the encoded dataset to :class:`Ingestor` and
+returns its status; association handlers keep the ``associations`` table current, which series
+completion reads (P6). No exception ever reaches pynetdicom (P4).
+"""
+
+from __future__ import annotations
+
+import secrets
+import socket
+import socketserver
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, cast
+
+import structlog
+from pydicom.dataset import Dataset
+from pynetdicom import AE, evt
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.transport import ThreadedAssociationServer
+from sqlalchemy import Table, update
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+
+from triaged.config import Settings
+from triaged.db.models import Association
+from triaged.dicom import status
+from triaged.dicom.contexts import configure_pynetdicom, scp_contexts
+from triaged.dicom.ingest import Ingestor, StoreRequest
+from triaged.dicom.storage import InstanceStore
+from triaged.dicom.tls import server_ssl_context
+
+log = structlog.get_logger()
+
+ASSOCIATIONS: Table = Association.__table__  # type: ignore[assignment]
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass
+class _AssociationState:
+    calling_ae_title: str
+    address: str
+    row_id: int | None = None
+    closed: bool = False
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class Receiver:
+    """Storage SCP bound to ``settings.dicom``; :meth:`start` returns at once, :meth:`stop` drains."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        session_factory: sessionmaker[Session],
+        store: InstanceStore,
+        *,
+        receiver_id: str | None = None,
+        port: int | None = None,
+    ) -> None:
+        self.settings = settings
+        self.session_factory = session_factory
+        self.store = store
+        self.ingestor = Ingestor(store, session_factory)
+        # ``port`` overrides settings (0 = an ephemeral port, handy for tests and several receivers).
+        self._bind_port = settings.dicom.port if port is None else port
+        self.receiver_id = receiver_id or f"{socket.gethostname()}:{settings.dicom.ae_title}:{self._bind_port}"
+        self._server: ThreadedAssociationServer | None = None
+        self._ae: AE | None = None
+        self._associations: dict[int, _AssociationState] = {}
+        self._lock = threading.Lock()
+        self._accepting = False
+
+    # ------------------------------------------------------------------ lifecycle
+    @property
+    def port(self) -> int:
+        """The port actually bound (settings port 0 picks a free one)."""
+        if self._server is None:
+            raise RuntimeError("receiver is not started")
+        return int(self._server.server_address[1])
+
+    def start(self) -> None:
+        """Close associations a crashed predecessor left open, clean temp files, and start listening."""
+        if self._server is not None:
+            raise RuntimeError("receiver already started")
+        configure_pynetdicom()
+        self.store.cleanup_stale_temp_files()
+        self._close_stale_associations()
+        dicom = self.settings.dicom
+        ae = AE(ae_title=dicom.ae_title)
+        ae.supported_contexts = scp_contexts(dicom.extra_storage_sop_classes)
+        ae.maximum_associations = dicom.max_associations
+        ae.maximum_pdu_size = dicom.max_pdu_size
+        ae.acse_timeout = dicom.acse_timeout
+        ae.dimse_timeout = dicom.dimse_timeout
+        ae.network_timeout = dicom.network_timeout
+        if not dicom.accept_unknown_peers:
+            # pynetdicom treats an empty allow-list as "everyone": with no peers, require an unguessable title.
+            titles = [peer.ae_title for peer in dicom.peers.values()] or [secrets.token_hex(8)]
+            ae.require_calling_aet = titles
+        handlers: list[Any] = [
+            (evt.EVT_CONN_OPEN, self._on_conn_open),
+            (evt.EVT_ACCEPTED, self._on_accepted),
+            (evt.EVT_REJECTED, self._on_rejected),
+            (evt.EVT_RELEASED, self._on_closed),
+            (evt.EVT_ABORTED, self._on_closed),
+            (evt.EVT_CONN_CLOSE, self._on_closed),
+            (evt.EVT_C_ECHO, self._on_c_echo),
+            (evt.EVT_C_STORE, self._on_c_store),
+        ]
+        self._accepting = True
+        self._server = ae.start_server(
+            (dicom.bind_address, self._bind_port),
+            block=False,
+            ssl_context=server_ssl_context(dicom.tls),
+            evt_handlers=handlers,
+        )
+        self._ae = ae
+        log.info(
+            "receiver_started",
+            ae_title=dicom.ae_title,
+            address=dicom.bind_address,
+            port=self.port,
+            tls=dicom.tls.enabled,
+            receiver_id=self.receiver_id,
+        )
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop accepting, let in-flight associations finish (up to ``timeout`` s), then abort the rest."""
+        server = self._server
+        if server is None:
+            return
+        self._accepting = False
+        socketserver.BaseServer.shutdown(server)  # stop the accept loop ...
+        server.server_close()  # ... and close the listening socket; accepted associations keep running
+        deadline = time.monotonic() + timeout
+        while server.active_associations and time.monotonic() < deadline:
+            time.sleep(0.05)
+        leftover = server.active_associations
+        for assoc in leftover:
+            assoc.abort()
+        for assoc in leftover:
+            assoc.join(timeout=5)
+        server.shutdown()
+        if self._ae is not None:
+            self._ae.shutdown()
+        self._server = None
+        log.info("receiver_stopped", aborted=len(leftover))
+
+    # ------------------------------------------------------------------ associations table
+    def _close_stale_associations(self) -> None:
+        now = utcnow()
+        with self.session_factory.begin() as session:
+            result = session.execute(
+                update(ASSOCIATIONS)
+                .where(ASSOCIATIONS.c.receiver_id == self.receiver_id, ASSOCIATIONS.c.closed_at.is_(None))
+                .values(closed_at=now)
+            )
+        count = int(getattr(result, "rowcount", 0) or 0)
+        if count:
+            log.warning("stale_associations_closed", count=count, receiver_id=self.receiver_id)
+
+    def _state(self, assoc: Any) -> _AssociationState:
+        with self._lock:
+            state = self._associations.get(id(assoc))
+            if state is None:
+                address = f"{assoc.requestor.address}:{assoc.requestor.port}"
+                state = _AssociationState(calling_ae_title=str(assoc.requestor.ae_title or "").strip(), address=address)
+                self._associations[id(assoc)] = state
+            return state
+
+    def _open_row(self, state: _AssociationState) -> int:
+        with state.lock:
+            if state.row_id is None:
+                with self.session_factory.begin() as session:
+                    row_id = session.scalar(
+                        ASSOCIATIONS.insert()
+                        .values(
+                            calling_ae_title=state.calling_ae_title[:16],
+                            peer_address=state.address[:64],
+                            receiver_id=self.receiver_id,
+                            opened_at=utcnow(),
+                        )
+                        .returning(ASSOCIATIONS.c.id)
+                    )
+                    if row_id is None:
+                        raise RuntimeError("association insert returned no id")
+                    state.row_id = int(row_id)
+            return state.row_id
+
+    def _on_conn_open(self, event: evt.Event) -> None:
+        try:
+            assoc_socket = event.assoc.dul.socket
+            sock = assoc_socket.socket if assoc_socket is not None else None
+            if sock is not None:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except (AttributeError, OSError) as exc:
+            log.warning("tcp_nodelay_failed", error=str(exc))
+
+    def _on_accepted(self, event: evt.Event) -> None:
+        state = self._state(event.assoc)
+        # Handlers of one association run on its own thread: bind log context once for all of them (P10).
+        structlog.contextvars.clear_contextvars()
+        structlog.contextvars.bind_contextvars(calling_ae=state.calling_ae_title)
+        try:
+            self._open_row(state)
+        except SQLAlchemyError as exc:  # retried lazily by the first C-STORE
+            log.error("association_record_failed", error=type(exc).__name__)
+        log.info("association_accepted", calling_ae=state.calling_ae_title, peer=state.address, row_id=state.row_id)
+
+    def _on_rejected(self, event: evt.Event) -> None:
+        requestor = event.assoc.requestor
+        log.warning(
+            "association_rejected",
+            calling_ae=str(requestor.ae_title or "").strip(),
+            peer=f"{requestor.address}:{requestor.port}",
+            reason="calling AE title not recognised or association limit reached",
+        )
+
+    def _on_closed(self, event: evt.Event) -> None:
+        with self._lock:
+            state = self._associations.pop(id(event.assoc), None)
+        if state is None:
+            return
+        with state.lock:
+            if state.closed or state.row_id is None:
+                state.closed = True
+                return
+            state.closed = True
+            try:
+                with self.session_factory.begin() as session:
+                    session.execute(
+                        update(ASSOCIATIONS).where(ASSOCIATIONS.c.id == state.row_id).values(closed_at=utcnow())
+                    )
+            except SQLAlchemyError as exc:
+                # The next start closes it (stale association); completion waits until then.
+                log.error("association_close_failed", error=type(exc).__name__, row_id=state.row_id)
+                return
+        log.info("association_closed", calling_ae=state.calling_ae_title, row_id=state.row_id, how=event.event.name)
+
+    # ------------------------------------------------------------------ DIMSE handlers
+    def _on_c_echo(self, event: evt.Event) -> int:
+        return status.SUCCESS
+
+    def _on_c_store(self, event: evt.Event) -> int | Dataset:
+        try:
+            if not self._accepting:
+                return status.failure(status.PROCESSING_FAILURE, "receiver is shutting down")
+            request = cast(C_STORE, event.request)
+            state = self._state(event.assoc)
+            try:
+                row_id: int | None = self._open_row(state)
+            except SQLAlchemyError:
+                return status.failure(status.OUT_OF_RESOURCES_STORE_FAILED, "database unavailable")
+            store_request = StoreRequest(
+                sop_class_uid=str(request.AffectedSOPClassUID or ""),
+                sop_instance_uid=str(request.AffectedSOPInstanceUID or ""),
+                transfer_syntax_uid=str(event.context.transfer_syntax),
+                dataset=event.encoded_dataset(include_meta=False),
+                calling_ae_title=state.calling_ae_title,
+                association_id=row_id,
+            )
+            code, comment, _ = self.ingestor.store_instance(store_request, now=utcnow())
+        except Exception:  # P4: nothing escapes to pynetdicom
+            log.exception("store_handler_failed")
+            return status.failure(status.OUT_OF_RESOURCES_STORE_FAILED, "internal error while storing")
+        return code if code == status.SUCCESS else status.failure(code, comment)
