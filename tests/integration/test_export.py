@@ -1,0 +1,291 @@
+"""The export job handler end to end on a real DB (SQLite + PostgreSQL), real files and a real storage SCP."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.uid import SecondaryCaptureImageStorage
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from tests.conftest import free_port
+from tests.support.fake_pacs import FakePacs, running_fake_pacs
+from triaged.config import Settings
+from triaged.db import queue
+from triaged.db.models import (
+    Instance,
+    Job,
+    JobKind,
+    JobState,
+    Output,
+    OutputKind,
+    Result,
+    ResultStatus,
+    Series,
+    SeriesState,
+    SlicePrediction,
+    Study,
+)
+from triaged.dicom.storage import InstanceStore
+from triaged.dicom.synthetic import write_mr_series
+from triaged.errors import ConfigError, DicomPeerError, DicomSendError
+from triaged.export import resolve_destination, run_export_job
+from triaged.runtime import Runtime
+
+WORKER = "test-worker"
+# pynetdicom 3.0 never closes the socket of a refused connection (the GC does): not ours to fail on.
+REFUSED_SOCKET = pytest.mark.filterwarnings(
+    "ignore:Exception ignored in. <socket.socket:pytest.PytestUnraisableExceptionWarning"
+)
+
+
+@dataclass
+class Scenario:
+    runtime: Runtime
+    result_id: int
+    source_uids: list[str]
+
+
+@pytest.fixture
+def pacs() -> Iterator[FakePacs]:
+    with running_fake_pacs() as fake:
+        yield fake
+
+
+def _seed(
+    settings: Settings,
+    session_factory: sessionmaker[Session],
+    tmp_path: Path,
+    *,
+    status: ResultStatus = ResultStatus.ASSESSED,
+    calling_ae_title: str = "FAKEPACS",
+) -> Scenario:
+    store = InstanceStore(settings.storage_dir, 0)
+    yy, xx = np.mgrid[0:64, 0:64]
+    slices = [((xx - 32) ** 2 + (yy - 30) ** 2 < 600) * (400.0 + 10 * i) for i in range(4)]
+    paths = write_mr_series(slices, tmp_path / "src", seed=str(tmp_path))
+    datasets = [pydicom.dcmread(p) for p in paths]
+    with session_factory.begin() as session:
+        study = Study(study_instance_uid=str(datasets[0].StudyInstanceUID))
+        session.add(study)
+        session.flush()
+        series = Series(
+            series_instance_uid=str(datasets[0].SeriesInstanceUID),
+            study_id=study.id,
+            modality="MR",
+            state=SeriesState.DONE,
+            instance_count=len(paths),
+            calling_ae_title=calling_ae_title,
+        )
+        session.add(series)
+        session.flush()
+        for index, (path, ds) in enumerate(zip(paths, datasets, strict=True)):
+            relative = f"instances/test/{index:04d}.dcm"
+            store.write_atomic(relative, path.read_bytes())
+            session.add(
+                Instance(
+                    sop_instance_uid=str(ds.SOPInstanceUID),
+                    series_id=series.id,
+                    sop_class_uid=str(ds.SOPClassUID),
+                    transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
+                    instance_number=index + 1,
+                    file_path=relative,
+                    size_bytes=path.stat().st_size,
+                    sha256="0" * 64,
+                )
+            )
+        assessed = status == ResultStatus.ASSESSED
+        result = Result(
+            series_id=series.id,
+            generation=1,
+            model_name="densenet121-brainmri",
+            model_version="0.1.0",
+            model_sha256="ab" * 32,
+            status=status,
+            reason=None if assessed else "not a brain series",
+            label="glioma" if assessed else None,
+            probabilities={"glioma": 0.7, "meningioma": 0.1, "notumor": 0.1, "pituitary": 0.1} if assessed else {},
+            urgency=0.7 if assessed else None,
+            threshold=0.5 if assessed else None,
+            urgent=assessed,
+        )
+        session.add(result)
+        session.flush()
+        cam = np.zeros((64, 64), dtype=np.float32)
+        cam[20:40, 20:40] = 1.0
+        store.write_atomic("cams/test-1.npy", _npy(cam))
+        for index, ds in enumerate(datasets):
+            session.add(
+                SlicePrediction(
+                    result_id=result.id,
+                    slice_index=index,
+                    sop_instance_uid=str(ds.SOPInstanceUID),
+                    probabilities=[0.7, 0.1, 0.1, 0.1],
+                    tumour_probability=0.9 if index in (1, 2) else 0.1,
+                    in_brain=True,
+                    is_key=assessed and index in (1, 2),
+                    cam_path="cams/test-1.npy" if index == 1 else None,
+                )
+            )
+        queue.enqueue(
+            session,
+            JobKind.EXPORT,
+            dedupe_key=f"export:{result.id}",
+            series_id=series.id,
+            generation=1,
+            payload={"result_id": result.id},
+            max_attempts=settings.worker.export_max_attempts,
+        )
+        result_id = result.id
+    runtime = Runtime(settings=settings, session_factory=session_factory, store=store, triage=None)
+    return Scenario(runtime, result_id, [str(ds.SOPInstanceUID) for ds in datasets])
+
+
+def _npy(array: np.ndarray) -> bytes:
+    from io import BytesIO
+
+    buffer = BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
+
+
+def _claim(runtime: Runtime) -> Job:
+    job = queue.claim(runtime.session_factory, worker_id=WORKER, kinds=[JobKind.EXPORT], lease_seconds=60)
+    assert job is not None
+    return job
+
+
+def _outputs(runtime: Runtime) -> list[Output]:
+    with runtime.session_factory() as session:
+        return list(session.scalars(select(Output).order_by(Output.id)))
+
+
+def _job_state(runtime: Runtime, job_id: int) -> Job:
+    with runtime.session_factory() as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        session.expunge(job)
+        return job
+
+
+def _settings(make_settings: Callable[..., Settings], port: int, **outputs: object) -> Settings:
+    return make_settings(
+        dicom={"peers": {"pacs": {"ae_title": "FAKEPACS", "host": "127.0.0.1", "port": port}}},
+        outputs=outputs,
+    )
+
+
+def test_export_builds_stores_sends_and_completes(
+    pacs: FakePacs, make_settings: Callable[..., Settings], session_factory: sessionmaker[Session], tmp_path: Path
+) -> None:
+    scenario = _seed(_settings(make_settings, pacs.port), session_factory, tmp_path)
+    job = _claim(scenario.runtime)
+    run_export_job(scenario.runtime, job)
+    outputs = _outputs(scenario.runtime)
+    assert [o.kind for o in outputs] == [OutputKind.SECONDARY_CAPTURE] * 2 + [
+        OutputKind.KEY_OBJECT_SELECTION,
+        OutputKind.STRUCTURED_REPORT,
+    ]
+    assert all(o.sent_at is not None and o.destination == "pacs" for o in outputs)
+    assert pacs.sop_instance_uids() == [o.sop_instance_uid for o in outputs]
+    assert set(pacs.calling_ae_titles) == {"TRIAGED"}
+    for output in outputs:
+        stored = pydicom.dcmread(scenario.runtime.store.path_for(output.file_path))
+        assert stored.SOPInstanceUID == output.sop_instance_uid
+    sc = pacs.received[0]
+    assert sc.SOPClassUID == SecondaryCaptureImageStorage
+    assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID == scenario.source_uids[1]
+    assert _job_state(scenario.runtime, job.id).state == JobState.DONE
+
+
+def test_failed_send_resumes_with_the_same_uids_and_no_duplicates(
+    pacs: FakePacs, make_settings: Callable[..., Settings], session_factory: sessionmaker[Session], tmp_path: Path
+) -> None:
+    scenario = _seed(_settings(make_settings, pacs.port), session_factory, tmp_path)
+    pacs.statuses = [0x0000, 0xA700]  # second object: out of resources
+    job = _claim(scenario.runtime)
+    with pytest.raises(DicomSendError, match="0xA700") as info:
+        run_export_job(scenario.runtime, job)
+    state = queue.fail(scenario.runtime.session_factory, job.id, WORKER, info.value, backoff_base_seconds=0.001)
+    assert state == JobState.QUEUED
+    first = _outputs(scenario.runtime)
+    assert [o.sent_at is not None for o in first] == [True, False, False, False]
+    assert _job_state(scenario.runtime, job.id).last_error is not None
+    retry = _claim(scenario.runtime)
+    assert retry.id == job.id and retry.attempts == 2
+    run_export_job(scenario.runtime, retry)
+    second = _outputs(scenario.runtime)
+    assert [o.sop_instance_uid for o in second] == [o.sop_instance_uid for o in first]
+    assert all(o.sent_at is not None for o in second)
+    received = pacs.sop_instance_uids()
+    assert sorted(received) == sorted(o.sop_instance_uid for o in second)  # each exactly once
+    assert _job_state(scenario.runtime, job.id).state == JobState.DONE
+
+
+@REFUSED_SOCKET
+def test_unreachable_pacs_is_retryable_and_keeps_built_outputs(
+    make_settings: Callable[..., Settings], session_factory: sessionmaker[Session], tmp_path: Path
+) -> None:
+    settings = _settings(make_settings, free_port(), key_object_selection=False)
+    settings = settings.model_copy(
+        update={"dicom": settings.dicom.model_copy(update={"acse_timeout": 5, "network_timeout": 5})}
+    )
+    scenario = _seed(settings, session_factory, tmp_path)
+    job = _claim(scenario.runtime)
+    with pytest.raises(DicomPeerError):
+        run_export_job(scenario.runtime, job)
+    outputs = _outputs(scenario.runtime)
+    assert len(outputs) == 3 and all(o.sent_at is None for o in outputs)
+
+
+def test_not_assessable_with_default_settings_builds_nothing(
+    pacs: FakePacs, make_settings: Callable[..., Settings], session_factory: sessionmaker[Session], tmp_path: Path
+) -> None:
+    scenario = _seed(_settings(make_settings, pacs.port), session_factory, tmp_path, status=ResultStatus.NOT_ASSESSABLE)
+    job = _claim(scenario.runtime)
+    run_export_job(scenario.runtime, job)
+    assert _outputs(scenario.runtime) == [] and pacs.received == []
+    assert _job_state(scenario.runtime, job.id).state == JobState.DONE
+
+
+def test_not_assessable_notice_sc_when_configured(
+    pacs: FakePacs, make_settings: Callable[..., Settings], session_factory: sessionmaker[Session], tmp_path: Path
+) -> None:
+    settings = _settings(make_settings, pacs.port, not_assessable="sc")
+    scenario = _seed(settings, session_factory, tmp_path, status=ResultStatus.NOT_ASSESSABLE)
+    run_export_job(scenario.runtime, _claim(scenario.runtime))
+    assert [ds.SeriesDescription for ds in pacs.received] == ["AI TRIAGE: not assessable"]
+
+
+def test_destination_rules(make_settings: Callable[..., Settings]) -> None:
+    settings = make_settings(
+        dicom={"peers": {"orthanc": {"ae_title": "ORTHANC", "port": 4242}, "other": {"ae_title": "OTHER"}}}
+    )
+    assert resolve_destination(settings, "ORTHANC").name == "orthanc"
+    assert resolve_destination(settings, "OTHER").port == 104
+    with pytest.raises(ConfigError, match="not a configured peer") as info:
+        resolve_destination(settings, "STRANGER")
+    assert not info.value.retryable
+    fixed = make_settings(
+        dicom={"peers": {"orthanc": {"ae_title": "ORTHANC", "port": 4242}}}, outputs={"destination": "orthanc"}
+    )
+    assert resolve_destination(fixed, "STRANGER").ae_title == "ORTHANC"
+    broken = make_settings(outputs={"destination": "nowhere"})
+    with pytest.raises(ConfigError, match="nowhere"):
+        resolve_destination(broken, "X")
+
+
+@REFUSED_SOCKET
+def test_unknown_sender_fails_the_job_permanently(
+    make_settings: Callable[..., Settings], session_factory: sessionmaker[Session], tmp_path: Path
+) -> None:
+    scenario = _seed(_settings(make_settings, free_port()), session_factory, tmp_path, calling_ae_title="STRANGER")
+    job = _claim(scenario.runtime)
+    with pytest.raises(ConfigError) as info:
+        run_export_job(scenario.runtime, job)
+    assert queue.fail(scenario.runtime.session_factory, job.id, WORKER, info.value) == JobState.FAILED

@@ -1,0 +1,233 @@
+"""The ``export`` job handler: build a result's DICOM outputs once, then send what is not yet sent.
+
+Order matters for exactly-once delivery to a PACS that de-duplicates by SOP Instance UID:
+
+1. if the result has no ``outputs`` rows, build the objects (UIDs derived from the result), write the files
+   durably and insert the rows in one short transaction — the UIDs exist before anything is sent;
+2. send every output whose ``sent_at`` is empty, marking each one in its own short transaction as soon as
+   the peer confirms it, so a retry after a failure resends only what is left (with the same UIDs);
+3. complete the job in a final transaction.
+
+All network work happens outside database transactions (SQLite has one writer lock, the receiver needs it).
+Send failures raise retryable errors; the worker's ``queue.fail`` applies the backoff and, in the end, ``dead``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import structlog
+from numpy.typing import NDArray
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from triaged.config import Settings
+from triaged.db import queue
+from triaged.db.models import Instance, Job, Output, OutputKind, Result, ResultStatus, Series, SlicePrediction, utcnow
+from triaged.dicom.outputs import build_outputs, encode
+from triaged.dicom.scu import Destination, SendOptions, StoreResult, send_files
+from triaged.dicom.summary import BuiltOutput, KeySlice, TriageSummary
+from triaged.errors import ConfigError, JobError, OutputBuildError
+from triaged.log import uid_hash
+from triaged.runtime import Runtime
+
+log = structlog.get_logger()
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Everything read from the database for one export, detached from the session."""
+
+    result_id: int
+    summary: TriageSummary
+    calling_ae_title: str
+    keys: tuple[tuple[str, int | None, str | None, float], ...]  # sop uid, frame, cam path, tumour p
+    instance_files: dict[str, str]  # sop instance uid -> relative file path
+    middle_instance: str | None
+    outputs: tuple[tuple[int, str, bool], ...]  # output id, relative file path, already sent
+
+
+def resolve_destination(settings: Settings, calling_ae_title: str) -> Destination:
+    """``outputs.destination`` if set, else the configured peer whose AE title sent the study."""
+    peers = settings.dicom.peers
+    name = settings.outputs.destination
+    if name is not None:
+        if name not in peers:
+            raise ConfigError(f"outputs.destination {name!r} is not a peer in [dicom.peers]")
+        peer = peers[name]
+    else:
+        found = settings.dicom.peer_for_ae(calling_ae_title) if calling_ae_title else None
+        if found is None:
+            raise ConfigError(
+                f"no destination for outputs: outputs.destination is not set and the sending AE title "
+                f"{calling_ae_title or '(unknown)'!r} is not a configured peer in [dicom.peers]"
+            )
+        name, peer = found
+    return Destination(name=name, ae_title=peer.ae_title, host=peer.host, port=peer.port)
+
+
+def _summary(result: Result, series: Series) -> TriageSummary:
+    return TriageSummary(
+        series_instance_uid=series.series_instance_uid,
+        generation=result.generation,
+        status="assessed" if result.status == ResultStatus.ASSESSED else "not_assessable",
+        model_name=result.model_name,
+        model_version=result.model_version,
+        model_sha256=result.model_sha256,
+        label=result.label,
+        probabilities=dict(result.probabilities or {}),
+        urgency=result.urgency,
+        threshold=result.threshold,
+        urgent=bool(result.urgent),
+        reason=result.reason,
+    )
+
+
+def _load_plan(session: Session, result_id: int) -> _Plan:
+    result = session.get(Result, result_id)
+    if result is None:
+        raise JobError(f"result {result_id} does not exist")
+    series = session.get(Series, result.series_id)
+    if series is None:
+        raise JobError(f"series {result.series_id} of result {result_id} does not exist")
+    keys = session.scalars(
+        select(SlicePrediction)
+        .where(SlicePrediction.result_id == result_id, SlicePrediction.is_key)
+        .order_by(SlicePrediction.slice_index)
+    ).all()
+    instances = session.scalars(
+        select(Instance)
+        .where(Instance.series_id == series.id, Instance.purged_at.is_(None))
+        .order_by(Instance.instance_number, Instance.id)
+    ).all()
+    outputs = session.scalars(select(Output).where(Output.result_id == result_id).order_by(Output.id)).all()
+    return _Plan(
+        result_id=result_id,
+        summary=_summary(result, series),
+        calling_ae_title=series.calling_ae_title,
+        keys=tuple((k.sop_instance_uid, k.frame_number, k.cam_path, k.tumour_probability) for k in keys),
+        instance_files={i.sop_instance_uid: i.file_path for i in instances},
+        middle_instance=instances[len(instances) // 2].sop_instance_uid if instances else None,
+        outputs=tuple((o.id, o.file_path, o.sent_at is not None) for o in outputs),
+    )
+
+
+def _read_source(runtime: Runtime, plan: _Plan, sop_instance_uid: str, *, pixels: bool) -> Dataset:
+    relative = plan.instance_files.get(sop_instance_uid)
+    if relative is None:
+        raise OutputBuildError(f"source instance {uid_hash(sop_instance_uid)} is no longer stored")
+    try:
+        return pydicom.dcmread(runtime.store.path_for(relative), stop_before_pixels=not pixels)
+    except (OSError, InvalidDicomError) as exc:
+        raise OutputBuildError(f"cannot read source instance {uid_hash(sop_instance_uid)}: {exc}") from exc
+
+
+def _load_cam(runtime: Runtime, relative: str | None) -> NDArray[np.float32] | None:
+    if relative is None:
+        return None
+    try:
+        return np.asarray(np.load(runtime.store.path_for(relative)), dtype=np.float32)
+    except (OSError, ValueError) as exc:
+        raise OutputBuildError(f"cannot read Grad-CAM map {relative}: {exc}") from exc
+
+
+def _build(runtime: Runtime, plan: _Plan) -> list[BuiltOutput]:
+    datasets: dict[str, Dataset] = {}
+    keys: list[KeySlice] = []
+    for sop_instance_uid, frame_number, cam_path, tumour_probability in plan.keys:
+        if sop_instance_uid not in datasets:
+            datasets[sop_instance_uid] = _read_source(runtime, plan, sop_instance_uid, pixels=True)
+        keys.append(
+            KeySlice(datasets[sop_instance_uid], frame_number, _load_cam(runtime, cam_path), tumour_probability)
+        )
+    evidence = [
+        datasets.get(uid) or _read_source(runtime, plan, uid, pixels=False) for uid in sorted(plan.instance_files)
+    ]
+    fallback = None
+    if not plan.summary.assessed and plan.middle_instance is not None:
+        fallback = _read_source(runtime, plan, plan.middle_instance, pixels=True)
+    return build_outputs(plan.summary, keys, evidence, runtime.settings.outputs, fallback_slice=fallback)
+
+
+def _store_outputs(runtime: Runtime, plan: _Plan, built: list[BuiltOutput], destination: str) -> None:
+    """Write the files, then insert all rows in one transaction (unless another attempt already did)."""
+    rows: list[Output] = []
+    for output in built:
+        relative = f"outputs/{plan.result_id}/{output.kind}-{output.index:03d}.dcm"
+        runtime.store.write_atomic(relative, encode(output.dataset))
+        rows.append(
+            Output(
+                result_id=plan.result_id,
+                kind=OutputKind(output.kind),
+                sop_class_uid=output.sop_class_uid,
+                sop_instance_uid=output.sop_instance_uid,
+                series_instance_uid=output.series_instance_uid,
+                file_path=relative,
+                destination=destination,
+            )
+        )
+    with runtime.session_factory.begin() as session:
+        if session.scalar(select(Output.id).where(Output.result_id == plan.result_id).limit(1)) is None:
+            session.add_all(rows)
+
+
+def _mark_sent(runtime: Runtime, by_path: dict[Path, int], destination: str) -> Callable[[StoreResult], None]:
+    def mark(stored: StoreResult) -> None:
+        with runtime.session_factory.begin() as session:
+            output = session.get(Output, by_path[stored.path])
+            if output is not None:
+                output.sent_at = utcnow()
+                output.destination = destination
+
+    return mark
+
+
+def run_export_job(runtime: Runtime, job: Job) -> None:
+    """Handler for ``export`` jobs (payload ``{"result_id": int}``)."""
+    worker_id = job.lease_owner or ""
+    try:
+        result_id = int(job.payload["result_id"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise JobError(f"export job {job.id} has no valid result_id in its payload") from exc
+    with runtime.session_factory() as session:
+        plan = _load_plan(session, result_id)
+    structlog.contextvars.bind_contextvars(
+        job_id=job.id, result_id=result_id, series_uid=uid_hash(plan.summary.series_instance_uid)
+    )
+    destination = resolve_destination(runtime.settings, plan.calling_ae_title)
+    built_count = 0
+    if not plan.outputs:
+        built = _build(runtime, plan)
+        built_count = len(built)
+        if built:
+            _store_outputs(runtime, plan, built, destination.name)
+            with runtime.session_factory() as session:
+                plan = _load_plan(session, result_id)
+    pending = [(output_id, runtime.store.path_for(path)) for output_id, path, sent in plan.outputs if not sent]
+    dicom = runtime.settings.dicom
+    options = SendOptions(
+        calling_ae_title=dicom.ae_title,
+        acse_timeout=dicom.acse_timeout,
+        dimse_timeout=dicom.dimse_timeout,
+        network_timeout=dicom.network_timeout,
+    )
+    by_path = {path: output_id for output_id, path in pending}
+    sent = send_files(
+        [path for _, path in pending], destination, options, on_stored=_mark_sent(runtime, by_path, destination.name)
+    )
+    with runtime.session_factory.begin() as session:
+        queue.complete(session, job.id, worker_id)
+    log.info(
+        "export_done",
+        destination=destination.name,
+        built=built_count,
+        sent=len(sent),
+        warnings=sum(1 for s in sent if s.warning),
+        total=len(plan.outputs),
+    )
