@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,11 +13,14 @@ import pytest
 from pydicom.uid import SecondaryCaptureImageStorage
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
+from typer.testing import CliRunner
 
 from tests.conftest import free_port
 from tests.support.fake_pacs import FakePacs, running_fake_pacs
-from triaged.config import Settings
+from triaged.cli.app import app
+from triaged.config import Settings, load_settings
 from triaged.db import queue
+from triaged.db.engine import make_engine, make_session_factory
 from triaged.db.models import (
     Instance,
     Job,
@@ -31,10 +35,12 @@ from triaged.db.models import (
     SlicePrediction,
     Study,
 )
+from triaged.db.schema import upgrade
 from triaged.dicom.storage import InstanceStore
 from triaged.dicom.synthetic import write_mr_series
 from triaged.errors import ConfigError, DicomPeerError, DicomSendError
 from triaged.export import resolve_destination, run_export_job
+from triaged.resend import requeue_dead_exports, resend_series
 from triaged.runtime import Runtime
 
 WORKER = "test-worker"
@@ -289,3 +295,58 @@ def test_unknown_sender_fails_the_job_permanently(
     with pytest.raises(ConfigError) as info:
         run_export_job(scenario.runtime, job)
     assert queue.fail(scenario.runtime.session_factory, job.id, WORKER, info.value) == JobState.FAILED
+
+
+def test_resend_series_sends_again_with_the_same_uids(
+    pacs: FakePacs, make_settings: Callable[..., Settings], session_factory: sessionmaker[Session], tmp_path: Path
+) -> None:
+    scenario = _seed(_settings(make_settings, pacs.port), session_factory, tmp_path)
+    run_export_job(scenario.runtime, _claim(scenario.runtime))
+    first = pacs.sop_instance_uids()
+    with session_factory.begin() as session:
+        series = session.scalars(select(Series)).all()
+        requeued = resend_series(session, list(series), max_attempts=3)
+        again = resend_series(session, list(series), max_attempts=3)  # already queued: no second job
+    assert requeued[0].job_id is not None and again[0].job_id is None
+    assert all(o.sent_at is None for o in _outputs(scenario.runtime))
+    run_export_job(scenario.runtime, _claim(scenario.runtime))
+    assert pacs.sop_instance_uids() == first + first
+
+
+@REFUSED_SOCKET
+def test_dead_exports_are_requeued(
+    make_settings: Callable[..., Settings], session_factory: sessionmaker[Session], tmp_path: Path
+) -> None:
+    scenario = _seed(_settings(make_settings, free_port()), session_factory, tmp_path)
+    job = _claim(scenario.runtime)
+    with session_factory.begin() as session:
+        session.get(Job, job.id).max_attempts = 1  # type: ignore[union-attr]
+    with pytest.raises(DicomPeerError) as info:
+        run_export_job(scenario.runtime, job)
+    assert queue.fail(session_factory, job.id, WORKER, info.value) == JobState.DEAD
+    with session_factory.begin() as session:
+        assert requeue_dead_exports(session) == [job.id]
+    assert _job_state(scenario.runtime, job.id).state == JobState.QUEUED
+
+
+def test_resend_cli(pacs: FakePacs, tmp_path: Path, sqlite_url: str) -> None:
+    engine = make_engine(sqlite_url)
+    upgrade(engine)
+    session_factory = make_session_factory(engine)
+    config = tmp_path / "triaged.toml"
+    config.write_text(f'data_dir = "{tmp_path / "data"}"\n[database]\nurl = "{sqlite_url}"\n', encoding="utf-8")
+    settings = load_settings(config)
+    scenario = _seed(settings, session_factory, tmp_path)
+    with session_factory() as session:
+        series_uid = session.scalars(select(Series.series_instance_uid)).one()
+    runner = CliRunner()
+    result = runner.invoke(app, ["--config", str(config), "resend", "--json", series_uid])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)[0]["result_id"] == scenario.result_id
+    result = runner.invoke(app, ["--config", str(config), "resend", "1.2.3"])
+    assert result.exit_code == 1 and "no series" in result.stderr
+    result = runner.invoke(app, ["--config", str(config), "resend"])
+    assert result.exit_code == 2 and "exactly one" in result.stderr
+    result = runner.invoke(app, ["--config", str(config), "resend", "--dead"])
+    assert result.exit_code == 0 and "re-queued 0 export job(s)" in result.stdout
+    engine.dispose()

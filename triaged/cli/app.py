@@ -11,6 +11,7 @@ from triaged import __version__
 from triaged.cli import daemon as daemon_cli
 from triaged.cli import db
 from triaged.cli import jobs as jobs_cli
+from triaged.cli import outputs as outputs_cli
 from triaged.cli.common import CliState
 
 app = typer.Typer(
@@ -23,6 +24,7 @@ app = typer.Typer(
 app.add_typer(db.app, name="db")
 daemon_cli.register(app)
 jobs_cli.register(app)
+outputs_cli.register(app)
 
 
 def _version(value: bool) -> None:
