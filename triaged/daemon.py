@@ -164,9 +164,7 @@ class Daemon:
         settings = self.settings
         scheduler = BackgroundScheduler(timezone="UTC", job_defaults={"coalesce": True, "max_instances": 1})
         if self.receive:
-            from triaged.dicom.series import (  # type: ignore[import-not-found,unused-ignore]
-                sweep_complete_series,
-            )
+            from triaged.dicom.series import sweep_complete_series
 
             scheduler.add_job(
                 _guarded("series_sweep", lambda: sweep_complete_series(runtime.session_factory, settings)),

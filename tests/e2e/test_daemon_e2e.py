@@ -1,0 +1,263 @@
+"""`triaged serve` as a subprocess: C-STORE series in, results rows out, probes, late instances, SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from tests.conftest import free_port, shared_data
+from tests.support.pipeline_daemon import daemon_config, running_daemon, send_series, write_config
+from tests.support.pipeline_support import (
+    SHIPPED_MODEL,
+    TOSHIBA_DWI,
+    UIH_T1,
+    XA30_MPRAGE,
+    kaggle_files,
+    labelled_series,
+    load_slice,
+    results_for,
+    shipped_model_available,
+    wait_for,
+)
+from triaged.db.engine import make_engine, make_session_factory
+from triaged.db.models import Result, ResultStatus, Series, SeriesState, SlicePrediction
+from triaged.db.schema import upgrade
+from triaged.dicom.synthetic import write_mr_series
+
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:`torch.jit.interface` is deprecated:DeprecationWarning"),
+    pytest.mark.filterwarnings("ignore:The pixel data is .* bytes long:UserWarning"),
+]
+
+
+@pytest.fixture
+def sqlite_factory(sqlite_url: str) -> Iterator[sessionmaker[Session]]:
+    engine = make_engine(sqlite_url)
+    upgrade(engine)
+    yield make_session_factory(engine)
+    engine.dispose()
+
+
+@pytest.fixture(scope="module")
+def random_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from triaged.ml.api import build_random_model_dir
+
+    return build_random_model_dir(tmp_path_factory.mktemp("model") / "random", seed=0)
+
+
+def _uid(paths: list[Path]) -> str:
+    return str(pydicom.dcmread(paths[0], stop_before_pixels=True).SeriesInstanceUID)
+
+
+def _series_state(factory: sessionmaker[Session], uid: str) -> Series | None:
+    with factory() as session:
+        return session.scalar(select(Series).where(Series.series_instance_uid == uid))
+
+
+def _cam_shapes(factory: sessionmaker[Session], result: Result, storage: Path) -> list[tuple[int, ...]]:
+    with factory() as session:
+        rows = session.scalars(
+            select(SlicePrediction).where(SlicePrediction.result_id == result.id, SlicePrediction.cam_path.is_not(None))
+        ).all()
+        return [np.load(storage / str(r.cam_path)).shape for r in rows]
+
+
+def test_serve_processes_series_end_to_end(
+    tmp_path: Path, sqlite_url: str, sqlite_factory: sessionmaker[Session], random_model: Path
+) -> None:
+    config = daemon_config(tmp_path, db_url=sqlite_url, model_dir=random_model, dicom_port=free_port())
+    labelled = {
+        label: labelled_series(tmp_path / label, kaggle_files(label)[:3], seed=f"e2e-{label}")
+        for label in ("glioma", "meningioma", "pituitary", "notumor")
+    }
+    dwi = sorted((shared_data() / "dicom" / TOSHIBA_DWI).iterdir())
+    rng = np.random.default_rng(0)
+    ct = write_mr_series([rng.random((16, 16)) for _ in range(2)], tmp_path / "ct", modality="CT", seed="e2e-ct")
+    with running_daemon(config, log_path=tmp_path / "serve.log") as daemon:
+        assert daemon.dicom_port is not None and daemon.http_port is not None
+        wait_for(lambda: daemon.http_get("/readyz")[0] == 200, timeout=30, what="readyz")
+        status, body = daemon.http_get("/readyz")
+        assert json.loads(body)["checks"] == {"database": "ok", "schema": "ok", "model": "ok", "receiver": "ok"}
+        assert daemon.http_get("/healthz") == (200, "ok\n")
+        for paths in [*labelled.values(), dwi, ct]:
+            send_series(daemon.dicom_port, paths)
+        mr_uids = [_uid(p) for p in labelled.values()] + [_uid(dwi)]
+        wait_for(
+            lambda: all(len(results_for(sqlite_factory, uid)) == 1 for uid in mr_uids),
+            timeout=90,
+            what="one result per MR series",
+        )
+        storage = tmp_path / "data" / "storage"
+        for label, paths in labelled.items():
+            [result] = results_for(sqlite_factory, _uid(paths))
+            shape = pydicom.dcmread(paths[0]).pixel_array.shape
+            assert result.status == ResultStatus.ASSESSED, (label, result.reason)
+            assert all(s == shape for s in _cam_shapes(sqlite_factory, result, storage))
+            assert len(_cam_shapes(sqlite_factory, result, storage)) >= 1
+        [dwi_result] = results_for(sqlite_factory, _uid(dwi))
+        assert dwi_result.status == ResultStatus.NOT_ASSESSABLE and not dwi_result.urgent
+        wait_for(
+            lambda: (s := _series_state(sqlite_factory, _uid(ct))) is not None and s.state == SeriesState.SKIPPED,
+            timeout=30,
+            what="non-MR series skipped",
+        )
+        skipped = _series_state(sqlite_factory, _uid(ct))
+        assert skipped is not None and skipped.skip_reason and "CT" in skipped.skip_reason
+        assert results_for(sqlite_factory, _uid(ct)) == []
+
+        # a late instance re-opens the series (generation 2) and it is processed again; the old result stays
+        first = labelled["glioma"]
+        late = write_mr_series(
+            [load_slice(kaggle_files("glioma")[5])],
+            tmp_path / "late",
+            series_instance_uid=_uid(first),
+            study_instance_uid=str(pydicom.dcmread(first[0]).StudyInstanceUID),
+            seed="e2e-late",
+        )
+        send_series(daemon.dicom_port, late)
+        wait_for(lambda: len(results_for(sqlite_factory, _uid(first))) == 2, timeout=60, what="generation 2 result")
+        old, new = results_for(sqlite_factory, _uid(first))
+        assert (old.generation, new.generation) == (1, 2)
+
+        status, metrics_text = daemon.http_get("/metrics")
+        assert status == 200
+        assert "triaged_instances_received_total" in metrics_text
+        inference_count = next(
+            float(line.split()[-1])
+            for line in metrics_text.splitlines()
+            if line.startswith("triaged_inference_seconds_count")
+        )
+        assert inference_count >= 5
+        code = daemon.terminate()
+    assert code == 0
+    log = daemon.log_text()
+    assert '"daemon_started"' in log and '"daemon_stopped"' in log
+
+
+def test_serve_refuses_old_schema(tmp_path: Path, random_model: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'empty.db'}"
+    config = daemon_config(tmp_path, db_url=url, model_dir=random_model, dicom_port=free_port())
+    proc = subprocess.run(
+        [sys.executable, "-m", "triaged", "-c", str(config), "serve"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: database schema is empty")
+    assert "triaged db upgrade" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_cli_jobs_results_retry_purge(
+    tmp_path: Path, sqlite_url: str, sqlite_factory: sessionmaker[Session], random_model: Path
+) -> None:
+    config = daemon_config(tmp_path, db_url=sqlite_url, model_dir=random_model, dicom_port=free_port())
+    paths = labelled_series(tmp_path / "s", kaggle_files("pituitary")[:2], seed="e2e-cli")
+    with running_daemon(config, log_path=tmp_path / "serve.log") as daemon:
+        assert daemon.dicom_port is not None
+        send_series(daemon.dicom_port, paths)
+        wait_for(lambda: len(results_for(sqlite_factory, _uid(paths))) == 1, timeout=60, what="result")
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "triaged", "-c", str(config), *args],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+
+    listed = cli("jobs", "list", "--json")
+    assert listed.returncode == 0, listed.stderr
+    jobs = json.loads(listed.stdout)
+    assert [(j["kind"], j["state"]) for j in jobs] == [("infer", "done")]
+    shown = cli("results", "show", _uid(paths), "--json")
+    assert shown.returncode == 0, shown.stderr
+    data = json.loads(shown.stdout)
+    assert data["state"] == "done" and len(data["results"]) == 1
+    assert len(data["results"][0]["slices"]) == 2
+    unknown = cli("results", "show", "1.2.3.4")
+    assert unknown.returncode == 1 and unknown.stderr.strip() == "error: unknown series 1.2.3.4"
+    assert cli("retry").returncode == 2
+    assert cli("reprocess").returncode == 2
+    other = tmp_path / "other-model"
+    from triaged.ml.api import build_random_model_dir
+
+    build_random_model_dir(other, seed=7)
+    queued = cli("reprocess", _uid(paths), "--model", str(other), "--json")
+    assert queued.returncode == 0, queued.stderr
+    assert len(json.loads(queued.stdout)["queued"]) == 1
+    purged = cli("purge", "--older-than-days", "0", "--json")
+    assert purged.returncode == 0, purged.stderr
+    assert json.loads(purged.stdout) == {"purged": 0}  # the series has an active reprocess job: files kept
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not shipped_model_available(), reason="models/densenet121-brainmri-v1 not shipped yet")
+def test_shipped_model_labels_and_normal_brains(
+    tmp_path: Path, sqlite_url: str, sqlite_factory: sessionmaker[Session]
+) -> None:
+    """Labelled series get the expected label; the two real normal T1 series are assessed (and not urgent).
+
+    Slices are chosen, among the first clean Kaggle test images of each class, as those the shipped model
+    itself classifies correctly with margin (p >= 0.8) when given the image directly: this checks that the
+    DICOM path (wrapping, decoding, preprocessing, aggregation) preserves the model's answer, not the
+    model's accuracy (that is the evaluation report's job).
+    """
+    from triaged.ml.api import Triage
+
+    triage = Triage(SHIPPED_MODEL, device="cpu", precision="fp32", threads=1)
+    predictor = triage._predictor
+    chosen: dict[str, list[str]] = {}
+    for label in ("glioma", "meningioma", "pituitary", "notumor"):
+        files = kaggle_files(label)[:24]
+        probs = predictor.calibrated(predictor.logits(predictor.preprocess_slices([load_slice(f) for f in files])))
+        column = triage.classes.index(label)
+        confident = [f for f, row in zip(files, probs, strict=True) if row[column] >= 0.8]
+        assert confident, f"the shipped model is not confident on any of 24 clean {label} test slices"
+        chosen[label] = confident[:3]
+    del triage, predictor
+
+    config = daemon_config(tmp_path, db_url=sqlite_url, model_dir=SHIPPED_MODEL, dicom_port=free_port())
+    series = {
+        label: labelled_series(tmp_path / label, files, seed=f"shipped-{label}") for label, files in chosen.items()
+    }
+    uih = sorted((shared_data() / "dicom" / UIH_T1).iterdir())
+    xa30 = sorted((shared_data() / "dicom" / XA30_MPRAGE).iterdir())
+    with running_daemon(config, log_path=tmp_path / "serve.log") as daemon:
+        assert daemon.dicom_port is not None
+        for paths in [*series.values(), uih, xa30]:
+            send_series(daemon.dicom_port, paths)
+        uids = [_uid(p) for p in [*series.values(), uih, xa30]]
+        wait_for(lambda: all(results_for(sqlite_factory, u) for u in uids), timeout=170, what="results")
+    for label, paths in series.items():
+        [result] = results_for(sqlite_factory, _uid(paths))
+        assert result.status == ResultStatus.ASSESSED
+        assert result.label == label, (label, result.probabilities)
+        assert result.urgent == (label != "notumor"), (label, result.urgency, result.threshold)
+    normals = [results_for(sqlite_factory, _uid(p))[0] for p in (uih, xa30)]
+    assert all(r.status == ResultStatus.ASSESSED for r in normals), [r.reason for r in normals]
+    flagged = [(r.label, round(r.urgency or 0, 3)) for r in normals if r.urgent]
+    if flagged:
+        spec = json.loads((SHIPPED_MODEL / "model.json").read_text())
+        if spec.get("provisional"):
+            pytest.xfail(f"provisional shipped model flags normal T1 brains as urgent: {flagged}")
+        raise AssertionError(f"normal T1 brain series flagged urgent: {flagged}")
+
+
+def test_config_writer_round_trip(tmp_path: Path) -> None:
+    import tomllib
+
+    path = write_config(tmp_path / "c.toml", {"data_dir": "/x", "worker": {"count": 2, "lease_seconds": 1.5}})
+    assert tomllib.loads(path.read_text()) == {"data_dir": "/x", "worker": {"count": 2, "lease_seconds": 1.5}}
