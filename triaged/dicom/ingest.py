@@ -113,7 +113,13 @@ def parse_facts(meta: bytes, request: StoreRequest) -> InstanceFacts:
     if sop_class != request.sop_class_uid:
         raise RejectError(status.DATASET_DOES_NOT_MATCH_SOP_CLASS, "dataset SOP Class UID differs from request")
     if sop_instance != request.sop_instance_uid:
-        raise RejectError(status.CANNOT_UNDERSTAND_UID_MISMATCH, "dataset SOP Instance UID differs from request")
+        # Tolerant reading (P9): real files exist whose file meta disagrees with the dataset, and senders
+        # that take the request UID from the meta. The dataset is the truth; log it and store by it.
+        log.warning(
+            "store_uid_mismatch",
+            request_sop_instance_uid=uid_hash(request.sop_instance_uid),
+            sop_instance_uid=uid_hash(sop_instance),
+        )
     return InstanceFacts(
         sop_instance_uid=sop_instance,
         sop_class_uid=sop_class,
@@ -163,12 +169,14 @@ class Ingestor:
             raise RejectError(status.CANNOT_UNDERSTAND_INVALID_UID, f"invalid UID in request: {exc}") from exc
         meta = file_meta_bytes(request.sop_class_uid, request_uid, request.transfer_syntax_uid)
         facts = parse_facts(meta, request)
+        if facts.sop_instance_uid != request_uid:
+            meta = file_meta_bytes(request.sop_class_uid, facts.sop_instance_uid, request.transfer_syntax_uid)
         digest = hashlib.sha256(meta)
         digest.update(request.dataset)
         sha = digest.hexdigest()
         relative = uid_path(facts.sop_instance_uid, f".{sha[:16]}.dcm")
         size = len(meta) + len(request.dataset)
-        lock = self._locks[hash(request_uid) % _LOCK_STRIPES]
+        lock = self._locks[hash(facts.sop_instance_uid) % _LOCK_STRIPES]
         with lock:
             created = self._write(relative, meta, request.dataset, size)
             try:

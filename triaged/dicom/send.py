@@ -116,6 +116,11 @@ def open_association(
     if not assoc.is_established:
         if assoc.is_rejected:
             raise DicomPeerError(f"{called_ae_title}@{host}:{port} rejected the association")
+        if assoc.is_aborted:
+            raise DicomPeerError(
+                f"{called_ae_title}@{host}:{port} aborted the association (rejected, or accepted none of the "
+                "proposed presentation contexts)"
+            )
         raise DicomPeerError(f"could not associate with {called_ae_title}@{host}:{port}")
     try:
         yield assoc

@@ -20,8 +20,6 @@ DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
 CANNOT_UNDERSTAND = 0xC000
 #: Error: cannot understand — a UID (SOP instance, series, study) is missing or invalid.
 CANNOT_UNDERSTAND_INVALID_UID = 0xC001
-#: Error: cannot understand — the dataset's SOP Instance UID differs from the request's.
-CANNOT_UNDERSTAND_UID_MISMATCH = 0xC002
 #: Failure: SOP class not supported (not in the accepted storage classes).
 SOP_CLASS_NOT_SUPPORTED = 0x0122
 #: Failure: the receiver is shutting down.
@@ -34,7 +32,6 @@ NAMES = {
     DATASET_DOES_NOT_MATCH_SOP_CLASS: "sop_class_mismatch",
     CANNOT_UNDERSTAND: "cannot_understand",
     CANNOT_UNDERSTAND_INVALID_UID: "invalid_uid",
-    CANNOT_UNDERSTAND_UID_MISMATCH: "sop_instance_uid_mismatch",
     SOP_CLASS_NOT_SUPPORTED: "sop_class_not_supported",
     PROCESSING_FAILURE: "processing_failure",
 }
