@@ -26,9 +26,14 @@ def compute_cams(
     cls = GradCAM if method == "gradcam" else GradCAMpp
     cam = cls(nn_module=model, target_layers=target_layer)
     param = next(model.parameters())
+    # MONAI's GradCAM++ mis-broadcasts its score for batches > 1, so it runs one slice at a time.
+    chunks = [x] if method == "gradcam" else [x[i : i + 1] for i in range(x.shape[0])]
+    maps = []
     with torch.enable_grad():
-        maps = cam(x.to(param.device, param.dtype).contiguous().requires_grad_(True), class_idx=class_index)
-    out = maps.detach().float().cpu().numpy()[:, 0]
+        for chunk in chunks:
+            inp = chunk.to(param.device, param.dtype).contiguous().requires_grad_(True)
+            maps.append(cam(inp, class_idx=class_index).detach().float().cpu())
+    out = torch.cat(maps).numpy()[:, 0]
     model.zero_grad(set_to_none=True)
     result: np.ndarray = np.clip(np.nan_to_num(out, nan=0.0), 0.0, 1.0).astype(np.float32)
     return result

@@ -42,12 +42,7 @@ def set_report(
     )
     out["confusion_matrix"] = cm.tolist()
     out["per_class"] = per_class(cm, classes)
-    aucs = {}
-    for i, cl in enumerate(classes):
-        y = (labels == i).astype(int)
-        p = probs[:, i]
-        aucs[cl] = with_ci(roc_auc(y, p), bootstrap_ci(lambda idx, y=y, p=p: roc_auc(y[idx], p[idx]), n, rounds=rounds))
-    out["auc_ovr"] = aucs
+    out["auc_ovr"] = {cl: _auc_with_ci((labels == i).astype(int), probs[:, i], rounds) for i, cl in enumerate(classes)}
     out["macro_auc"] = with_ci(
         macro_auc(labels, probs), bootstrap_ci(lambda i: macro_auc(labels[i], probs[i]), n, rounds=rounds)
     )
@@ -86,3 +81,10 @@ def _operating_point(is_tumour: np.ndarray, score: np.ndarray, thr: float, round
         "sensitivity": with_ci(sens(every), bootstrap_ci(sens, n, rounds=rounds)),
         "specificity": with_ci(spec(every), bootstrap_ci(spec, n, rounds=rounds)),
     }
+
+
+def _auc_with_ci(y: np.ndarray, score: np.ndarray, rounds: int) -> dict[str, Any]:
+    def auc(i: np.ndarray) -> float:
+        return roc_auc(y[i], score[i])
+
+    return with_ci(roc_auc(y, score), bootstrap_ci(auc, len(y), rounds=rounds))

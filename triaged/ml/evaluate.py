@@ -1,0 +1,233 @@
+"""Evaluation (``triaged evaluate``): test split, Kaggle ``clean_test``, calibration, operating points, Grad-CAM
+localisation and the real-DICOM release criteria; optionally writes the calibration back into ``model.json``.
+
+Everything that is *chosen* (temperature, thresholds, OOD threshold) is fitted on the validation split only;
+the test sets are scored once with those choices.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import structlog
+import torch
+
+from triaged.errors import ModelError
+from triaged.ml.camscore import mask_to_model_space, score_cams
+from triaged.ml.data import Sample, evaluation_samples, read_manifest
+from triaged.ml.dataset import preprocess_files, sample_labels, sample_paths
+from triaged.ml.device import choose_placement, torch_threads
+from triaged.ml.inference import Predictor, Triage, energy_score, softmax
+from triaged.ml.metrics import fit_temperature, roc_curve, sensitivity_threshold, youden_threshold
+from triaged.ml.networks import cam_target_layer
+from triaged.ml.registry import load_model, sha256_file, write_spec
+from triaged.ml.report import set_report
+
+log = structlog.get_logger()
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalOptions:
+    """Knobs of one evaluation run (defaults are what the model card reports)."""
+
+    calibrate: bool = True
+    tta: bool = False
+    cam_limit: int = 240
+    rounds: int = 1000
+    release: bool = True
+    high_sensitivity: float = 0.995
+    ood_quantile: float = 0.995
+    cache_dir: Path | None = None
+    device: str = "auto"
+    precision: str = "auto"
+    threads: int | None = None
+
+
+def _logits(predictor: Predictor, images: np.ndarray, tta: bool) -> np.ndarray:
+    x = torch.from_numpy(images.astype(np.float32))
+    logits = predictor.logits(x)
+    if tta:
+        logits = (logits + predictor.logits(torch.flip(x, dims=[-1]))) / 2.0
+    return logits
+
+
+def _write_predictions(path: Path, samples: list[Sample], probs: np.ndarray, classes: tuple[str, ...]) -> None:
+    with path.open("w", newline="") as fh:
+        writer = csv.writer(fh, lineterminator="\n")
+        writer.writerow(["path", "label", "predicted", *[f"p_{c}" for c in classes]])
+        for s, p in zip(samples, probs, strict=True):
+            writer.writerow([s.path, s.label, classes[int(p.argmax())], *[f"{v:.6f}" for v in p]])
+
+
+def evaluate_model(model_dir: Path, data_root: Path, out_dir: Path, options: EvalOptions) -> dict[str, Any]:
+    """Evaluate ``model_dir``; writes JSON, Markdown, CSV and PNGs to ``out_dir`` and returns the report."""
+    from triaged.ml.evaluate_outputs import example_grid, write_outputs  # plots/markdown only needed here
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    spec, model = load_model(model_dir)
+    manifest_path = model_dir / "manifest.csv"
+    if not manifest_path.is_file():
+        raise ModelError(f"{model_dir} has no manifest.csv; cannot tell which images are unseen")
+    manifest_sha = sha256_file(manifest_path)
+    if spec.extra.get("data_manifest_sha256") not in (None, manifest_sha):
+        raise ModelError(f"{manifest_path} does not match data_manifest_sha256 in model.json")
+    samples = read_manifest(manifest_path)
+    predictor = Predictor(spec, model, choose_placement(options.device, options.precision))
+    log.info(
+        "evaluate_start",
+        model=spec.name,
+        device=predictor.placement.device,
+        precision=predictor.placement.precision,
+        tta=options.tta,
+    )
+    classes = spec.classes
+    sets = {
+        "val": evaluation_samples(samples, "val"),
+        "test": evaluation_samples(samples, "test"),
+    }
+    sets["clean_test"] = [s for s in sets["test"] if s.clean_test]
+    sets["clean_test_not_cheng"] = [s for s in sets["clean_test"] if not s.in_cheng]
+    images: dict[str, np.ndarray] = {}
+    logits: dict[str, np.ndarray] = {}
+    labels: dict[str, np.ndarray] = {}
+    with torch_threads(options.threads):
+        for name in ("val", "test"):
+            images[name] = preprocess_files(
+                sample_paths(data_root, sets[name]), spec.preprocessing, cache_dir=options.cache_dir
+            )
+            logits[name] = _logits(predictor, images[name], options.tta)
+            labels[name] = np.asarray(sample_labels(sets[name], classes))
+    index = {s.path: i for i, s in enumerate(sets["test"])}
+    for name in ("clean_test", "clean_test_not_cheng"):
+        rows = [index[s.path] for s in sets[name]]
+        logits[name], labels[name] = logits["test"][rows], labels["test"][rows]
+    temperature = fit_temperature(logits["val"], labels["val"]) if options.calibrate else spec.temperature
+    nt = list(classes).index("notumor")
+    val_probs = softmax(logits["val"] / temperature)
+    val_tumour = (labels["val"] != nt).astype(int)
+    thresholds = {
+        "youden": youden_threshold(val_tumour, 1.0 - val_probs[:, nt]),
+        "high_sensitivity": sensitivity_threshold(val_tumour, 1.0 - val_probs[:, nt], options.high_sensitivity),
+    }
+    val_energy = energy_score(logits["val"])
+    ood = {
+        "method": "energy",
+        "temperature": 1.0,
+        "quantile": options.ood_quantile,
+        "energy_threshold": float(np.quantile(val_energy, options.ood_quantile)),
+        "aggregation": "median over in-brain slices",
+    }
+    report: dict[str, Any] = {
+        "model": {
+            "name": spec.name,
+            "version": spec.version,
+            "arch": spec.arch,
+            "weights_sha256": spec.weights_sha256,
+            "data_manifest_sha256": manifest_sha,
+            "input_size": spec.preprocessing.input_size,
+        },
+        "device": {"device": predictor.placement.device, "precision": predictor.placement.precision},
+        "tta": options.tta,
+        "temperature": temperature,
+        "thresholds": thresholds,
+        "ood": ood,
+        "sets": {},
+    }
+    for name in ("val", "test", "clean_test", "clean_test_not_cheng"):
+        probs = softmax(logits[name] / temperature)
+        report["sets"][name] = set_report(
+            probs, labels[name], classes, thresholds, rounds=options.rounds, uncalibrated=softmax(logits[name])
+        )
+        _write_predictions(out_dir / f"predictions_{name}.csv", sets[name], probs, classes)
+    report["roc"] = _roc_curves(softmax(logits["test"] / temperature), labels["test"], classes)
+    report["gradcam"], cam_examples = _cam_report(
+        predictor, data_root, sets["test"], images["test"], labels["test"], options=options
+    )
+    if options.calibrate:
+        new_spec = dataclasses.replace(
+            spec,
+            temperature=temperature,
+            ood=ood,
+            thresholds={"urgency": thresholds["high_sensitivity"], **thresholds},
+            extra={**spec.extra, "metrics": _headline(report)},
+        )
+        write_spec(model_dir, new_spec)
+    if options.release and (data_root / "dicom").is_dir():
+        triage = Triage(model_dir, device=options.device, precision=options.precision, threads=options.threads)
+        from triaged.ml.release import evaluate_release  # reads DICOM with pydicom: evaluation only
+
+        report["release"] = evaluate_release(triage, data_root / "dicom")
+    report["ood_check"] = {
+        "val_energy_quantiles": {str(q): float(np.quantile(val_energy, q)) for q in (0.5, 0.95, 0.995)},
+        "test_energy_median": float(np.median(energy_score(logits["test"]))),
+    }
+    test_probs = softmax(logits["test"] / temperature)
+    tiles = example_grid(predictor, images["test"], test_probs, labels["test"], thresholds["high_sensitivity"])
+    write_outputs(out_dir, report, classes, cam_examples, tiles)
+    (out_dir / "evaluation.json").write_text(json.dumps(report, indent=1, default=float) + "\n")
+    log.info("evaluate_done", out_dir=str(out_dir), **_headline(report))
+    return report
+
+
+def _headline(report: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name in ("test", "clean_test"):
+        s = report["sets"][name]
+        out[f"{name}_accuracy"] = s["accuracy"]["value"]
+        out[f"{name}_macro_auc"] = s["macro_auc"]["value"]
+        out[f"{name}_ece"] = s["ece"]["value"]
+        hs = s["tumour_vs_notumour"]["high_sensitivity"]
+        out[f"{name}_tumour_sensitivity"] = hs["sensitivity"]["value"]
+        out[f"{name}_tumour_specificity"] = hs["specificity"]["value"]
+    return out
+
+
+def _roc_curves(probs: np.ndarray, labels: np.ndarray, classes: tuple[str, ...]) -> dict[str, Any]:
+    nt = list(classes).index("notumor")
+    curves = {"tumour_vs_notumour": roc_curve((labels != nt).astype(int), 1.0 - probs[:, nt])}
+    for i, c in enumerate(classes):
+        curves[c] = roc_curve((labels == i).astype(int), probs[:, i])
+    return {k: {"fpr": v[0].tolist(), "tpr": v[1].tolist()} for k, v in curves.items()}
+
+
+def _cam_report(
+    predictor: Predictor,
+    data_root: Path,
+    test: list[Sample],
+    images: np.ndarray,
+    labels: np.ndarray,
+    *,
+    options: EvalOptions,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    from PIL import Image
+
+    rows = [i for i, s in enumerate(test) if s.source == "cheng"]
+    rows = rows[:: max(1, len(rows) // max(1, options.cam_limit))][: options.cam_limit]
+    size = predictor.spec.preprocessing.input_size
+    masks = []
+    for i in rows:
+        mask_path = data_root / test[i].path.replace("/images/", "/masks/").replace(".jpg", "_mask.png")
+        with Image.open(mask_path) as m:
+            masks.append(mask_to_model_space(np.asarray(m.convert("L")) > 127, size))
+    mask_arr = np.stack(masks) if masks else np.zeros((0, size, size), dtype=bool)
+    x = torch.from_numpy(images[rows].astype(np.float32))
+    layer = cam_target_layer(predictor.spec.arch)
+    report: dict[str, Any] = {}
+    cams: dict[str, np.ndarray] = {}
+    for method in ("gradcam", "gradcampp"):
+        report[method], cams[method] = score_cams(
+            predictor.model, x, labels[rows].tolist(), mask_arr, layer, method=method, rounds=options.rounds
+        )
+    examples = {
+        "images": images[rows][:, 0].astype(np.float32),
+        "cams": cams["gradcam"],
+        "masks": mask_arr,
+        "labels": labels[rows],
+        "paths": [test[i].path for i in rows],
+    }
+    return report, examples
