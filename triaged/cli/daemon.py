@@ -69,7 +69,10 @@ def worker(
 ) -> None:
     """Run queue workers only (more processes or hosts against one PostgreSQL with shared storage)."""
     http: dict[str, Any] = {"enabled": False} if http_port is None else {"enabled": True, "port": http_port}
-    _run(_settings(ctx, data_dir, workers, **http), receive=False)
+    settings = _settings(ctx, data_dir, workers, **http)
+    if settings.worker.count == 0:  # worker.count = 0 configures a receive-only `serve`; a worker always works
+        settings = settings.model_copy(update={"worker": settings.worker.model_copy(update={"count": 1})})
+    _run(settings, receive=False)
 
 
 def register(app: typer.Typer) -> None:
