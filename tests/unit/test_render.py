@@ -79,7 +79,7 @@ def test_render_upscales_keeps_orientation_and_has_banner() -> None:
     marker = white[white[:, 1] > 100 * scale]
     assert marker.size and marker[:, 1].min() >= int(100 * scale) - 2
     # The hot spot is on the left half of the image and red-ish.
-    reddish = np.argwhere((rgb[:, :, 0].astype(int) - rgb[:, :, 2].astype(int)) > 120)
+    reddish = np.argwhere((rgb[:, :, 0].astype(int) - rgb[:, :, 2].astype(int)) > 80)
     body = reddish[(reddish[:, 0] > 150) & (reddish[:, 0] < top - 60)]
     assert body.size and body[:, 1].mean() < MIN_IMAGE_SIZE / 2
 
@@ -101,3 +101,22 @@ def test_long_banner_lines_wrap_inside_the_image() -> None:
     short = render_secondary_capture(_phantom(), None, Banner("AI TRIAGE: x", ("word",)))
     assert narrow.shape[1] == short.shape[1] == MIN_IMAGE_SIZE
     assert narrow.shape[0] > short.shape[0] + 40  # wrapped onto more lines, not cut off
+
+
+def test_overlay_stays_off_the_background_air() -> None:
+    gray = np.zeros((64, 64), dtype=np.uint8)
+    gray[:, 32:] = 180  # tissue on the right half only
+    cam = np.ones((64, 64))
+    rgb = blend_overlay(gray, cam, OverlayStyle()).astype(int)
+    assert (rgb[:, :20] == 0).all()  # air far from tissue: untouched
+    assert (np.ptp(rgb[:, 45:], axis=2) > 40).all()  # tissue: coloured
+
+
+def test_gaussian_smooth_preserves_mass_and_spreads() -> None:
+    from triaged.dicom.render import gaussian_smooth
+
+    impulse = np.zeros((31, 31))
+    impulse[15, 15] = 1.0
+    blurred = gaussian_smooth(impulse, 2.0)
+    assert blurred.sum() == pytest.approx(1.0, rel=1e-6)
+    assert blurred[15, 15] < 0.1 and blurred[15, 18] > 0

@@ -10,6 +10,7 @@ import typer
 from triaged import __version__
 from triaged.cli import daemon as daemon_cli
 from triaged.cli import db
+from triaged.cli import demo as demo_cli
 from triaged.cli import jobs as jobs_cli
 from triaged.cli import outputs as outputs_cli
 from triaged.cli.common import CliState
@@ -25,6 +26,7 @@ app.add_typer(db.app, name="db")
 daemon_cli.register(app)
 jobs_cli.register(app)
 outputs_cli.register(app)
+demo_cli.register(app)
 
 
 def _version(value: bool) -> None:

@@ -44,9 +44,11 @@ class Banner:
 
 @dataclass(frozen=True)
 class OverlayStyle:
-    threshold: float = 0.4
-    max_alpha: float = 0.55
+    threshold: float = 0.45
+    max_alpha: float = 0.6
     percentiles: tuple[float, float] = (0.5, 99.5)
+    smoothing: float = 0.02  # Gaussian sigma as a fraction of the slice size
+    background_level: int = 12  # 8-bit windowed value below which a pixel counts as air
 
 
 def window(pixels: NDArray[np.floating] | NDArray[np.integer], percentiles: tuple[float, float]) -> NDArray[np.uint8]:
@@ -70,17 +72,40 @@ def colormap(values: NDArray[np.floating]) -> NDArray[np.uint8]:
     return np.round(np.stack(channels, axis=-1)).astype(np.uint8)
 
 
+def gaussian_smooth(values: NDArray[np.floating], sigma: float) -> NDArray[np.float64]:
+    """Separable Gaussian blur (edge-padded), so a coarse Grad-CAM grid does not show as blocks."""
+    data = np.asarray(values, dtype=np.float64)
+    if sigma <= 0:
+        return data
+    radius = max(1, round(3 * sigma))
+    offsets = np.arange(-radius, radius + 1)
+    kernel = np.exp(-0.5 * (offsets / sigma) ** 2)
+    kernel /= kernel.sum()
+    for axis in (0, 1):
+        padded = np.pad(data, [(radius, radius) if a == axis else (0, 0) for a in (0, 1)], mode="edge")
+        length = data.shape[axis]
+        data = sum(weight * np.take(padded, np.arange(i, i + length), axis=axis) for i, weight in enumerate(kernel))
+    return np.asarray(data, dtype=np.float64)
+
+
 def blend_overlay(gray: NDArray[np.uint8], cam: NDArray[np.floating] | None, style: OverlayStyle) -> NDArray[np.uint8]:
-    """Alpha-blend a colour map of ``cam`` onto ``gray`` where ``cam`` exceeds the style's threshold."""
+    """Alpha-blend a colour map of ``cam`` onto ``gray`` where ``cam`` exceeds the style's threshold.
+
+    The map is smoothed, the opacity rises linearly from the threshold to ``max_alpha`` at the maximum,
+    and it fades out over the image background (air), so colour sits on tissue and weak activations
+    leave the anatomy readable.
+    """
     rgb = np.repeat(gray[..., None], 3, axis=-1).astype(np.float64)
     if cam is None:
         return rgb.astype(np.uint8)
     if cam.shape != gray.shape:
         raise ValueError(f"Grad-CAM map shape {cam.shape} differs from slice shape {gray.shape}")
-    heat = np.clip(np.nan_to_num(np.asarray(cam, dtype=np.float64)), 0.0, 1.0)
+    sigma = max(gray.shape) * style.smoothing
+    heat = np.clip(gaussian_smooth(np.clip(np.nan_to_num(np.asarray(cam, dtype=np.float64)), 0.0, 1.0), sigma), 0, 1)
     span = max(1.0 - style.threshold, 1e-6)
-    alpha = np.clip((heat - style.threshold) / span, 0.0, 1.0)
-    alpha = (np.sqrt(alpha) * style.max_alpha)[..., None]
+    alpha = np.clip((heat - style.threshold) / span, 0.0, 1.0) * style.max_alpha
+    tissue = gaussian_smooth((gray > style.background_level).astype(np.float64), max(sigma, 1.0))
+    alpha = (alpha * np.clip(tissue * 1.5, 0.0, 1.0))[..., None]
     colours = colormap(heat).astype(np.float64)
     return np.round(rgb * (1.0 - alpha) + colours * alpha).astype(np.uint8)
 
