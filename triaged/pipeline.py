@@ -126,17 +126,6 @@ def _mark_processing(runtime: Runtime, series_id: int, generation: int) -> None:
             series.state = SeriesState.PROCESSING
 
 
-def mark_series_failed(runtime: Runtime, job: Job, error: BaseException) -> None:
-    """Permanent failure: the series is `failed` with the one-line reason (only if it is still this generation)."""
-    if job.series_id is None:
-        return
-    with runtime.session_factory.begin() as session:
-        series = session.get(Series, job.series_id)
-        if series is not None and series.generation == (job.generation or series.generation):
-            series.state = SeriesState.FAILED
-            series.skip_reason = queue.error_line(error)
-
-
 def _save_cams(runtime: Runtime, data: _SeriesInput, triage: Triage, assessment: SeriesAssessment) -> dict[int, str]:
     paths: dict[int, str] = {}
     for index, cam in sorted(assessment.cams.items()):

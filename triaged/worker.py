@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 
 import structlog
 
-from triaged.db import queue
+from triaged.db import queue, repo
 from triaged.db.models import Job, JobKind, JobState
 from triaged.runtime import Runtime
 
@@ -165,9 +165,7 @@ class Worker:
             log.warning("job_failed_after_lease_lost", error=queue.error_line(exc))
             return JobState.RUNNING
         if job.kind == JobKind.INFER and state in (JobState.FAILED, JobState.DEAD):
-            from triaged.pipeline import mark_series_failed
-
-            mark_series_failed(self.runtime, job, exc)
+            repo.mark_series_failed(self.runtime.session_factory, job, exc)
         if job.kind == JobKind.EXPORT and state in (JobState.FAILED, JobState.DEAD):
             from triaged.metrics import EXPORT_FAILURES
 

@@ -122,6 +122,20 @@ def enqueue_reprocess(
     return jobs
 
 
+def mark_series_failed(session_factory: sessionmaker[Session], job: Job, error: BaseException) -> None:
+    """An infer job ended ``failed``/``dead``: the series is `failed` with the one-line reason.
+
+    Only when the series is still at the job's generation (a re-opened series belongs to a newer job).
+    """
+    if job.series_id is None:
+        return
+    with session_factory.begin() as session:
+        series = session.get(Series, job.series_id)
+        if series is not None and series.generation == (job.generation or series.generation):
+            series.state = SeriesState.FAILED
+            series.skip_reason = queue.error_line(error)
+
+
 def dead_job_ids(session: Session, kind: JobKind | None = None) -> list[int]:
     query = select(Job.id).where(Job.state == JobState.DEAD).order_by(Job.id)
     if kind is not None:

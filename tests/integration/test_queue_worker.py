@@ -1,0 +1,140 @@
+"""Worker loop against a real database: heartbeats keep long jobs, failures map to states, shutdown releases."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from sqlalchemy.orm import Session, sessionmaker
+
+from triaged.config import Settings
+from triaged.db import queue
+from triaged.db.models import Job, JobKind, JobState
+from triaged.dicom.storage import InstanceStore
+from triaged.errors import InferenceError, PixelDecodeError
+from triaged.runtime import Runtime
+from triaged.worker import Worker, start_worker_threads, stop_workers
+
+
+@pytest.fixture
+def runtime(make_settings: Callable[..., Settings], session_factory: sessionmaker[Session], tmp_path: Path) -> Runtime:
+    settings = make_settings(
+        worker={
+            "lease_seconds": 1.0,
+            "heartbeat_seconds": 0.2,
+            "poll_seconds": 0.05,
+            "backoff_base_seconds": 0.01,
+            "backoff_max_seconds": 0.02,
+        },
+        storage={"min_free_bytes": 0},
+    )
+    return Runtime(settings, session_factory, InstanceStore(tmp_path / "store", 0), None)
+
+
+def _add(runtime: Runtime, key: str, max_attempts: int = 3) -> int:
+    with runtime.session_factory.begin() as session:
+        job = queue.enqueue(session, JobKind.INFER, dedupe_key=key, max_attempts=max_attempts)
+        assert job is not None
+        return job.id
+
+
+def _job(runtime: Runtime, job_id: int) -> Job:
+    with runtime.session_factory() as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        return job
+
+
+def _completing(seconds: float) -> Callable[[Runtime, Job], None]:
+    def handler(runtime: Runtime, job: Job) -> None:
+        time.sleep(seconds)
+        with runtime.session_factory.begin() as session:
+            queue.complete(session, job.id, str(job.lease_owner))
+
+    return handler
+
+
+def test_heartbeat_keeps_a_job_longer_than_its_lease(runtime: Runtime) -> None:
+    job_id = _add(runtime, "long")
+    stop = threading.Event()
+    reaping = threading.Thread(
+        target=lambda: [queue.reap_expired_leases(runtime.session_factory) or stop.wait(0.1) for _ in range(40)]
+    )
+    reaping.start()
+    job = queue.claim(runtime.session_factory, worker_id="w", kinds=[JobKind.INFER], lease_seconds=1.0)
+    assert job is not None
+    state = Worker(runtime, worker_id="w", stop=stop, kinds=[JobKind.INFER], handler=_completing(3.0)).run_job(job)
+    stop.set()
+    reaping.join()
+    assert state == JobState.DONE
+    done = _job(runtime, job_id)
+    assert done.state == JobState.DONE and done.attempts == 1
+
+
+def test_failures_map_to_states(runtime: Runtime) -> None:
+    errors: dict[str, BaseException] = {
+        "perm": PixelDecodeError("colour image"),
+        "retry": InferenceError("out of memory"),
+        "unknown": KeyError("x"),
+    }
+
+    def handler(runtime: Runtime, job: Job) -> None:
+        raise errors[job.dedupe_key]
+
+    ids = {key: _add(runtime, key, max_attempts=2) for key in errors}
+    worker = Worker(runtime, worker_id="w", stop=threading.Event(), kinds=[JobKind.INFER], handler=handler)
+    for _ in range(5):
+        time.sleep(0.05)  # backoff is at most 20 ms here
+        job = queue.claim(runtime.session_factory, worker_id="w", kinds=[JobKind.INFER], lease_seconds=5)
+        if job is None:
+            break
+        worker.run_job(job)
+    assert _job(runtime, ids["perm"]).state == JobState.FAILED
+    assert _job(runtime, ids["perm"]).attempts == 1
+    for key in ("retry", "unknown"):
+        job = _job(runtime, ids[key])
+        assert job.state == JobState.DEAD and job.attempts == 2
+    assert _job(runtime, ids["unknown"]).last_error == "KeyError: 'x'"
+
+
+def test_worker_threads_drain_queue_and_shutdown_releases_overrunning_job(runtime: Runtime) -> None:
+    quick = [_add(runtime, f"q{i}") for i in range(6)]
+    stop = threading.Event()
+    blocker = threading.Event()
+
+    def handler(runtime: Runtime, job: Job) -> None:
+        if job.dedupe_key == "stuck":
+            blocker.wait(30)
+            return
+        _completing(0.0)(runtime, job)
+
+    workers = []
+    for index in range(2):
+        worker = Worker(runtime, worker_id=f"w{index}", stop=stop, kinds=[JobKind.INFER], handler=handler)
+        thread = threading.Thread(target=worker.run, daemon=True)
+        thread.start()
+        workers.append((worker, thread))
+    deadline = time.monotonic() + 30
+    while any(_job(runtime, j).state != JobState.DONE for j in quick) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert all(_job(runtime, j).state == JobState.DONE for j in quick)
+    stuck = _add(runtime, "stuck")
+    while _job(runtime, stuck).state != JobState.RUNNING and time.monotonic() < deadline:
+        time.sleep(0.05)
+    stop.set()
+    stop_workers(runtime, workers, grace_seconds=0.5)
+    released = _job(runtime, stuck)
+    assert released.state == JobState.QUEUED and released.lease_owner is None and released.attempts == 0
+    blocker.set()
+
+
+def test_start_worker_threads_uses_default_dispatch(runtime: Runtime) -> None:
+    stop = threading.Event()
+    workers = start_worker_threads(runtime, 1, stop)
+    assert workers[0][0].kinds[0] == JobKind.INFER
+    stop.set()
+    stop_workers(runtime, workers, grace_seconds=5)
+    assert not workers[0][1].is_alive()
