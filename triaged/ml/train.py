@@ -56,6 +56,7 @@ class TrainConfig:
     threads: int = 2
     workers: int = 1
     max_minutes: float | None = None
+    time_budget_minutes: float | None = None
     max_steps: int | None = None
     patience: int = 0
     resume: bool = False
@@ -233,6 +234,9 @@ def train(cfg: TrainConfig) -> Path:
     )
     t_run = time.monotonic()
     step = 0
+    warmup_steps = max(1, int(cfg.warmup_epochs * steps_per_epoch))
+    budget_s = cfg.time_budget_minutes * 60 if cfg.time_budget_minutes else None
+    out_of_time = False
     for epoch in range(start_epoch, cfg.epochs):
         t_epoch = time.monotonic()
         model.train()
@@ -246,19 +250,28 @@ def train(cfg: TrainConfig) -> Path:
             loss = loss_fn(logits.float(), y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if budget_s is not None:
+                global_step = epoch * steps_per_epoch + bar.n
+                factor = _time_lr_factor(global_step, warmup_steps, (time.monotonic() - t_run) / budget_s)
+                for group in optimizer.param_groups:
+                    group["lr"] = cfg.lr * factor
             optimizer.step()
-            scheduler.step()
+            if budget_s is None:
+                scheduler.step()
             run_loss += float(loss.detach()) * len(y)
             run_correct += int((logits.argmax(1) == y).sum())
             run_n += len(y)
             bar.set_postfix(
                 loss=f"{run_loss / run_n:.4f}",
                 acc=f"{run_correct / run_n:.4f}",
-                lr=f"{scheduler.get_last_lr()[0]:.2e}",
+                lr=f"{optimizer.param_groups[0]['lr']:.2e}",
                 refresh=False,
             )
             step += 1
             if cfg.max_steps is not None and step >= cfg.max_steps:
+                break
+            if budget_s is not None and time.monotonic() - t_run >= budget_s:
+                out_of_time = True
                 break
         bar.close()
         metrics = {
@@ -302,7 +315,7 @@ def train(cfg: TrainConfig) -> Path:
             img_per_s=round(run_n / epoch_s, 1),
         )
         elapsed = time.monotonic() - t_run
-        if cfg.max_steps is not None and step >= cfg.max_steps:
+        if (cfg.max_steps is not None and step >= cfg.max_steps) or out_of_time:
             break
         if cfg.patience and stale >= cfg.patience:
             log.info("early_stop", epoch=epoch + 1)
@@ -313,6 +326,13 @@ def train(cfg: TrainConfig) -> Path:
     export_checkpoint(best_path, cfg.out_dir / "model")
     log.info("train_done", best_checkpoint=str(best_path), compute=compute)
     return best_path
+
+
+def _time_lr_factor(global_step: int, warmup_steps: int, progress: float) -> float:
+    """Linear warm-up by steps, then cosine over the wall-clock budget (ends on time whatever the load)."""
+    if global_step < warmup_steps:
+        return (global_step + 1) / warmup_steps
+    return 0.01 + 0.99 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
 def _worker_init(worker_id: int) -> None:
@@ -340,7 +360,7 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
         p.add_argument("--" + name.replace("_", "-"), default=defaults[name])
     for name in ("input_size", "epochs", "batch_size", "threads", "workers", "max_steps", "patience", "limit", "seed"):
         p.add_argument("--" + name.replace("_", "-"), type=int, default=defaults[name])
-    for name in ("lr", "weight_decay", "warmup_epochs", "label_smoothing", "max_minutes"):
+    for name in ("lr", "weight_decay", "warmup_epochs", "label_smoothing", "max_minutes", "time_budget_minutes"):
         p.add_argument("--" + name.replace("_", "-"), type=float, default=defaults[name])
     p.add_argument("--manifest", type=Path, default=None)
     p.add_argument("--cache-dir", type=Path, default=None)

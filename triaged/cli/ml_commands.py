@@ -1,0 +1,167 @@
+"""`triaged train`, `triaged evaluate` and `triaged model info` (registered by :mod:`triaged.cli.app`).
+
+Thin wrappers: parse options, validate paths with one-line errors, call one function of :mod:`triaged.ml`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, NoReturn
+
+import typer
+
+from triaged.errors import TriagedError
+
+DEFAULT_DATA_ROOT = Path("../shared/data")
+EXIT_USAGE = 2
+
+
+def _fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _check_data_root(data_root: Path) -> None:
+    for sub in ("kaggle_4class/index.csv", "cheng_figshare/index.csv"):
+        if not (data_root / sub).is_file():
+            _fail(f"{data_root} is not the shared data folder (missing {sub}); pass --data-root")
+
+
+def train_command(  # noqa: PLR0917 (one parameter per CLI option)
+    out_dir: Annotated[Path, typer.Option("--out-dir", help="Run folder: checkpoints, manifest, history, model/.")],
+    data_root: Annotated[
+        Path, typer.Option("--data-root", help="Folder holding kaggle_4class/ and cheng_figshare/.")
+    ] = DEFAULT_DATA_ROOT,
+    arch: Annotated[str, typer.Option(help="densenet121 | resnet50 | smallcnn.")] = "densenet121",
+    input_size: Annotated[int, typer.Option(help="Model input size in pixels.")] = 128,
+    epochs: Annotated[int, typer.Option(help="Epochs of the step-based warm-up + cosine schedule.")] = 20,
+    batch_size: Annotated[int, typer.Option()] = 32,
+    lr: Annotated[float, typer.Option(help="Peak AdamW learning rate.")] = 1e-3,
+    weight_decay: Annotated[float, typer.Option()] = 0.05,
+    label_smoothing: Annotated[float, typer.Option()] = 0.1,
+    seed: Annotated[int, typer.Option()] = 20260,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda.")] = "auto",
+    precision: Annotated[str, typer.Option(help="auto | fp32 | bf16 | fp16 (CUDA).")] = "auto",
+    threads: Annotated[int, typer.Option(help="torch intra-op threads.")] = 2,
+    workers: Annotated[int, typer.Option(help="DataLoader worker processes for augmentation.")] = 1,
+    max_minutes: Annotated[float | None, typer.Option(help="Stop cleanly between epochs after this long.")] = None,
+    time_budget_minutes: Annotated[
+        float | None, typer.Option(help="Cosine schedule over wall-clock minutes instead of epochs.")
+    ] = None,
+    patience: Annotated[int, typer.Option(help="Early stopping patience in epochs (0 = off).")] = 0,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT_DIR/last.pt.")] = False,
+    init: Annotated[str | None, typer.Option(help="imagenet:PATH or checkpoint:PATH.")] = None,
+    cache_dir: Annotated[Path | None, typer.Option(help="Cache of preprocessed images.")] = None,
+) -> None:
+    """Train a classifier on the leak-free split and export OUT_DIR/model."""
+    from triaged.ml.networks import ARCHITECTURES
+    from triaged.ml.train import TrainConfig, train
+
+    _check_data_root(data_root)
+    if arch not in ARCHITECTURES:
+        _fail(f"unknown --arch {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
+    if init is not None and not Path(init.partition(":")[2]).is_file():
+        _fail(f"--init file {init.partition(':')[2]!r} does not exist")
+    if epochs < 1 or batch_size < 1 or input_size < 32:
+        _fail("--epochs and --batch-size must be >= 1 and --input-size >= 32")
+    cfg = TrainConfig(
+        data_root=data_root,
+        out_dir=out_dir,
+        arch=arch,
+        input_size=input_size,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        weight_decay=weight_decay,
+        label_smoothing=label_smoothing,
+        seed=seed,
+        device=device,
+        precision=precision,
+        threads=threads,
+        workers=workers,
+        max_minutes=max_minutes,
+        time_budget_minutes=time_budget_minutes,
+        patience=patience,
+        resume=resume,
+        init=init,
+        cache_dir=cache_dir,
+    )
+    try:
+        best = train(cfg)
+    except (TriagedError, ValueError) as exc:
+        _fail(str(exc), 1)
+    typer.echo(f"best checkpoint {best}; model directory {out_dir / 'model'}")
+
+
+def evaluate_command(  # noqa: PLR0917 (one parameter per CLI option)
+    model_dir: Annotated[Path, typer.Argument(help="Model directory (model.json, model.safetensors, manifest.csv).")],
+    data_root: Annotated[Path, typer.Option("--data-root")] = DEFAULT_DATA_ROOT,
+    out_dir: Annotated[Path | None, typer.Option(help="Report folder (default MODEL_DIR/evaluation).")] = None,
+    calibrate: Annotated[
+        bool, typer.Option("--calibrate/--no-calibrate", help="Write temperature, thresholds, OOD into model.json.")
+    ] = False,
+    tta: Annotated[bool, typer.Option("--tta", help="Average with horizontally flipped inputs.")] = False,
+    cam_limit: Annotated[int, typer.Option(help="Test Cheng slices scored for Grad-CAM localisation.")] = 240,
+    bootstrap: Annotated[int, typer.Option(help="Bootstrap rounds for 95 % CIs.")] = 1000,
+    release: Annotated[
+        bool, typer.Option("--release/--no-release", help="Run the real-DICOM release criteria.")
+    ] = True,
+    cache_dir: Annotated[Path | None, typer.Option()] = None,
+    device: Annotated[str, typer.Option()] = "auto",
+    precision: Annotated[str, typer.Option()] = "auto",
+    threads: Annotated[int | None, typer.Option()] = None,
+) -> None:
+    """Evaluate a model directory; writes evaluation.json/.md and PNG plots."""
+    from triaged.ml.evaluate import EvalOptions, evaluate_model
+
+    _check_data_root(data_root)
+    if not (model_dir / "model.json").is_file():
+        _fail(f"{model_dir} is not a model directory (no model.json)")
+    options = EvalOptions(
+        calibrate=calibrate,
+        tta=tta,
+        cam_limit=cam_limit,
+        rounds=bootstrap,
+        release=release,
+        cache_dir=cache_dir,
+        device=device,
+        precision=precision,
+        threads=threads,
+    )
+    try:
+        report = evaluate_model(model_dir, data_root, out_dir or model_dir / "evaluation", options)
+    except (TriagedError, ValueError) as exc:
+        _fail(str(exc), 1)
+    test = report["sets"]["test"]
+    typer.echo(
+        f"test accuracy {test['accuracy']['value']:.4f}, macro AUC {test['macro_auc']['value']:.4f}; "
+        f"release criteria {'PASS' if report.get('release', {}).get('passed') else 'FAIL or not run'}"
+    )
+
+
+def model_info_command(
+    model_dir: Annotated[Path, typer.Argument(help="Model directory.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print model.json as JSON.")] = False,
+) -> None:
+    """Show a model directory's identity and headline metrics (verifies the weights' sha256)."""
+    from triaged.ml.registry import load_model
+
+    if not (model_dir / "model.json").is_file():
+        _fail(f"{model_dir} is not a model directory (no model.json)")
+    try:
+        spec, _ = load_model(model_dir)
+    except TriagedError as exc:
+        _fail(str(exc), 1)
+    if as_json:
+        typer.echo(json.dumps(spec.to_json(), indent=2))
+        return
+    metrics = dict(spec.extra.get("metrics", {}))
+    typer.echo(f"{spec.name} {spec.version}{' (provisional)' if spec.provisional else ''}")
+    typer.echo(
+        f"  arch           {spec.arch}, input {spec.preprocessing.input_size} px, classes {', '.join(spec.classes)}"
+    )
+    typer.echo(f"  weights sha256 {spec.weights_sha256}")
+    typer.echo(f"  temperature    {spec.temperature:.4f}; thresholds {dict(spec.thresholds)}")
+    for key, value in metrics.items():
+        typer.echo(f"  {key:<30} {value:.4f}" if isinstance(value, float) else f"  {key:<30} {value}")
