@@ -173,3 +173,23 @@ def test_dcmdump_reads_every_object(source: list[Dataset], tmp_path: Path) -> No
         for path in tmp_path.glob("sc*.dcm"):
             run = subprocess.run([dciodvfy, str(path)], capture_output=True, text=True, check=False)
             assert "Error" not in run.stderr, run.stderr
+
+
+@pytest.mark.filterwarnings("ignore:The string .* is unlikely to represent the intended person name:UserWarning")
+def test_multi_frame_source_is_referenced_by_frame() -> None:
+    from tests.conftest import shared_data
+
+    folder = shared_data() / "dicom" / "neurolabusc_dcm_qa_xa30" / "In" / "6_anat-T1w_acq-tfl"
+    source = pydicom.dcmread(sorted(folder.glob("*.dcm"))[0])
+    assert int(source.NumberOfFrames) > 40
+    cam = np.zeros((source.Rows, source.Columns), dtype=np.float32)
+    cam[40:80, 40:80] = 1.0
+    summary = _summary(source, label="notumor", urgent=False, urgency=0.1)
+    built = build_outputs(summary, [KeySlice(source, 40, cam, 0.1)], [source], OutputSettings())
+    sc, kos, sr = (_roundtrip(o.dataset) for o in built)
+    reference = sc.SourceImageSequence[0]
+    assert reference.ReferencedSOPInstanceUID == source.SOPInstanceUID and reference.ReferencedFrameNumber == 40
+    assert len(sc.PatientOrientation) == 2 and all(sc.PatientOrientation)  # from the per-frame orientation
+    images = [item for item in sr.ContentSequence if item.ValueType == "IMAGE"]
+    assert images[0].ReferencedSOPSequence[0].ReferencedFrameNumber == 40
+    assert kos.SeriesDescription == "AI TRIAGE: no tumour (below threshold)"

@@ -10,14 +10,12 @@ from collections.abc import Sequence
 from io import BytesIO
 
 import highdicom as hd
-import numpy as np
-from numpy.typing import NDArray
 from pydicom.dataset import Dataset
 from pydicom.uid import UID, ExplicitVRLittleEndian
 
 from triaged import __version__
 from triaged.config import OutputSettings
-from triaged.dicom.pixels import decode_instance
+from triaged.dicom.pixels import DecodedSlice, decode_instance
 from triaged.dicom.render import Banner, render_secondary_capture
 from triaged.dicom.reports import build_key_object_selection, build_structured_report
 from triaged.dicom.summary import (
@@ -36,7 +34,7 @@ from triaged.dicom.summary import (
 from triaged.errors import OutputBuildError, PixelDecodeError
 
 
-def source_pixels(dataset: Dataset, frame_number: int | None) -> NDArray[np.float32]:
+def source_slice(dataset: Dataset, frame_number: int | None) -> DecodedSlice:
     """One 2-D slice of ``dataset`` (modality LUT applied, MONOCHROME1 inverted) via the pipeline's decoder."""
     try:
         frames = decode_instance(dataset, "output source")
@@ -45,7 +43,7 @@ def source_pixels(dataset: Dataset, frame_number: int | None) -> NDArray[np.floa
     index = (frame_number or 1) - 1
     if not 0 <= index < len(frames):
         raise OutputBuildError(f"source has no frame {frame_number}")
-    return frames[index].pixels
+    return frames[index]
 
 
 def _orientation_letters(vector: Sequence[float]) -> str:
@@ -54,18 +52,11 @@ def _orientation_letters(vector: Sequence[float]) -> str:
     return "".join(letters[axis][0 if vector[axis] > 0 else 1] for axis in ranked if abs(vector[axis]) > 0.25)[:3]
 
 
-def patient_orientation(dataset: Dataset) -> tuple[str, str] | None:
-    """Row and column directions as patient-orientation letters, from ImageOrientationPatient if present."""
-    orientation = getattr(dataset, "ImageOrientationPatient", None)
-    if orientation is None:
-        shared = getattr(dataset, "SharedFunctionalGroupsSequence", None)
-        try:
-            orientation = shared[0].PlaneOrientationSequence[0].ImageOrientationPatient  # type: ignore[index]
-        except (TypeError, IndexError, AttributeError):
-            return None
-    values = [float(v) for v in orientation]
-    if len(values) != 6:
+def patient_orientation(orientation: Sequence[float] | None) -> tuple[str, str] | None:
+    """Row and column directions as PatientOrientation letters from ImageOrientationPatient (6 values)."""
+    if orientation is None or len(orientation) != 6:
         return None
+    values = [float(v) for v in orientation]
     row, column = _orientation_letters(values[:3]), _orientation_letters(values[3:])
     return (row, column) if row and column else None
 
@@ -109,10 +100,9 @@ def build_secondary_capture(
 ) -> Dataset:
     """One RGB Secondary Capture of a key slice, in the source study, referencing the source image."""
     source = key.dataset
-    pixels = render_secondary_capture(
-        source_pixels(source, key.frame_number), key.cam, banner_for(summary, key, index, total)
-    )
-    orientation = patient_orientation(source)
+    decoded = source_slice(source, key.frame_number)
+    pixels = render_secondary_capture(decoded.pixels, key.cam, banner_for(summary, key, index, total))
+    orientation = patient_orientation(decoded.orientation)
     try:
         sc = hd.sc.SCImage.from_ref_dataset(
             ref_dataset=source,
