@@ -78,7 +78,9 @@ def make_series(work: Path, count: int, slices: int, tag: str) -> list[list[Path
     return out
 
 
-def throughput(work: Path, model: Path, processes: int, n_series: int, slices: int, quiet: float) -> dict[str, float]:
+def throughput(
+    work: Path, model: Path, processes: int, *, n_series: int, slices: int, quiet: float
+) -> dict[str, float]:
     series = make_series(work / f"w{processes}", n_series, slices, f"t{processes}-")
     with fresh_schema() as (url, factory):
         config = daemon_config(
@@ -146,8 +148,8 @@ def main() -> None:
         raise SystemExit("no shipped model: pass --model DIR")
     with tempfile.TemporaryDirectory(prefix="triaged-bench-") as tmp:
         work = Path(tmp)
-        one = throughput(work, model, 1, args.series, args.slices, args.quiet)
-        two = throughput(work, model, 2, args.series, args.slices, args.quiet)
+        one = throughput(work, model, 1, n_series=args.series, slices=args.slices, quiet=args.quiet)
+        two = throughput(work, model, 2, n_series=args.series, slices=args.slices, quiet=args.quiet)
         lat = latency(work, model, args.slices, args.quiet, args.latency_runs)
     report = {
         "model": str(model),

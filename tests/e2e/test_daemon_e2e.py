@@ -210,10 +210,10 @@ def test_shipped_model_labels_and_normal_brains(
 ) -> None:
     """Labelled series get the expected label; the two real normal T1 series are assessed (and not urgent).
 
-    Slices are chosen, among the first 48 clean Kaggle test images of each class, as those the shipped model
-    itself classifies correctly with margin (p >= 0.6, 0.3 above the next class) when given the image directly: this checks that the
-    DICOM path (wrapping, decoding, preprocessing, aggregation) preserves the model's answer, not the
-    model's accuracy (that is the evaluation report's job).
+    Slices are chosen, among the first 48 clean Kaggle test images of each class, as those the shipped
+    model itself classifies correctly with margin (p >= 0.6, 0.3 above the next class) when given the
+    image directly: this checks that the DICOM path (wrapping, decoding, preprocessing, aggregation)
+    preserves the model's answer, not the model's accuracy (that is the evaluation report's job).
     """
     from triaged.ml.api import Triage
 
