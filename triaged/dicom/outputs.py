@@ -126,6 +126,8 @@ def build_secondary_capture(
         raise OutputBuildError(f"cannot build Secondary Capture: {exc}") from exc
     if orientation is None:
         sc.PatientOrientation = []  # Type 2: unknown, rather than a made-up direction
+    if source.get("BodyPartExamined"):
+        sc.BodyPartExamined = source.BodyPartExamined
     sc.BurnedInAnnotation = "YES"
     sc.RecognizableVisualFeatures = getattr(source, "RecognizableVisualFeatures", "NO") or "NO"
     sc.ImageComments = "AI TRIAGE - NOT FOR DIAGNOSTIC USE"
