@@ -81,6 +81,7 @@ def make_series(work: Path, count: int, slices: int, tag: str) -> list[list[Path
 def throughput(
     work: Path, model: Path, processes: int, *, n_series: int, slices: int, quiet: float
 ) -> dict[str, float]:
+    (work / f"w{processes}").mkdir(parents=True, exist_ok=True)
     series = make_series(work / f"w{processes}", n_series, slices, f"t{processes}-")
     with fresh_schema() as (url, factory):
         config = daemon_config(
@@ -115,6 +116,7 @@ def throughput(
 
 
 def latency(work: Path, model: Path, slices: int, quiet: float, runs: int) -> list[float]:
+    (work / "latency").mkdir(parents=True, exist_ok=True)
     with fresh_schema() as (url, factory):
         config = daemon_config(
             work / "latency",
