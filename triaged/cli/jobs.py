@@ -2,18 +2,34 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
-from triaged.cli.common import echo_json, echo_table, fail, open_engine, session_scope, settings_from
+from triaged.cli.common import echo_json, echo_table, fail, open_engine, settings_from
+from triaged.config import Settings
 from triaged.db import queue, repo
 from triaged.db.engine import make_session_factory
 from triaged.db.models import Job, JobKind, JobState, Result, Series, SeriesState, utcnow
 from triaged.errors import NotFoundError
+
+
+@contextmanager
+def _session(settings: Settings) -> Iterator[Session]:
+    """A committed-on-success session whose engine is disposed afterwards (no pooled connection leaks)."""
+    engine = open_engine(settings)
+    try:
+        with make_session_factory(engine).begin() as session:
+            yield session
+    finally:
+        engine.dispose()
+
 
 jobs_app = typer.Typer(help="The job queue.", no_args_is_help=True)
 results_app = typer.Typer(help="Triage results.", no_args_is_help=True)
@@ -53,7 +69,7 @@ def list_jobs(
 ) -> None:
     """List jobs, newest first."""
     settings = settings_from(ctx)
-    with session_scope(settings) as session:
+    with _session(settings) as session:
         query = (
             select(Job, Series.series_instance_uid)
             .outerjoin(Series, Series.id == Job.series_id)
@@ -136,7 +152,7 @@ def show_results(
 ) -> None:
     """Every result of one series (oldest first), with per-slice predictions."""
     settings = settings_from(ctx)
-    with session_scope(settings) as session:
+    with _session(settings) as session:
         try:
             series = repo.series_by_uid(session, series_instance_uid)
         except NotFoundError as exc:
@@ -202,7 +218,7 @@ def reprocess(  # noqa: PLR0917 - Typer options
         model_dir = str(model.resolve())
     cutoff = _parse_since(since) if since is not None else None
     settings = settings_from(ctx)
-    with session_scope(settings) as session:
+    with _session(settings) as session:
         selected: dict[int, Series] = {}
         try:
             if uid is not None:
@@ -243,7 +259,7 @@ def retry(
     if not job_ids and not all_dead:
         fail("name job ids or use --all", 2)
     settings = settings_from(ctx)
-    with session_scope(settings) as session:
+    with _session(settings) as session:
         ids = list(job_ids or [])
         if ids:
             known = set(session.scalars(select(Job.id).where(Job.id.in_(ids))))
@@ -268,8 +284,12 @@ def purge(
     from triaged.runtime import build_store
 
     settings = settings_from(ctx)
-    factory = make_session_factory(open_engine(settings))
-    count = repo.purge_received_files(factory, build_store(settings), utcnow() - timedelta(days=older_than_days))
+    engine = open_engine(settings)
+    try:
+        cutoff = utcnow() - timedelta(days=older_than_days)
+        count = repo.purge_received_files(make_session_factory(engine), build_store(settings), cutoff)
+    finally:
+        engine.dispose()
     if as_json:
         echo_json({"purged": count})
         return
