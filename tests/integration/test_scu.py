@@ -132,3 +132,18 @@ def test_unsupported_sop_class_is_a_clear_send_error(output_files: list[Path]) -
 
 def test_empty_batch_opens_no_association() -> None:
     assert send_files([], _destination(free_port())) == []
+
+
+def test_requestor_socket_has_tcp_nodelay(pacs: FakePacs, output_files: list[Path]) -> None:
+    import socket
+
+    from triaged.dicom.scu import _associate, _read_item
+
+    assoc = _associate([_read_item(output_files[0])], _destination(pacs.port), SendOptions())
+    try:
+        assert assoc.dul.socket is not None
+        sock = assoc.dul.socket.socket
+        assert sock is not None
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+    finally:
+        assoc.release()

@@ -52,6 +52,7 @@ class SendOptions:
     acse_timeout: float = 30.0
     dimse_timeout: float = 60.0
     network_timeout: float = 60.0
+    connection_timeout: float = 10.0  # TCP connect: a black-holed PACS must not hold a worker for long
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,7 @@ def _associate(items: Sequence[_Item], destination: Destination, options: SendOp
     ae.acse_timeout = options.acse_timeout
     ae.dimse_timeout = options.dimse_timeout
     ae.network_timeout = options.network_timeout
+    ae.connection_timeout = options.connection_timeout
     for sop_class_uid, transfer_syntax_uid in contexts:
         ae.add_requested_context(sop_class_uid, transfer_syntax_uid)
     assoc = ae.associate(
