@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 
 import structlog
 
+from triaged import metrics
 from triaged.db import queue, repo
 from triaged.db.models import Job, JobKind, JobState
 from triaged.runtime import Runtime
@@ -166,10 +167,8 @@ class Worker:
             return JobState.RUNNING
         if job.kind == JobKind.INFER and state in (JobState.FAILED, JobState.DEAD):
             repo.mark_series_failed(self.runtime.session_factory, job, exc)
-        if job.kind == JobKind.EXPORT and state in (JobState.FAILED, JobState.DEAD):
-            from triaged.metrics import EXPORT_FAILURES
-
-            EXPORT_FAILURES.inc()
+        if job.kind == JobKind.EXPORT:
+            metrics.EXPORT_FAILURES.inc()  # every failed send attempt, retried or not
         event = "job_retry_scheduled" if state == JobState.QUEUED else "job_failed"
         log.warning(event, new_state=str(state), error=queue.error_line(exc), seconds=round(seconds, 3))
         structlog.contextvars.clear_contextvars()
