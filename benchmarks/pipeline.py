@@ -10,14 +10,16 @@ clock runs from the start of the send to the last result committed; series/hour 
 printed (target >= 1.7x on 2 cores). Worker processes, not threads, are what scale: torch's thread pool
 is per process and one model instance serialises its calls.
 
-Latency: one series to `triaged serve --workers 1`; from association release (send returned) to the result
-row committed. Target <= quiet period + 5 s on CPU. Each phase uses a fresh PostgreSQL schema.
+Latency: one series to `triaged serve --workers 1` (torch using every core); from association release
+(send returned) to the result row committed. Target <= quiet period + 5 s on CPU. Each phase uses a
+fresh PostgreSQL schema.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 import time
 import uuid
@@ -125,6 +127,7 @@ def latency(work: Path, model: Path, slices: int, quiet: float, runs: int) -> li
             dicom_port=free_port(),
             workers=1,
             series={"quiet_seconds": quiet, "sweep_interval_seconds": 0.25},
+            worker={"torch_threads": os.cpu_count() or 1},  # one series alone: use every core
         )
         values = []
         with running_daemon(config, log_path=work / "serve-latency.log") as serve:
