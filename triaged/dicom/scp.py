@@ -121,6 +121,8 @@ class Receiver:
             evt_handlers=handlers,
         )
         self._ae = ae
+        if self._server.ssl_context is not None:
+            self._server.get_request = self._tls_get_request  # type: ignore[method-assign]
         log.info(
             "receiver_started",
             ae_title=dicom.ae_title,
@@ -139,18 +141,38 @@ class Receiver:
         socketserver.BaseServer.shutdown(server)  # stop the accept loop ...
         server.server_close()  # ... and close the listening socket; accepted associations keep running
         deadline = time.monotonic() + timeout
-        while server.active_associations and time.monotonic() < deadline:
+        # Wait only for established associations: a connection still negotiating (or a failed TLS
+        # handshake, which pynetdicom keeps until the ACSE timeout) has nothing in flight to lose.
+        while any(a.is_established for a in server.active_associations) and time.monotonic() < deadline:
             time.sleep(0.05)
         leftover = server.active_associations
         for assoc in leftover:
             assoc.abort()
+        join_deadline = time.monotonic() + 2
         for assoc in leftover:
-            assoc.join(timeout=5)
+            assoc.join(timeout=max(0.0, join_deadline - time.monotonic()))
         server.shutdown()
         if self._ae is not None:
             self._ae.shutdown()
         self._server = None
         log.info("receiver_stopped", aborted=len(leftover))
+
+    def _tls_get_request(self) -> tuple[socket.socket, Any]:
+        """Accept and wrap without handshaking on the accept thread.
+
+        pynetdicom's default handshakes inside ``accept``: a slow or hostile client stalls the listener for
+        everyone, and a failed handshake leaks the raw socket. Here the TLS handshake happens implicitly on
+        the association's own thread at its first read; a failure there just ends that connection.
+        """
+        server = self._server
+        assert server is not None and server.socket is not None and server.ssl_context is not None
+        client_socket, address = server.socket.accept()
+        try:
+            wrapped = server.ssl_context.wrap_socket(client_socket, server_side=True, do_handshake_on_connect=False)
+        except (OSError, ValueError):
+            client_socket.close()
+            raise
+        return wrapped, address
 
     # ------------------------------------------------------------------ associations table
     def _close_stale_associations(self) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import socket
 import ssl
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -114,6 +114,8 @@ def open_association(
     handlers: list[Any] = [(evt.EVT_CONN_OPEN, _nodelay)]
     assoc = ae.associate(host, port, ae_title=called_ae_title, tls_args=tls_args, evt_handlers=handlers)
     if not assoc.is_established:
+        close_socket(assoc)
+        ae.shutdown()
         if assoc.is_rejected:
             raise DicomPeerError(f"{called_ae_title}@{host}:{port} rejected the association")
         if assoc.is_aborted:
@@ -128,6 +130,14 @@ def open_association(
         if assoc.is_established:
             assoc.release()
         ae.shutdown()
+
+
+def close_socket(assoc: Association) -> None:
+    """pynetdicom can leave a failed requestor's socket open (e.g. plain TCP to a TLS port)."""
+    assoc_socket = assoc.dul.socket
+    if assoc_socket is not None and assoc_socket.socket is not None:
+        with suppress(OSError):
+            assoc_socket.socket.close()
 
 
 def echo(host: str, port: int, *, called_ae_title: str, calling_ae_title: str, **kwargs: Any) -> int:
