@@ -74,7 +74,7 @@ def _send_until_dead(port: int, paths: list[Path], kill_after: int, proc: subpro
 def test_sigkill_mid_send_loses_no_acknowledged_instance(tmp_path, db_url, engine, session_factory):
     rng = np.random.default_rng(0)
     paths = write_mr_series([rng.random((64, 64)) for _ in range(N_INSTANCES)], tmp_path / "src", seed=11)
-    overrides = {
+    overrides: dict[str, object] = {
         "data_dir": str(tmp_path / "data"),
         "database": {"url": db_url},
         "storage": {"min_free_bytes": 0},

@@ -114,15 +114,18 @@ class Receiver:
             (evt.EVT_C_STORE, self._on_c_store),
         ]
         self._accepting = True
-        self._server = ae.start_server(
+        server = ae.start_server(
             (dicom.bind_address, self._bind_port),
             block=False,
             ssl_context=server_ssl_context(dicom.tls),
             evt_handlers=handlers,
         )
+        if server is None:  # only a blocking start returns None
+            raise RuntimeError("pynetdicom did not return a server")
+        if server.ssl_context is not None:
+            server.get_request = self._tls_get_request  # type: ignore[method-assign]
+        self._server = server
         self._ae = ae
-        if self._server.ssl_context is not None:
-            self._server.get_request = self._tls_get_request  # type: ignore[method-assign]
         log.info(
             "receiver_started",
             ae_title=dicom.ae_title,
