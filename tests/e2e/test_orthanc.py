@@ -14,14 +14,22 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pydicom
 import pytest
 from PIL import Image
 from sqlalchemy import select
 
 from tests.support.orthanc import Orthanc, orthanc_binary
-from tests.support.pipeline_support import SHIPPED_MODEL, kaggle_files, labelled_series, shipped_model_available
+from tests.support.pipeline_support import (
+    SHIPPED_MODEL,
+    kaggle_files,
+    labelled_series,
+    shipped_model_available,
+    wait_for,
+)
 from tests.support.triaged_daemon import TriagedDaemon
 from triaged.db.models import JobState, Output, Result, Series, Study
+from triaged.dicom.scu import Destination, SendOptions, send_files
 
 pytestmark = [
     pytest.mark.orthanc,
@@ -184,6 +192,11 @@ def test_fault_pacs_down_then_back_every_output_arrives_once(stack: Stack, tmp_p
     assert "DicomPeerError" in (jobs[0].last_error or "")
     # Orthanc's shutdown can overlap the first attempt: some outputs may be stored, at least one is not.
     assert any(row.sent_at is None for row in _output_rows(stack, study_uid))
+    # The PACS being down blocks neither receiving nor inference: a second series is triaged meanwhile.
+    other = labelled_series(tmp_path / "other", kaggle_files("glioma")[:3], seed="orthanc-fault-2", size=(256, 256))
+    send_files(other, Destination("triaged", "TRIAGED", "127.0.0.1", stack.triaged.dicom_port), SendOptions("ORTHANC"))
+    other_study = str(pydicom.dcmread(other[0], stop_before_pixels=True).StudyInstanceUID)
+    wait_for(lambda: bool(_output_rows(stack, other_study)), timeout=60, what="second series triaged while PACS down")
     stack.orthanc.start()  # same storage, same ports
     outputs = _wait_outputs(stack, study_uid, timeout=120)
     rows = _output_rows(stack, study_uid)
@@ -198,6 +211,18 @@ def test_fault_pacs_down_then_back_every_output_arrives_once(stack: Stack, tmp_p
     assert sum(len(v) for v in outputs.values()) == len(rows)
     job = stack.triaged.export_jobs()[0]
     assert job.state == JobState.DONE and job.attempts >= 2
+    # `triaged resend` sends the same instances again; Orthanc de-duplicates by SOP Instance UID.
+    series_uid = stack.orthanc.get(f"/series/{series_id}")["MainDicomTags"]["SeriesInstanceUID"]
+    resent = stack.triaged.cli("resend", series_uid)
+    assert resent.returncode == 0, resent.stderr
+    wait_for(
+        lambda: (
+            all(j.state == JobState.DONE for j in stack.triaged.export_jobs()) and len(stack.triaged.export_jobs()) >= 3
+        ),
+        timeout=60,
+        what="resend done",
+    )
+    assert len(stack.orthanc.study_instances(study_uid)) == total
 
 
 @pytest.mark.slow
