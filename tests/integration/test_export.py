@@ -339,10 +339,16 @@ def test_resend_cli(pacs: FakePacs, tmp_path: Path, sqlite_url: str) -> None:
     scenario = _seed(settings, session_factory, tmp_path)
     with session_factory() as session:
         series_uid = session.scalars(select(Series.series_instance_uid)).one()
+        study_uid = session.scalars(select(Study.study_instance_uid)).one()
     runner = CliRunner()
     result = runner.invoke(app, ["--config", str(config), "resend", "--json", series_uid])
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)[0]["result_id"] == scenario.result_id
+    result = runner.invoke(app, ["--config", str(config), "resend", "--study", study_uid])
+    assert result.exit_code == 0, result.output
+    assert "already queued" in result.stdout and series_uid in result.stdout  # the seeded export is still queued
+    result = runner.invoke(app, ["--config", str(config), "resend", "--study", "1.2.3"])
+    assert result.exit_code == 1 and "no study" in result.stderr
     result = runner.invoke(app, ["--config", str(config), "resend", "1.2.3"])
     assert result.exit_code == 1 and "no series" in result.stderr
     result = runner.invoke(app, ["--config", str(config), "resend"])
