@@ -9,10 +9,11 @@ import typer
 
 from triaged import __version__
 from triaged.cli import daemon as daemon_cli
-from triaged.cli import db
+from triaged.cli import db, dicom_commands
 from triaged.cli import demo as demo_cli
 from triaged.cli import jobs as jobs_cli
 from triaged.cli import outputs as outputs_cli
+from triaged.cli import series as series_cli
 from triaged.cli.common import CliState
 
 app = typer.Typer(
@@ -27,6 +28,8 @@ daemon_cli.register(app)
 jobs_cli.register(app)
 outputs_cli.register(app)
 demo_cli.register(app)
+dicom_commands.register(app)
+series_cli.register(app)
 
 
 def _version(value: bool) -> None:
