@@ -51,6 +51,7 @@ class _Plan:
     instance_files: dict[str, str]  # sop instance uid -> relative file path
     middle_instance: str | None
     outputs: tuple[tuple[int, str, bool], ...]  # output id, relative file path, already sent
+    superseded: bool = False  # newer instances re-opened the series: a newer result will follow
 
 
 def resolve_destination(settings: Settings, calling_ae_title: str) -> Destination:
@@ -115,6 +116,7 @@ def _load_plan(session: Session, result_id: int) -> _Plan:
         instance_files={i.sop_instance_uid: i.file_path for i in instances},
         middle_instance=instances[len(instances) // 2].sop_instance_uid if instances else None,
         outputs=tuple((o.id, o.file_path, o.sent_at is not None) for o in outputs),
+        superseded=series.generation > result.generation,
     )
 
 
@@ -200,6 +202,11 @@ def run_export_job(runtime: Runtime, job: Job) -> None:
     structlog.contextvars.bind_contextvars(
         job_id=job.id, result_id=result_id, series_uid=uid_hash(plan.summary.series_instance_uid)
     )
+    if plan.superseded and not any(sent for _, _, sent in plan.outputs):
+        with runtime.session_factory.begin() as session:
+            queue.complete(session, job.id, worker_id)
+        log.info("export_superseded", generation=plan.summary.generation)
+        return
     destination = resolve_destination(runtime.settings, plan.calling_ae_title)
     built_count = 0
     if not plan.outputs:

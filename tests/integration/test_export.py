@@ -268,6 +268,19 @@ def test_not_assessable_notice_sc_when_configured(
     assert [ds.SeriesDescription for ds in pacs.received] == ["AI TRIAGE: not assessable"]
 
 
+def test_superseded_result_is_not_sent(
+    pacs: FakePacs, make_settings: Callable[..., Settings], session_factory: sessionmaker[Session], tmp_path: Path
+) -> None:
+    scenario = _seed(_settings(make_settings, pacs.port), session_factory, tmp_path)
+    with session_factory.begin() as session:
+        for series in session.scalars(select(Series)):
+            series.generation = 2  # late instances re-opened the series after this result
+    job = _claim(scenario.runtime)
+    run_export_job(scenario.runtime, job)
+    assert _outputs(scenario.runtime) == [] and pacs.received == []
+    assert _job_state(scenario.runtime, job.id).state == JobState.DONE
+
+
 def test_destination_rules(make_settings: Callable[..., Settings]) -> None:
     settings = make_settings(
         dicom={"peers": {"orthanc": {"ae_title": "ORTHANC", "port": 4242}, "other": {"ae_title": "OTHER"}}}
