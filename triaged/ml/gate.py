@@ -14,7 +14,7 @@ from triaged.ml.results import SeriesMeta
 BRAIN_BODY_PARTS = frozenset({"BRAIN", "HEAD", "HEADNECK", "HEAD_NECK", "SKULL", "CEREBRUM", "NEURO"})
 _REFUSED_DESCRIPTION = {
     "diffusion": r"dwi|dti|diff|adc|trace|tensor|ep2d_diff|resolve|b1000|\bb0\b",
-    "EPI / functional": r"epi|bold|fmri|f_mri|resting|\brest\b|task",
+    "EPI / functional": r"epi|ep2d|ep3d|bold|fmri|f_mri|resting|\brest\b|task",
     "perfusion": r"perf|dsc|dce|asl|pcasl|\bpwi\b|cbf|cbv|\bmtt\b|\btt?p\b",
     "localizer": r"locali[sz]er|scout|survey|\bloc\b|3.?plane|tracker|aahead|aascout",
     "field map / calibration": r"field.?map|fmap|b1.?map|calib|shim|asset",

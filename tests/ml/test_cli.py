@@ -1,0 +1,39 @@
+"""The ML CLI commands: one-line errors for user mistakes, model info on a real model directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from typer.testing import CliRunner
+
+from triaged.cli.ml_commands import evaluate_command, model_info_command, train_command
+
+app = typer.Typer()
+app.command("train")(train_command)
+app.command("evaluate")(evaluate_command)
+app.command("info")(model_info_command)
+runner = CliRunner()
+
+
+def test_model_info(random_model_dir: Path) -> None:
+    result = runner.invoke(app, ["info", str(random_model_dir)])
+    assert result.exit_code == 0, result.output
+    assert "random-smallcnn" in result.output and "provisional" in result.output
+    as_json = runner.invoke(app, ["info", str(random_model_dir), "--json"])
+    assert '"weights_sha256"' in as_json.output
+
+
+def test_bad_paths_give_one_line_errors(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["info", str(tmp_path)])
+    assert result.exit_code == 2 and "not a model directory" in result.output
+    result = runner.invoke(app, ["train", "--out-dir", str(tmp_path / "o"), "--data-root", str(tmp_path)])
+    assert result.exit_code == 2 and "not the shared data folder" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_unknown_arch_is_rejected(tiny_data_root: Path, tmp_path: Path) -> None:
+    result = runner.invoke(
+        app, ["train", "--out-dir", str(tmp_path / "o"), "--data-root", str(tiny_data_root), "--arch", "vgg"]
+    )
+    assert result.exit_code == 2 and "unknown --arch" in result.output
