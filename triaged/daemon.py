@@ -33,6 +33,7 @@ log = structlog.get_logger()
 REAPER_INTERVAL_SECONDS = 5.0
 GAUGE_INTERVAL_SECONDS = 5.0
 PURGE_INTERVAL_SECONDS = 3600.0
+SHUTDOWN_GRACE_SECONDS = 30.0  # then still-running jobs are released and run again elsewhere
 
 
 class ReceiverLike(Protocol):
@@ -129,7 +130,11 @@ class Daemon:
             self._scheduler.shutdown(wait=True)
             self._scheduler = None
         if self.runtime is not None:
-            grace = self.settings.worker.lease_seconds if grace_seconds is None else grace_seconds
+            grace = (
+                min(self.settings.worker.lease_seconds, SHUTDOWN_GRACE_SECONDS)
+                if grace_seconds is None
+                else grace_seconds
+            )
             stop_workers(self.runtime, self._workers, grace_seconds=grace)
         if self.http is not None:
             self.http.stop()

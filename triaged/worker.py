@@ -165,6 +165,9 @@ class Worker:
         except queue.LeaseLostError:
             log.warning("job_failed_after_lease_lost", error=queue.error_line(exc))
             return JobState.RUNNING
+        except Exception as db_error:  # cannot record the failure now: the lease expires and the reaper retries
+            log.error("job_fail_unrecorded", error=queue.error_line(exc), db_error=queue.error_line(db_error))
+            return JobState.RUNNING
         if job.kind == JobKind.INFER and state in (JobState.FAILED, JobState.DEAD):
             repo.mark_series_failed(self.runtime.session_factory, job, exc)
         if job.kind == JobKind.EXPORT:

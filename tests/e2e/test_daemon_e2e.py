@@ -268,3 +268,27 @@ def test_config_writer_round_trip(tmp_path: Path) -> None:
 
     path = write_config(tmp_path / "c.toml", {"data_dir": "/x", "worker": {"count": 2, "lease_seconds": 1.5}})
     assert tomllib.loads(path.read_text()) == {"data_dir": "/x", "worker": {"count": 2, "lease_seconds": 1.5}}
+
+
+@pytest.mark.slow
+def test_sigterm_mid_job_finishes_the_job_and_exits_zero(
+    tmp_path: Path, sqlite_url: str, sqlite_factory: sessionmaker[Session]
+) -> None:
+    from triaged.ml.api import build_random_model_dir
+
+    model = build_random_model_dir(tmp_path / "slow-model", seed=0, arch="densenet121", input_size=128)
+    config = daemon_config(tmp_path, db_url=sqlite_url, model_dir=model, dicom_port=free_port())
+    paths = labelled_series(tmp_path / "big", (kaggle_files("glioma") * 2)[:48], seed="sigterm", size=(128, 128))
+    with running_daemon(config, log_path=tmp_path / "serve.log") as daemon:
+        assert daemon.dicom_port is not None
+        send_series(daemon.dicom_port, paths)
+        wait_for(
+            lambda: (s := _series_state(sqlite_factory, _uid(paths))) is not None and s.state == SeriesState.PROCESSING,
+            timeout=60,
+            what="series processing",
+        )
+        assert daemon.terminate(timeout=90) == 0
+    [result] = results_for(sqlite_factory, _uid(paths))  # the current job was allowed to finish
+    assert result.status == ResultStatus.ASSESSED
+    log = daemon.log_text()
+    assert log.index('"signal_received"') < log.index('"series_processed"') < log.index('"daemon_stopped"')
