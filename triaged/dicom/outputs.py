@@ -129,7 +129,8 @@ def build_secondary_capture(
     if source.get("BodyPartExamined"):
         sc.BodyPartExamined = source.BodyPartExamined
     sc.BurnedInAnnotation = "YES"
-    sc.RecognizableVisualFeatures = getattr(source, "RecognizableVisualFeatures", "NO") or "NO"
+    if source.get("RecognizableVisualFeatures"):  # a sagittal head image may show a face: never assume "NO"
+        sc.RecognizableVisualFeatures = source.RecognizableVisualFeatures
     sc.ImageComments = "AI TRIAGE - NOT FOR DIAGNOSTIC USE"
     sc.DerivationDescription = f"Grad-CAM overlay and triage banner by {summary.model_name} {summary.model_version}"[
         :1024
