@@ -18,13 +18,13 @@ def compute_cams(
     """Return (N, S, S) float32 maps in [0, 1] for ``class_index`` on preprocessed inputs ``x`` (N, 1, S, S).
 
     Runs in fp32 with gradients (CAM needs them) regardless of the inference precision; each map is min-max
-    normalised per slice by MONAI.
+    min-max normalised per slice with the most salient pixel at 1 (see :func:`scale_to_unit`).
     """
     if method not in CAM_METHODS:
         raise ValueError(f"method must be one of {CAM_METHODS}, got {method!r}")
     disable_inplace_activations(model)
     cls = GradCAM if method == "gradcam" else GradCAMpp
-    cam = cls(nn_module=model, target_layers=target_layer)
+    cam = cls(nn_module=model, target_layers=target_layer, postprocessing=scale_to_unit)
     param = next(model.parameters())
     # MONAI's GradCAM++ mis-broadcasts its score for batches > 1, so it runs one slice at a time.
     chunks = [x] if method == "gradcam" else [x[i : i + 1] for i in range(x.shape[0])]
@@ -37,6 +37,19 @@ def compute_cams(
     model.zero_grad(set_to_none=True)
     result: np.ndarray = np.clip(np.nan_to_num(out, nan=0.0), 0.0, 1.0).astype(np.float32)
     return result
+
+
+def scale_to_unit(maps: torch.Tensor) -> torch.Tensor:
+    """Min-max scale each map of a (N, 1, H, W) batch to [0, 1], highest saliency at 1.
+
+    MONAI's default CAM normaliser maps (min, max) to (1, 0) and so flips magnitudes: the overlay would
+    highlight the least important region.
+    """
+    flat = maps.flatten(1)
+    shape = (-1, *([1] * (maps.dim() - 1)))
+    low = flat.min(dim=1).values.view(shape)
+    high = flat.max(dim=1).values.view(shape)
+    return (maps - low) / (high - low).clamp_min(1e-8)
 
 
 def disable_inplace_activations(model: nn.Module) -> None:
