@@ -44,6 +44,8 @@ from triaged.runtime import Runtime
 
 log = structlog.get_logger()
 
+URGENT_EXPORT_PRIORITY = 10  # an urgent finding reaches the PACS before any other queued work
+
 
 @dataclass(frozen=True)
 class _SeriesInput:
@@ -207,6 +209,7 @@ def _commit(
                 series_id=data.series_id,
                 generation=data.generation,
                 payload={"result_id": result.id},
+                priority=URGENT_EXPORT_PRIORITY if result.urgent else 0,
                 max_attempts=settings.worker.export_max_attempts,
             )
             exports = int(created is not None)

@@ -149,6 +149,7 @@ def test_labelled_series_gets_one_result_with_cams(
     # outputs.mode = all: one export job for the result, committed with it
     assert [e.payload for e in exports] == [{"result_id": result.id}]
     assert exports[0].dedupe_key == f"export:{result.id}"
+    assert exports[0].priority == (10 if result.urgent else 0)
 
 
 def test_reprocess_same_model_is_idempotent_other_model_adds_result(

@@ -143,6 +143,7 @@ def test_reprocess_selectors(config: Path, session_factory: sessionmaker[Session
     with session_factory() as session:
         jobs = session.scalars(select(Job).where(Job.kind == JobKind.INFER, Job.state == JobState.QUEUED)).all()
         assert sorted(j.series_id or 0 for j in jobs) == sorted([ids["failed"], ids["done"]])
+        assert {j.priority for j in jobs} == {-10}  # behind newly received series
         assert session.get(Series, ids["failed"]).state == SeriesState.QUEUED  # type: ignore[union-attr]
 
 

@@ -34,6 +34,8 @@ def _session(settings: Settings) -> Iterator[Session]:
 jobs_app = typer.Typer(help="The job queue.", no_args_is_help=True)
 results_app = typer.Typer(help="Triage results.", no_args_is_help=True)
 
+REPROCESS_PRIORITY = -10  # bulk reprocessing never delays newly received series
+
 Json = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
 
 
@@ -237,7 +239,13 @@ def reprocess(  # noqa: PLR0917 - Typer options
                 selected = {}
             selected.update({s.id: s for s in session.scalars(query)})
         eligible = [s for s in selected.values() if s.state != SeriesState.RECEIVING]
-        jobs = repo.enqueue_reprocess(session, eligible, model_dir=model_dir, max_attempts=settings.worker.max_attempts)
+        jobs = repo.enqueue_reprocess(
+            session,
+            eligible,
+            model_dir=model_dir,
+            max_attempts=settings.worker.max_attempts,
+            priority=REPROCESS_PRIORITY,
+        )
         queued = [{"job_id": j.id, "series_id": j.series_id, "generation": j.generation} for j in jobs]
     if as_json:
         echo_json({"queued": queued, "selected": len(selected)})
