@@ -50,7 +50,7 @@ def test_invalid_uid_error_is_value_error() -> None:
 def test_uid_path_is_sha256_fanout() -> None:
     uid = "1.2.840.113619.2.55.3"
     digest = hashlib.sha256(uid.encode()).hexdigest()
-    assert uid_path(uid) == f"{digest[:2]}/{digest[2:4]}/{digest}.dcm"
+    assert uid_path(uid) == f"{digest[:2]}/{digest}.dcm"
     assert uid_path(uid, ".npy").endswith(".npy")
 
 
@@ -67,4 +67,4 @@ def test_any_text_is_either_rejected_or_safe(text: str) -> None:
         return
     assert ".." not in path
     assert not path.startswith("/")
-    assert len(path.split("/")) == 3
+    assert len(path.split("/")) == 2

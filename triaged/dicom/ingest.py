@@ -20,12 +20,12 @@ from pydicom.errors import InvalidDicomError
 from pydicom.filewriter import write_file_meta_info
 from pydicom.tag import Tag
 from pydicom.uid import UID
-from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from triaged import metrics
 from triaged.dicom import status
-from triaged.dicom.records import InstanceFacts, RecordOutcome, record_instance
+from triaged.dicom.committer import GroupCommitter
+from triaged.dicom.records import InstanceFacts, RecordOutcome
 from triaged.dicom.storage import InstanceStore
 from triaged.dicom.uids import uid_path, validate_uid
 from triaged.errors import InvalidUidError, OutOfSpaceError, StoreError
@@ -134,9 +134,16 @@ def parse_facts(meta: bytes, request: StoreRequest) -> InstanceFacts:
 class Ingestor:
     """The durable-acknowledge path shared by every association of one receiver."""
 
-    def __init__(self, store: InstanceStore, session_factory: sessionmaker[Session]) -> None:
+    def __init__(
+        self,
+        store: InstanceStore,
+        session_factory: sessionmaker[Session],
+        committer: GroupCommitter | None = None,
+    ) -> None:
         self.store = store
         self.session_factory = session_factory
+        # Unstarted, the committer commits on the caller's thread; the receiver starts it (group commit).
+        self.committer = committer or GroupCommitter(session_factory)
         # Serialise work on the same SOP Instance UID within this process (re-sends racing each other).
         self._locks = [threading.Lock() for _ in range(_LOCK_STRIPES)]
 
@@ -180,18 +187,16 @@ class Ingestor:
         with lock:
             created = self._write(relative, meta, request.dataset, size)
             try:
-                with self.session_factory.begin() as session:
-                    outcome = record_instance(
-                        session,
-                        facts,
-                        file_path=relative,
-                        size_bytes=size,
-                        sha256=sha,
-                        calling_ae_title=request.calling_ae_title,
-                        association_id=request.association_id,
-                        now=now,
-                    )
-            except SQLAlchemyError as exc:
+                outcome = self.committer.record(
+                    facts,
+                    file_path=relative,
+                    size_bytes=size,
+                    sha256=sha,
+                    calling_ae_title=request.calling_ae_title,
+                    association_id=request.association_id,
+                    now=now,
+                )
+            except Exception as exc:  # the row is not committed: the file we just wrote must not stay
                 if created:
                     self.store.remove(relative)
                 log.error("store_commit_failed", error=type(exc).__name__, sop_instance_uid=uid_hash(request_uid))

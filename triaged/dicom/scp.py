@@ -89,6 +89,7 @@ class Receiver:
         if self._server is not None:
             raise RuntimeError("receiver already started")
         configure_pynetdicom()
+        self.ingestor.committer.start()
         self.store.cleanup_stale_temp_files()
         self._close_stale_associations()
         dicom = self.settings.dicom
@@ -157,6 +158,7 @@ class Receiver:
         server.shutdown()
         if self._ae is not None:
             self._ae.shutdown()
+        self.ingestor.committer.stop()
         self._server = None
         log.info("receiver_stopped", aborted=len(leftover))
 

@@ -55,6 +55,19 @@ class InstanceStore:
         self._known_dirs: set[Path] = {self.root}
         self._counter = itertools.count()
         self._lock = threading.Lock()
+        self._create_fanout_dirs()
+
+    def _create_fanout_dirs(self) -> None:
+        """Create the 256 ``00``..``ff`` directories of :func:`~triaged.dicom.uids.uid_path` once, durably."""
+        created = False
+        for index in range(256):
+            directory = self.root / f"{index:02x}"
+            if not directory.is_dir():
+                directory.mkdir(exist_ok=True)
+                created = True
+            self._known_dirs.add(directory)
+        if created:
+            _fsync_dir(self.root)
 
     def path_for(self, relative: str) -> Path:
         """Absolute path of ``relative``; raises ValueError for anything that could escape the root."""

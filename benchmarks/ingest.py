@@ -1,0 +1,238 @@
+"""Ingest benchmark: the same ``TCP_NODELAY=1 storescu`` sends N synthetic MR instances to triaged (durable),
+dcmtk ``storescp`` and Orthanc, with one association and with four at once; prints instances/s and ratios.
+
+    python benchmarks/ingest.py                 # N = 2000 (~132 KB each), all three receivers
+    python benchmarks/ingest.py -n 500 --targets triaged,orthanc
+
+Every receiver gets a fresh storage directory per run and ``TCP_NODELAY=1`` in its environment (dcmtk and
+Orthanc disable Nagle's algorithm only then). triaged runs as its own process (the real
+:class:`triaged.dicom.scp.Receiver` on a migrated SQLite database, fsync on every instance); after each run
+its instance rows are counted as a correctness check. Not a test: run on demand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "TCP_NODELAY": "1"}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"receiver exited with {proc.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"port {port} did not open")
+
+
+def make_instances(root: Path, n: int, size: int, groups: int) -> list[list[Path]]:
+    """``n`` MR instances of ``size``² 16-bit pixels, split into ``groups`` series (one per association)."""
+    from triaged.dicom.synthetic import write_mr_series
+
+    rng = np.random.default_rng(0)
+    base = rng.random((size, size))
+    out = []
+    per = n // groups
+    for group in range(groups):
+        slices = [base + 0.01 * i for i in range(per)]
+        out.append(write_mr_series(slices, root / f"g{groups}-{group}", seed=f"bench-{groups}-{group}"))
+    return out
+
+
+def storescu(port: int, called: str, files: list[Path]) -> subprocess.Popen[bytes]:
+    args = ["storescu", "-aet", "BENCH", "-aec", called, "127.0.0.1", str(port), *map(str, files)]
+    return subprocess.Popen(args, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def timed_send(port: int, called: str, groups: list[list[Path]]) -> float:
+    """Start one storescu per group at once; return instances per second over the slowest."""
+    start = time.perf_counter()
+    procs = [storescu(port, called, files) for files in groups]
+    for proc in procs:
+        _, err = proc.communicate()
+        if proc.returncode != 0:
+            raise RuntimeError(f"storescu failed: {err.decode(errors='replace')[-500:]}")
+    elapsed = time.perf_counter() - start
+    return sum(len(g) for g in groups) / elapsed
+
+
+# ---------------------------------------------------------------------- receivers
+@contextmanager
+def triaged_receiver(workdir: Path) -> Iterator[tuple[int, str, Callable[[], int]]]:
+    port_file = workdir / "port"
+    settings = {"data_dir": str(workdir / "data"), "storage": {"min_free_bytes": 0}}
+    proc = subprocess.Popen(
+        [sys.executable, __file__, "--serve-triaged", json.dumps(settings), str(port_file)],
+        env={**ENV, "PYTHONPATH": str(REPO_ROOT)},
+        cwd=REPO_ROOT,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not port_file.exists():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("triaged receiver did not start")
+            time.sleep(0.05)
+        yield int(port_file.read_text()), "TRIAGED", lambda: _count_rows(workdir / "data" / "triaged.db")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+
+
+def _count_rows(db: Path) -> int:
+    import sqlite3
+
+    with sqlite3.connect(db) as conn:
+        return int(conn.execute("SELECT count(*) FROM instances").fetchone()[0])
+
+
+@contextmanager
+def storescp_receiver(workdir: Path) -> Iterator[tuple[int, str, Callable[[], int]]]:
+    port = free_port()
+    out = workdir / "out"
+    out.mkdir()
+    proc = subprocess.Popen(
+        ["storescp", "+xa", "-aet", "STORESCP", "-od", str(out), str(port)],
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_port(port, proc)
+        yield port, "STORESCP", lambda: sum(1 for _ in out.iterdir())
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+@contextmanager
+def orthanc_receiver(workdir: Path) -> Iterator[tuple[int, str, Callable[[], int]]]:
+    port, http_port = free_port(), free_port()
+    config = {
+        "Name": "bench",
+        "DicomAet": "ORTHANC",
+        "DicomPort": port,
+        "HttpPort": http_port,
+        "RemoteAccessAllowed": False,
+        "AuthenticationEnabled": False,
+        "StorageDirectory": str(workdir / "storage"),
+        "IndexDirectory": str(workdir / "index"),
+        "DicomAlwaysAllowStore": True,
+        "DicomCheckCalledAet": False,
+    }
+    (workdir / "orthanc.json").write_text(json.dumps(config))
+    proc = subprocess.Popen(
+        [shutil.which("Orthanc") or "/usr/sbin/Orthanc", str(workdir / "orthanc.json")],
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_port(port, proc)
+        yield port, "ORTHANC", lambda: -1
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+RECEIVERS = {"triaged": triaged_receiver, "storescp": storescp_receiver, "orthanc": orthanc_receiver}
+
+
+def serve_triaged(settings_json: str, port_file: Path) -> None:
+    """Child mode: run the real receiver until SIGTERM."""
+    from triaged.config import load_settings
+    from triaged.db.engine import make_engine, make_session_factory
+    from triaged.db.schema import upgrade
+    from triaged.dicom.scp import Receiver
+    from triaged.dicom.storage import InstanceStore
+    from triaged.log import configure_logging
+
+    settings = load_settings(None, **json.loads(settings_json))
+    configure_logging("warning", "console")
+    engine = make_engine(settings.database_url)
+    upgrade(engine)
+    store = InstanceStore(settings.storage_dir, settings.storage.min_free_bytes)
+    receiver = Receiver(settings, make_session_factory(engine), store, port=0)
+    receiver.start()
+    port_file.with_suffix(".tmp").write_text(str(receiver.port))
+    port_file.with_suffix(".tmp").rename(port_file)
+    signal.sigwait({signal.SIGTERM, signal.SIGINT})
+    receiver.stop()
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--serve-triaged":
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+        serve_triaged(sys.argv[2], Path(sys.argv[3]))
+        return
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-n", type=int, default=2000, help="instances per run (default 2000)")
+    parser.add_argument("--size", type=int, default=256, help="rows = columns (256 gives ~132 KB)")
+    parser.add_argument("--targets", default="triaged,storescp,orthanc")
+    parser.add_argument("--repeat", type=int, default=1, help="runs per configuration; the median is printed")
+    args = parser.parse_args()
+    targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+    for tool in ["storescu"] + (["storescp"] if "storescp" in targets else []):
+        if shutil.which(tool) is None:
+            sys.exit(f"{tool} not found: apt-get install dcmtk")
+    with tempfile.TemporaryDirectory(prefix="triaged-bench-") as tmp:
+        root = Path(tmp)
+        print(f"writing {args.n} instances ({args.size}x{args.size}, 16 bit) ...", flush=True)
+        data = {groups: make_instances(root / "src", args.n, args.size, groups) for groups in (1, 4)}
+        size_kb = data[1][0][0].stat().st_size / 1024
+        print(f"instance size {size_kb:.0f} KiB; sender: TCP_NODELAY=1 storescu; receivers with TCP_NODELAY=1")
+        rates: dict[tuple[str, int], float] = {}
+        for target in targets:
+            for groups in (1, 4):
+                runs = []
+                for attempt in range(args.repeat):
+                    workdir = root / f"{target}-{groups}-{attempt}"
+                    workdir.mkdir()
+                    with RECEIVERS[target](workdir) as (port, called, count):
+                        rate = timed_send(port, called, data[groups])
+                        stored = count()
+                    if stored not in (-1, sum(len(g) for g in data[groups])):
+                        raise RuntimeError(f"{target} stored {stored} of {args.n}")
+                    runs.append(rate)
+                    shutil.rmtree(workdir, ignore_errors=True)
+                rates[target, groups] = statistics.median(runs)
+                print(f"  {target:9s} {groups} association(s): {rates[target, groups]:7.1f} instances/s", flush=True)
+        print()
+        print(f"{'receiver':10s} {'1 assoc':>10s} {'4 assoc':>10s}   (instances/s, N={args.n})")
+        for target in targets:
+            print(f"{target:10s} {rates[target, 1]:10.1f} {rates[target, 4]:10.1f}")
+        for baseline in ("orthanc", "storescp"):
+            if "triaged" in targets and baseline in targets:
+                ratio_1 = rates["triaged", 1] / rates[baseline, 1]
+                ratio_4 = rates["triaged", 4] / rates[baseline, 4]
+                print(f"triaged / {baseline}: {ratio_1:.2f}x (1 association), {ratio_4:.2f}x (4 associations)")
+
+
+if __name__ == "__main__":
+    main()
