@@ -292,3 +292,26 @@ def test_sigterm_mid_job_finishes_the_job_and_exits_zero(
     assert result.status == ResultStatus.ASSESSED
     log = daemon.log_text()
     assert log.index('"signal_received"') < log.index('"series_processed"') < log.index('"daemon_stopped"')
+
+
+def test_serve_port_in_use_is_one_line_error(
+    tmp_path: Path, sqlite_url: str, sqlite_factory: sessionmaker[Session]
+) -> None:
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        config = daemon_config(
+            tmp_path, db_url=sqlite_url, model_dir=tmp_path, dicom_port=busy.getsockname()[1], workers=0
+        )
+        proc = subprocess.run(
+            [sys.executable, "-m", "triaged", "-c", str(config), "serve"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1] == "error: cannot start: Address already in use"
+    assert "Traceback" not in proc.stderr

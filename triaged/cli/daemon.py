@@ -51,6 +51,8 @@ def _run(settings: Settings, *, receive: bool) -> None:
         code = daemon.run_until_signal(on_started=_announce)
     except TriagedError as exc:
         fail(str(exc))
+    except OSError as exc:  # e.g. the DICOM or HTTP port is already in use
+        fail(f"cannot start: {exc.strerror or exc}")
     raise typer.Exit(code)
 
 
