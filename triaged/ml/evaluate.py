@@ -19,12 +19,13 @@ import torch
 
 from triaged.errors import ModelError
 from triaged.ml.camscore import mask_to_model_space, score_cams
-from triaged.ml.data import Sample, evaluation_samples, read_manifest
+from triaged.ml.data import Sample, evaluation_samples, read_manifest, training_samples
 from triaged.ml.dataset import preprocess_files, sample_labels, sample_paths
 from triaged.ml.device import choose_placement, torch_threads
 from triaged.ml.inference import Predictor, Triage, energy_score, softmax
 from triaged.ml.metrics import fit_temperature, roc_curve, sensitivity_threshold, youden_threshold
 from triaged.ml.networks import cam_target_layer
+from triaged.ml.ood import OOD_FILE, FeatureOOD
 from triaged.ml.registry import load_model, sha256_file, write_spec
 from triaged.ml.report import set_report
 
@@ -48,12 +49,35 @@ class EvalOptions:
     threads: int | None = None
 
 
-def _logits(predictor: Predictor, images: np.ndarray, tta: bool) -> np.ndarray:
+def _logits(predictor: Predictor, images: np.ndarray, tta: bool) -> tuple[np.ndarray, np.ndarray]:
     x = torch.from_numpy(images.astype(np.float32))
-    logits = predictor.logits(x)
+    logits, features = predictor.logits_and_features(x)
     if tta:
         logits = (logits + predictor.logits(torch.flip(x, dims=[-1]))) / 2.0
-    return logits
+    return logits, features
+
+
+def _fit_ood(
+    predictor: Predictor, data_root: Path, samples: list[Sample], val_features: np.ndarray, options: EvalOptions
+) -> tuple[FeatureOOD, dict[str, Any]]:
+    """Fit the feature-space OOD model on (every other) training image; threshold = validation quantile."""
+    train = training_samples(samples, "train")
+    images = preprocess_files(
+        sample_paths(data_root, train), predictor.spec.preprocessing, cache_dir=options.cache_dir
+    )[::2]
+    _, features = predictor.logits_and_features(torch.from_numpy(images.astype(np.float32)))
+    ood = FeatureOOD.fit(features, np.asarray(sample_labels(train, predictor.spec.classes))[::2])
+    val_scores = ood.score(val_features)
+    info = {
+        "method": "mahalanobis",
+        "file": OOD_FILE,
+        "threshold": float(np.quantile(val_scores, options.ood_quantile)),
+        "quantile": options.ood_quantile,
+        "fitted_on": f"{len(images)} training images",
+        "aggregation": "median over in-brain slices",
+        "val_score_quantiles": {str(q): float(np.quantile(val_scores, q)) for q in (0.5, 0.95, 0.99, 0.995)},
+    }
+    return ood, info
 
 
 def _write_predictions(path: Path, samples: list[Sample], probs: np.ndarray, classes: tuple[str, ...]) -> None:
@@ -93,6 +117,7 @@ def evaluate_model(model_dir: Path, data_root: Path, out_dir: Path, options: Eva
     sets["clean_test"] = [s for s in sets["test"] if s.clean_test]
     sets["clean_test_not_cheng"] = [s for s in sets["clean_test"] if not s.in_cheng]
     images: dict[str, np.ndarray] = {}
+    features: dict[str, np.ndarray] = {}
     logits: dict[str, np.ndarray] = {}
     labels: dict[str, np.ndarray] = {}
     with torch_threads(options.threads):
@@ -100,7 +125,7 @@ def evaluate_model(model_dir: Path, data_root: Path, out_dir: Path, options: Eva
             images[name] = preprocess_files(
                 sample_paths(data_root, sets[name]), spec.preprocessing, cache_dir=options.cache_dir
             )
-            logits[name] = _logits(predictor, images[name], options.tta)
+            logits[name], features[name] = _logits(predictor, images[name], options.tta)
             labels[name] = np.asarray(sample_labels(sets[name], classes))
     index = {s.path: i for i, s in enumerate(sets["test"])}
     for name in ("clean_test", "clean_test_not_cheng"):
@@ -115,13 +140,9 @@ def evaluate_model(model_dir: Path, data_root: Path, out_dir: Path, options: Eva
         "high_sensitivity": sensitivity_threshold(val_tumour, 1.0 - val_probs[:, nt], options.high_sensitivity),
     }
     val_energy = energy_score(logits["val"])
-    ood = {
-        "method": "energy",
-        "temperature": 1.0,
-        "quantile": options.ood_quantile,
-        "energy_threshold": float(np.quantile(val_energy, options.ood_quantile)),
-        "aggregation": "median over in-brain slices",
-    }
+    with torch_threads(options.threads):
+        ood_model, ood = _fit_ood(predictor, data_root, samples, features["val"], options)
+    ood["test_score_median"] = float(np.median(ood_model.score(features["test"])))
     report: dict[str, Any] = {
         "model": {
             "name": spec.name,
@@ -149,6 +170,8 @@ def evaluate_model(model_dir: Path, data_root: Path, out_dir: Path, options: Eva
         predictor, data_root, sets["test"], images["test"], labels["test"], options=options
     )
     if options.calibrate:
+        ood_model.save(model_dir / OOD_FILE)
+        ood["sha256"] = sha256_file(model_dir / OOD_FILE)
         new_spec = dataclasses.replace(
             spec,
             temperature=temperature,

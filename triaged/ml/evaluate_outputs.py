@@ -39,8 +39,9 @@ def markdown(report: dict[str, Any], classes: tuple[str, ...]) -> str:
         f"- temperature (fitted on validation): {report['temperature']:.4f}",
         "- thresholds on tumour probability 1 − p(notumor), chosen on validation: "
         + ", ".join(f"{k} {v:.4f}" for k, v in report["thresholds"].items()),
-        f"- OOD: energy, threshold {report['ood']['energy_threshold']:.3f} "
-        f"(validation quantile {report['ood']['quantile']})",
+        f"- OOD: {report['ood']['method']} (fitted on {report['ood']['fitted_on']}), threshold "
+        f"{report['ood']['threshold']:.3f} = validation quantile {report['ood']['quantile']}; "
+        f"test median {report['ood']['test_score_median']:.3f}",
         "",
         "| set | n | accuracy | macro AUC | tumour AUC | sens @high-sens | spec @high-sens | sens @Youden | "
         "spec @Youden | ECE before → after |",

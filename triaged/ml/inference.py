@@ -20,7 +20,8 @@ from triaged.ml.cam import cam_to_slice, compute_cams
 from triaged.ml.device import Placement, choose_placement, torch_threads
 from triaged.ml.gate import gate_reason
 from triaged.ml.networks import cam_target_layer
-from triaged.ml.registry import ModelSpec, load_model
+from triaged.ml.ood import FeatureOOD, FeatureTap
+from triaged.ml.registry import ModelSpec, load_model, load_ood
 from triaged.ml.results import SeriesAssessment, SeriesMeta
 from triaged.ml.transforms import build_preprocess, preprocess_slice
 
@@ -30,8 +31,17 @@ log = structlog.get_logger()
 class Predictor:
     """A loaded network with its preprocessing, placement and temperature."""
 
-    def __init__(self, spec: ModelSpec, model: nn.Module, placement: Placement, *, batch_size: int = 32) -> None:
+    def __init__(
+        self,
+        spec: ModelSpec,
+        model: nn.Module,
+        placement: Placement,
+        *,
+        batch_size: int = 32,
+        ood: FeatureOOD | None = None,
+    ) -> None:
         self.spec = spec
+        self.ood = ood
         self.placement = placement
         self.batch_size = batch_size
         self.model = model.to(placement.device).eval()
@@ -41,7 +51,7 @@ class Predictor:
     @classmethod
     def from_dir(cls, model_dir: Path, *, device: str = "auto", precision: str = "auto") -> Predictor:
         spec, model = load_model(model_dir)
-        return cls(spec, model, choose_placement(device, precision))
+        return cls(spec, model, choose_placement(device, precision), ood=load_ood(model_dir, spec))
 
     def preprocess_slices(self, slices: Sequence[np.ndarray]) -> torch.Tensor:
         """Stack preprocessed slices into an (N, 1, S, S) float32 CPU tensor."""
@@ -59,6 +69,12 @@ class Predictor:
         if not out:
             return np.zeros((0, len(self.spec.classes)), dtype=np.float32)
         return torch.cat(out).numpy().astype(np.float32)
+
+    def logits_and_features(self, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """Logits (N, C) and penultimate features (N, D), both float32."""
+        with FeatureTap(self.model) as tap:
+            logits = self.logits(x)
+        return logits, tap.array()
 
     def calibrated(self, logits: np.ndarray) -> np.ndarray:
         """Temperature-scaled softmax probabilities (N, C) float32."""
@@ -145,18 +161,16 @@ class Triage:
         in_brain = in_brain_mask(fractions, spec.aggregation)
         timings["preprocess"] = time.perf_counter() - t
         t = time.perf_counter()
-        logits = p.logits(x)
+        logits, features = p.logits_and_features(x)
         probs = p.calibrated(logits)
         timings["inference"] = time.perf_counter() - t
         if not in_brain.any():
             return self._not_assessable(
                 "no slice contains enough brain", len(slices), timings, probs=probs, in_brain=in_brain
             )
-        energies = energy_score(logits[in_brain], float(spec.ood.get("temperature", 1.0)))
-        ood_score = float(np.median(energies))
-        ood_threshold = spec.ood.get("energy_threshold")
-        if ood_threshold is not None and ood_score > float(ood_threshold):
-            reason = f"out of distribution (energy {ood_score:.2f} > {float(ood_threshold):.2f})"
+        ood_score, ood_threshold, kind = self._ood(logits[in_brain], features[in_brain])
+        if ood_threshold is not None and ood_score > ood_threshold:
+            reason = f"out of distribution ({kind} {ood_score:.2f} > {ood_threshold:.2f})"
             return self._not_assessable(
                 reason, len(slices), timings, probs=probs, in_brain=in_brain, ood_score=ood_score
             )
@@ -195,6 +209,16 @@ class Triage:
             **{f"{k}_s": round(v, 4) for k, v in timings.items()},
         )
         return result
+
+    def _ood(self, logits: np.ndarray, features: np.ndarray) -> tuple[float, float | None, str]:
+        """Series OOD score (median over in-brain slices) and its threshold; feature distance when fitted."""
+        p = self._predictor
+        threshold = p.spec.ood.get("threshold", p.spec.ood.get("energy_threshold"))
+        if p.ood is not None:
+            score, kind = float(np.median(p.ood.score(features))), "feature distance"
+        else:
+            score, kind = float(np.median(energy_score(logits, float(p.spec.ood.get("temperature", 1.0))))), "energy"
+        return score, None if threshold is None else float(threshold), kind
 
     def _not_assessable(
         self,

@@ -20,6 +20,7 @@ from torch import nn
 
 from triaged.errors import ModelError
 from triaged.ml.networks import build_network
+from triaged.ml.ood import FeatureOOD
 from triaged.ml.transforms import PreprocessingConfig
 
 MODEL_JSON = "model.json"
@@ -141,6 +142,19 @@ def load_model(model_dir: Path) -> tuple[ModelSpec, nn.Module]:
     except (ValueError, RuntimeError) as exc:
         raise ModelError(f"cannot load {weights}: {exc}") from exc
     return spec, model.eval()
+
+
+def load_ood(model_dir: Path, spec: ModelSpec) -> FeatureOOD | None:
+    """Load the feature-space OOD statistics named in ``model.json`` (sha256-checked), if the model has them."""
+    name = spec.ood.get("file")
+    if spec.ood.get("method") != "mahalanobis" or not name:
+        return None
+    path = model_dir / str(name)
+    if not path.is_file():
+        raise ModelError(f"model directory {model_dir} has no {name} although model.json names it")
+    if sha256_file(path) != spec.ood.get("sha256"):
+        raise ModelError(f"{path} sha256 does not match model.json; the OOD statistics were modified")
+    return FeatureOOD.load(path)
 
 
 def save_model_dir(model_dir: Path, model: nn.Module, spec: ModelSpec, *, half: bool = False) -> ModelSpec:
