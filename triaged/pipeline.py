@@ -35,10 +35,11 @@ from triaged.db.models import (
     Study,
     utcnow,
 )
-from triaged.dicom.pixels import DecodedSeries, SeriesHeader, decode_series
+from triaged.dicom.pixels import DecodedSeries, SeriesHeader, decode_series, read_series_header
 from triaged.errors import JobError, PixelDecodeError
 from triaged.log import uid_hash
 from triaged.ml.api import SeriesAssessment, SeriesMeta, Triage
+from triaged.ml.gate import gate_reason
 from triaged.ml.registry import NO_TUMOUR
 from triaged.runtime import Runtime
 
@@ -126,6 +127,34 @@ def _mark_processing(runtime: Runtime, series_id: int, generation: int) -> None:
         series = session.get(Series, series_id)
         if series is not None and series.generation == generation and series.state != SeriesState.PROCESSING:
             series.state = SeriesState.PROCESSING
+
+
+def _gate_refusal(
+    data: _SeriesInput, triage: Triage, error: PixelDecodeError
+) -> tuple[DecodedSeries, SeriesAssessment, dict[int, str]] | None:
+    """An undecodable series the model would refuse anyway (e.g. a Siemens mosaic DWI/fMRI) is recorded as
+    ``not_assessable`` with the gate's reason instead of failing: operators see why, not an alarm."""
+    header, images = read_series_header([path for _, path in data.files])
+    reason = gate_reason(series_meta(header, images))
+    if reason is None:
+        return None
+    log.info("series_not_decoded_but_refused", reason=reason, decode_error=queue.error_line(error))
+    assessment = SeriesAssessment(
+        assessable=False,
+        reason=reason,
+        label=None,
+        class_probabilities={},
+        urgency=None,
+        threshold=triage.threshold,
+        urgent=False,
+        slice_probabilities=np.zeros((0, len(triage.classes)), dtype=np.float32),
+        slice_in_brain=np.zeros(0, dtype=bool),
+        key_slice_indices=(),
+        cams={},
+        ood_score=None,
+        timings={},
+    )
+    return DecodedSeries(slices=(), header=header), assessment, {}
 
 
 def _save_cams(runtime: Runtime, data: _SeriesInput, triage: Triage, assessment: SeriesAssessment) -> dict[int, str]:
@@ -255,6 +284,12 @@ def run_infer_job(runtime: Runtime, job: Job) -> None:
         timings["cam_save"] = time.perf_counter() - t
     except FileNotFoundError as exc:
         raise PixelDecodeError(f"received file missing: {Path(exc.filename or '').name}") from exc
+    except PixelDecodeError as exc:
+        refusal = _gate_refusal(data, triage, exc)
+        if refusal is None:
+            raise
+        decoded, assessment, cam_paths = refusal
+        timings["decode"] = time.perf_counter() - t
     result = _build_result(
         job=job, data=data, decoded=decoded, triage=triage, assessment=assessment, cam_paths=cam_paths, timings=timings
     )

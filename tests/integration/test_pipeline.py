@@ -211,6 +211,21 @@ def test_dwi_series_is_not_assessable(runtime: Runtime, receive: Callable[[list[
     assert count(runtime.session_factory, Job, Job.kind == JobKind.EXPORT) == 0
 
 
+def test_undecodable_mosaic_the_gate_refuses_is_not_assessable(
+    runtime: Runtime, receive: Callable[[list[Path]], str]
+) -> None:
+    """A Siemens mosaic cannot be decoded into slices, but its metadata says EPI: not_assessable, not failed."""
+    paths = sorted((shared_data() / "dicom" / "neurolabusc_dcm_qa/In/Orientation/axmb/AxInt36mb").iterdir())
+    uid = receive(paths)
+    _enqueue(runtime.session_factory, uid)
+    assert _run_next(runtime) == JobState.DONE
+    [result] = results_for(runtime.session_factory, uid)
+    assert result.status == ResultStatus.NOT_ASSESSABLE and not result.urgent
+    assert result.reason is not None and result.reason.startswith("EPI")  # the gate reads ScanningSequence EP
+    assert result.timings["decode"] >= 0
+    assert _series(runtime.session_factory, uid).state == SeriesState.DONE
+
+
 def test_lost_lease_rolls_back_results(runtime: Runtime, receive: Callable[[list[Path]], str], tmp_path: Path) -> None:
     uid = receive(labelled_series(tmp_path / "s", kaggle_files("glioma")[:2], seed="pipeline-lease"))
     job_id = _enqueue(runtime.session_factory, uid)

@@ -248,3 +248,22 @@ def decode_series(paths: Sequence[Path]) -> DecodedSeries:
         slices.extend(decode_instance(ds, where=f"instance {ds.get('InstanceNumber', '?')}"))
     assert header_ds is not None
     return DecodedSeries(slices=tuple(sort_slices(slices)), header=read_header(header_ds, b_values))
+
+
+def read_series_header(paths: Sequence[Path]) -> tuple[SeriesHeader, int]:
+    """Header and image count of a series without touching pixel data (to explain an undecodable series)."""
+    if not paths:
+        raise PixelDecodeError("series has no instances")
+    b_values: set[float] = set()
+    first: Dataset | None = None
+    images = 0
+    for path in paths:
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+        except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
+            raise PixelDecodeError(f"{path.name}: not a readable DICOM file ({type(exc).__name__})") from exc
+        first = first or ds
+        b_values |= _b_values(ds)
+        images += int(ds.get("NumberOfFrames", 1) or 1)
+    assert first is not None
+    return read_header(first, b_values), images
