@@ -57,6 +57,12 @@ def fresh_schema() -> Iterator[tuple[str, sessionmaker[Session]]]:
         admin.dispose()
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (Linux /proc), to show how much CPU the workers actually got."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def results(factory: sessionmaker[Session]) -> int:
     with factory() as session:
         return int(session.scalar(select(func.count()).select_from(Result)) or 0)
@@ -96,12 +102,16 @@ def throughput(
         )
         with ExitStack() as stack:
             serve = stack.enter_context(running_daemon(config, log_path=work / f"serve-w{processes}.log"))
-            for index in range(processes):
-                stack.enter_context(running_daemon(config, ("worker",), log_path=work / f"worker{index}.log"))
+            pids = [
+                stack.enter_context(running_daemon(config, ("worker",), log_path=work / f"worker{index}.log")).proc.pid
+                for index in range(processes)
+            ]
             assert serve.dicom_port is not None
+            cpu_before = sum(cpu_seconds(pid) for pid in pids)
             started = time.monotonic()
             send_series(serve.dicom_port, [p for paths in series for p in paths])
             finished = wait_results(factory, n_series, timeout=1800)
+            cpu_used = sum(cpu_seconds(pid) for pid in pids) - cpu_before
         with factory() as session:
             first_job = session.scalar(select(func.min(Job.created_at)).where(Job.kind == JobKind.INFER))
             last_result = session.scalar(select(func.max(Result.created_at)))
@@ -114,6 +124,8 @@ def throughput(
         "series_per_hour": n_series * 3600 / seconds,
         "processing_seconds": processing,
         "processing_series_per_hour": n_series * 3600 / processing,
+        "worker_cpu_seconds_per_series": cpu_used / n_series,
+        "worker_cpu_utilisation": cpu_used / processing,  # cores the workers actually got while processing
     }
 
 
