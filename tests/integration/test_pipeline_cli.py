@@ -164,3 +164,6 @@ def test_purge_keeps_results_and_active_series(
         purged = session.scalar(select(Instance).where(Instance.series_id == ids["done"]))
         assert purged is not None and purged.purged_at is not None
         assert session.scalar(select(Result).where(Result.series_id == ids["done"])) is not None
+    # a purged series cannot be reprocessed: skipped with the reason, nothing queued
+    code, out, _ = _invoke(config, "reprocess", "1.2.826.0.1.9.1")
+    assert code == 0 and "queued 0 series" in out and "purged" in out

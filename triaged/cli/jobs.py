@@ -238,7 +238,8 @@ def reprocess(  # noqa: PLR0917 - Typer options
                 query = query.where(Series.id.in_(list(selected)))
                 selected = {}
             selected.update({s.id: s for s in session.scalars(query)})
-        eligible = [s for s in selected.values() if s.state != SeriesState.RECEIVING]
+        purged = repo.series_with_purged_files(session, list(selected))
+        eligible = [s for s in selected.values() if s.state != SeriesState.RECEIVING and s.id not in purged]
         jobs = repo.enqueue_reprocess(
             session,
             eligible,
@@ -253,7 +254,7 @@ def reprocess(  # noqa: PLR0917 - Typer options
     skipped = len(selected) - len(queued)
     typer.echo(
         f"queued {len(queued)} series for reprocessing"
-        + (f" ({skipped} skipped: still receiving or already queued)" if skipped else "")
+        + (f" ({skipped} skipped: still receiving, already queued or received files purged)" if skipped else "")
     )
 
 

@@ -89,6 +89,14 @@ def series_of_study(session: Session, study_instance_uid: str) -> list[Series]:
     return list(session.scalars(select(Series).where(Series.study_id == study.id).order_by(Series.id)))
 
 
+def series_with_purged_files(session: Session, series_ids: Sequence[int]) -> set[int]:
+    """Series (of ``series_ids``) that cannot be reprocessed because retention purged their files."""
+    if not series_ids:
+        return set()
+    query = select(Instance.series_id).where(Instance.series_id.in_(series_ids), Instance.purged_at.is_not(None))
+    return set(session.scalars(query.distinct()))
+
+
 def enqueue_reprocess(
     session: Session,
     series: Sequence[Series],
