@@ -19,7 +19,7 @@ import torch
 
 from triaged.errors import ModelError
 from triaged.ml.camscore import mask_to_model_space, score_cams
-from triaged.ml.data import Sample, evaluation_samples, read_manifest, training_samples
+from triaged.ml.data import Sample, evaluation_samples, read_manifest, split_summary, training_samples
 from triaged.ml.dataset import preprocess_files, sample_labels, sample_paths
 from triaged.ml.device import choose_placement, torch_threads
 from triaged.ml.inference import Predictor, Triage, energy_score, softmax
@@ -177,7 +177,7 @@ def evaluate_model(model_dir: Path, data_root: Path, out_dir: Path, options: Eva
             temperature=temperature,
             ood=ood,
             thresholds={"urgency": thresholds["high_sensitivity"], **thresholds},
-            extra={**spec.extra, "metrics": _headline(report)},
+            extra={**spec.extra, "metrics": _headline(report), "data_split": split_summary(samples)},
         )
         write_spec(model_dir, new_spec)
     if options.release and (data_root / "dicom").is_dir():
@@ -193,6 +193,10 @@ def evaluate_model(model_dir: Path, data_root: Path, out_dir: Path, options: Eva
     tiles = example_grid(predictor, images["test"], test_probs, labels["test"], thresholds["high_sensitivity"])
     write_outputs(out_dir, report, classes, cam_examples, tiles)
     (out_dir / "evaluation.json").write_text(json.dumps(report, indent=1, default=float) + "\n")
+    if options.calibrate:
+        from triaged.ml.model_card import write_model_card
+
+        write_model_card(model_dir, report)
     log.info("evaluate_done", out_dir=str(out_dir), **_headline(report))
     return report
 
