@@ -32,7 +32,7 @@ log = structlog.get_logger()
 
 REAPER_INTERVAL_SECONDS = 5.0
 GAUGE_INTERVAL_SECONDS = 5.0
-PURGE_INTERVAL_SECONDS = 3600.0
+PURGE_INTERVAL_SECONDS = 3600.0  # at most; about four purges per retention period
 SHUTDOWN_GRACE_SECONDS = 30.0  # then still-running jobs are released and run again elsewhere
 
 
@@ -199,7 +199,7 @@ class Daemon:
                     ),
                 ),
                 "interval",
-                seconds=PURGE_INTERVAL_SECONDS,
+                seconds=min(PURGE_INTERVAL_SECONDS, max(1.0, retention * 86400 / 4)),
                 id="retention_purge",
                 next_run_time=utcnow(),
             )

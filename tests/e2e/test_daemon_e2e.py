@@ -315,3 +315,31 @@ def test_serve_port_in_use_is_one_line_error(
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines()[-1] == "error: cannot start: Address already in use"
     assert "Traceback" not in proc.stderr
+
+
+def test_retention_purge_deletes_received_files_keeps_results(
+    tmp_path: Path, sqlite_url: str, sqlite_factory: sessionmaker[Session], random_model: Path
+) -> None:
+    from triaged.db.models import Instance
+
+    config = daemon_config(
+        tmp_path,
+        db_url=sqlite_url,
+        model_dir=random_model,
+        dicom_port=free_port(),
+        storage={"retention_days": 3 / 86400},  # 3 s
+    )
+    paths = labelled_series(tmp_path / "s", kaggle_files("notumor")[:2], seed="e2e-retention")
+    with running_daemon(config, log_path=tmp_path / "serve.log") as daemon:
+        assert daemon.dicom_port is not None
+        send_series(daemon.dicom_port, paths)
+        wait_for(lambda: len(results_for(sqlite_factory, _uid(paths))) == 1, timeout=60, what="result")
+
+        def purged() -> list[Instance]:
+            with sqlite_factory() as session:
+                return list(session.scalars(select(Instance).where(Instance.purged_at.is_not(None))))
+
+        wait_for(lambda: len(purged()) == 2, timeout=30, what="received files purged")
+    storage = tmp_path / "data" / "storage"
+    assert all(not (storage / i.file_path).exists() for i in purged())
+    assert len(results_for(sqlite_factory, _uid(paths))) == 1
