@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from tests.conftest import shared_data
 from tests.support.pipeline_support import (
     TOSHIBA_DWI,
+    XA30_MPRAGE,
     count,
     jobs_for,
     kaggle_files,
@@ -209,6 +210,24 @@ def test_dwi_series_is_not_assessable(runtime: Runtime, receive: Callable[[list[
     assert _series(runtime.session_factory, uid).skip_reason == result.reason
     # outputs.not_assessable = "none": no export job for it
     assert count(runtime.session_factory, Job, Job.kind == JobKind.EXPORT) == 0
+
+
+def test_enhanced_mr_frames_become_slice_predictions(runtime: Runtime, receive: Callable[[list[Path]], str]) -> None:
+    paths = sorted((shared_data() / "dicom" / XA30_MPRAGE).iterdir())
+    uid = receive(paths)
+    _enqueue(runtime.session_factory, uid)
+    assert _run_next(runtime) == JobState.DONE
+    [result] = results_for(runtime.session_factory, uid)
+    with runtime.session_factory() as session:
+        slices = list(session.scalars(select(SlicePrediction).where(SlicePrediction.result_id == result.id)))
+    assert len(slices) == 96
+    assert {s.sop_instance_uid for s in slices} == {
+        str(pydicom.dcmread(paths[0], stop_before_pixels=True).SOPInstanceUID)
+    }
+    assert sorted(s.frame_number or 0 for s in slices) == list(range(1, 97))
+    for s in slices:
+        if s.cam_path:
+            assert np.load(runtime.store.path_for(s.cam_path)).shape == (128, 128)
 
 
 def test_undecodable_mosaic_the_gate_refuses_is_not_assessable(
