@@ -1,0 +1,61 @@
+"""The daemon's real decode path (dicom/pixels.py) feeds the model the same tensor as the training PNG."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from PIL import Image
+from pydicom.dataset import FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
+
+from triaged.dicom.pixels import decode_series
+
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.interface` is deprecated:DeprecationWarning")
+
+
+def _write(path: Path, stored: np.ndarray, *, bits: int, slope: float, intercept: float, photometric: str) -> None:
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = MRImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = pydicom.Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = MRImageStorage, meta.MediaStorageSOPInstanceUID, "MR"
+    ds.Rows, ds.Columns = stored.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, bits, bits - 1, 0
+    ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
+    ds.PixelData = stored.astype(np.uint16).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+
+
+@pytest.mark.parametrize(
+    ("bits", "scale", "slope", "intercept", "photometric"),
+    [
+        (12, 16, 1.0, 0.0, "MONOCHROME2"),
+        (12, 8, 2.0, -100.0, "MONOCHROME2"),
+        (16, 100, 0.5, -10.0, "MONOCHROME1"),
+    ],
+)
+def test_png_and_decoded_dicom_give_the_same_tensor(  # noqa: PLR0917 - pytest parameters
+    tmp_path: Path, bits: int, scale: int, slope: float, intercept: float, photometric: str
+) -> None:
+    from triaged.ml.dataset import load_image
+    from triaged.ml.transforms import PreprocessingConfig, build_preprocess, preprocess_slice
+
+    yy, xx = np.mgrid[:70, :90]
+    png = ((np.sin(yy / 7.0) * np.cos(xx / 5.0) + 1) * 120 + (xx % 13)).astype(np.uint8)
+    Image.fromarray(png).save(tmp_path / "slice.png")
+    values = png.astype(np.float64) * scale
+    if photometric == "MONOCHROME1":
+        values = values.max() - values
+    stored = np.round((values - intercept) / slope)
+    _write(tmp_path / "slice.dcm", stored, bits=bits, slope=slope, intercept=intercept, photometric=photometric)
+    [decoded] = decode_series([tmp_path / "slice.dcm"]).slices
+    preprocess = build_preprocess(PreprocessingConfig(input_size=64))
+    from_png = preprocess_slice(preprocess, load_image(tmp_path / "slice.png"))
+    from_dicom = preprocess_slice(preprocess, decoded.pixels)
+    np.testing.assert_allclose(from_png.numpy(), from_dicom.numpy(), atol=1e-5)
