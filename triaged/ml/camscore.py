@@ -34,9 +34,11 @@ def _dilate(mask: np.ndarray, radius: int) -> np.ndarray:
 
 
 def localisation_scores(
-    cams: np.ndarray, masks: np.ndarray, *, tolerance: int = 2, cam_threshold: float = 0.5
+    cams: np.ndarray, masks: np.ndarray, *, tolerance: int | None = None, cam_threshold: float = 0.5
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Per-image pointing-game hits (CAM maximum within ``tolerance`` px of the mask) and IoU of CAM ≥ threshold."""
+    """Per-image pointing-game hits (CAM maximum within ``tolerance`` px of the mask), IoU of CAM ≥ threshold."""
+    if tolerance is None:  # the usual 15 px at 224 px (Zhang et al. 2018), scaled to the map size
+        tolerance = round(15 * cams.shape[-1] / 224) if len(cams) else 0
     hits = np.zeros(len(cams), dtype=bool)
     ious = np.zeros(len(cams), dtype=np.float64)
     for i, (cam, mask) in enumerate(zip(cams, masks, strict=True)):

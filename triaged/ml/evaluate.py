@@ -24,7 +24,7 @@ from triaged.ml.dataset import preprocess_files, sample_labels, sample_paths
 from triaged.ml.device import choose_placement, torch_threads
 from triaged.ml.inference import Predictor, Triage, energy_score, softmax
 from triaged.ml.metrics import fit_temperature, roc_curve, sensitivity_threshold, youden_threshold
-from triaged.ml.networks import cam_target_layer
+from triaged.ml.networks import cam_layer_candidates
 from triaged.ml.ood import OOD_FILE, FeatureOOD
 from triaged.ml.registry import load_model, sha256_file, write_spec
 from triaged.ml.report import set_report
@@ -166,6 +166,10 @@ def evaluate_model(model_dir: Path, data_root: Path, out_dir: Path, options: Eva
         )
         _write_predictions(out_dir / f"predictions_{name}.csv", sets[name], probs, classes)
     report["roc"] = _roc_curves(softmax(logits["test"] / temperature), labels["test"], classes)
+    cam_choice, report["gradcam_selection_on_val"] = _select_cam(
+        predictor, data_root, sets["val"], images["val"], labels["val"], rounds=options.rounds
+    )
+    predictor.cam_config = cam_choice
     report["gradcam"], cam_examples = _cam_report(
         predictor, data_root, sets["test"], images["test"], labels["test"], options=options
     )
@@ -177,7 +181,7 @@ def evaluate_model(model_dir: Path, data_root: Path, out_dir: Path, options: Eva
             temperature=temperature,
             ood=ood,
             thresholds={"urgency": thresholds["high_sensitivity"], **thresholds},
-            extra={**spec.extra, "metrics": _headline(report), "data_split": split_summary(samples)},
+            extra={**spec.extra, "metrics": _headline(report), "data_split": split_summary(samples), "cam": cam_choice},
         )
         write_spec(model_dir, new_spec)
     if options.release and (data_root / "dicom").is_dir():
@@ -222,6 +226,46 @@ def _roc_curves(probs: np.ndarray, labels: np.ndarray, classes: tuple[str, ...])
     return {k: {"fpr": v[0].tolist(), "tpr": v[1].tolist()} for k, v in curves.items()}
 
 
+def _cheng_masks(data_root: Path, samples: list[Sample], rows: list[int], size: int) -> np.ndarray:
+    from PIL import Image
+
+    masks = []
+    for i in rows:
+        mask_path = data_root / samples[i].path.replace("/images/", "/masks/").replace(".jpg", "_mask.png")
+        with Image.open(mask_path) as m:
+            masks.append(mask_to_model_space(np.asarray(m.convert("L")) > 127, size))
+    return np.stack(masks) if masks else np.zeros((0, size, size), dtype=bool)
+
+
+def _cheng_rows(samples: list[Sample], limit: int) -> list[int]:
+    rows = [i for i, s in enumerate(samples) if s.source == "cheng"]
+    return rows[:: max(1, len(rows) // max(1, limit))][:limit]
+
+
+def _select_cam(
+    predictor: Predictor, data_root: Path, val: list[Sample], images: np.ndarray, labels: np.ndarray, *, rounds: int
+) -> tuple[dict[str, str], list[dict[str, Any]]]:
+    """Choose the Grad-CAM layer and method on *validation* Cheng slices (pointing game, then IoU)."""
+    rows = _cheng_rows(val, 96)
+    masks = _cheng_masks(data_root, val, rows, predictor.spec.preprocessing.input_size)
+    x = torch.from_numpy(images[rows].astype(np.float32))
+    table = []
+    for layer in cam_layer_candidates(predictor.spec.arch):
+        for method in ("gradcam", "gradcampp"):
+            rep, _ = score_cams(predictor.model, x, labels[rows].tolist(), masks, layer, method=method, rounds=rounds)
+            table.append(
+                {
+                    "target_layer": layer,
+                    "method": method,
+                    "pointing_game": rep["pointing_game"]["value"],
+                    "mean_iou": rep["mean_iou"]["value"],
+                    "n": rep["n"],
+                }
+            )
+    best = max(table, key=lambda r: (r["pointing_game"], r["mean_iou"]))
+    return {"target_layer": best["target_layer"], "method": best["method"]}, table
+
+
 def _cam_report(
     predictor: Predictor,
     data_root: Path,
@@ -231,28 +275,20 @@ def _cam_report(
     *,
     options: EvalOptions,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    from PIL import Image
-
-    rows = [i for i, s in enumerate(test) if s.source == "cheng"]
-    rows = rows[:: max(1, len(rows) // max(1, options.cam_limit))][: options.cam_limit]
-    size = predictor.spec.preprocessing.input_size
-    masks = []
-    for i in rows:
-        mask_path = data_root / test[i].path.replace("/images/", "/masks/").replace(".jpg", "_mask.png")
-        with Image.open(mask_path) as m:
-            masks.append(mask_to_model_space(np.asarray(m.convert("L")) > 127, size))
-    mask_arr = np.stack(masks) if masks else np.zeros((0, size, size), dtype=bool)
+    rows = _cheng_rows(test, options.cam_limit)
+    mask_arr = _cheng_masks(data_root, test, rows, predictor.spec.preprocessing.input_size)
     x = torch.from_numpy(images[rows].astype(np.float32))
-    layer = cam_target_layer(predictor.spec.arch)
+    layer = predictor.cam_layer
     report: dict[str, Any] = {}
     cams: dict[str, np.ndarray] = {}
     for method in ("gradcam", "gradcampp"):
         report[method], cams[method] = score_cams(
             predictor.model, x, labels[rows].tolist(), mask_arr, layer, method=method, rounds=options.rounds
         )
+        report[method]["target_layer"] = layer
     examples = {
         "images": images[rows][:, 0].astype(np.float32),
-        "cams": cams["gradcam"],
+        "cams": cams[predictor.cam_method],
         "masks": mask_arr,
         "labels": labels[rows],
         "paths": [test[i].path for i in rows],

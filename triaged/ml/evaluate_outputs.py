@@ -8,9 +8,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from triaged.ml.cam import compute_cams
 from triaged.ml.inference import Predictor
-from triaged.ml.networks import cam_target_layer
 from triaged.ml.plots import confusion_plot, image_grid, line_plot, overlay
 
 SET_TITLES = {
@@ -127,12 +125,7 @@ def example_grid(
     for kind, sel in (("TP", flagged & tumour), ("FP", flagged & ~tumour), ("FN", ~flagged & tumour)):
         for i in np.flatnonzero(sel)[:per_kind]:
             pred = int(probs[i].argmax())
-            cam = compute_cams(
-                predictor.model,
-                torch.from_numpy(images[i : i + 1].astype(np.float32)),
-                pred,
-                cam_target_layer(predictor.spec.arch),
-            )[0]
+            cam = predictor.cams(torch.from_numpy(images[i : i + 1].astype(np.float32)), pred)[0]
             caption = f"{kind} {classes[int(labels[i])][:4]}->{classes[pred][:4]} {1 - probs[i, nt]:.2f}"
             tiles.append((overlay(images[i, 0].astype(np.float32), cam).resize((160, 160)), caption))
     return tiles

@@ -42,6 +42,11 @@ class Predictor:
     ) -> None:
         self.spec = spec
         self.ood = ood
+        cam = dict(spec.extra.get("cam", {}))
+        self.cam_config = {
+            "target_layer": str(cam.get("target_layer", cam_target_layer(spec.arch))),
+            "method": str(cam.get("method", "gradcam")),
+        }
         self.placement = placement
         self.batch_size = batch_size
         self.model = model.to(placement.device).eval()
@@ -80,8 +85,17 @@ class Predictor:
         """Temperature-scaled softmax probabilities (N, C) float32."""
         return softmax(logits / self.spec.temperature)
 
-    def cams(self, x: torch.Tensor, class_index: int, *, method: str = "gradcam") -> np.ndarray:
-        return compute_cams(self.model, x, class_index, cam_target_layer(self.spec.arch), method=method)
+    @property
+    def cam_layer(self) -> str:
+        return self.cam_config["target_layer"]
+
+    @property
+    def cam_method(self) -> str:
+        return self.cam_config["method"]
+
+    def cams(self, x: torch.Tensor, class_index: int) -> np.ndarray:
+        """Grad-CAM maps (N, S, S) in [0, 1] with the layer and method chosen on validation."""
+        return compute_cams(self.model, x, class_index, self.cam_layer, method=self.cam_method)
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

@@ -63,6 +63,13 @@ def cam_target_layer(arch: str) -> str:
     return {"densenet121": "class_layers.relu", "resnet50": "layer4", "smallcnn": "features.13"}[arch]
 
 
+def cam_layer_candidates(arch: str) -> list[str]:
+    """Layers whose Grad-CAM localisation is compared on validation (finer maps than the last one for DenseNet)."""
+    if arch == "densenet121":
+        return ["class_layers.relu", "features.transition3.conv", "features.denseblock3"]
+    return [cam_target_layer(arch)]
+
+
 def load_torchvision_densenet121(model: nn.Module, path: Path) -> None:
     """Initialise a MONAI DenseNet121 from a local torchvision ImageNet state dict (nothing is downloaded).
 
