@@ -203,3 +203,24 @@ def test_concurrent_claims_never_share_a_job(session_factory: sessionmaker[Sessi
     for thread in threads:
         thread.join(timeout=60)
     assert sorted(got) == ids
+
+
+def test_reaper_is_bounded_per_call_and_catches_up(session_factory: sessionmaker[Session]) -> None:
+    now = utcnow()
+    with session_factory.begin() as session:
+        session.add_all(
+            Job(
+                kind=JobKind.INFER,
+                state=JobState.RUNNING,
+                dedupe_key=f"bulk{i}",
+                payload={},
+                attempts=1,
+                lease_owner="gone",
+                lease_expires_at=now - timedelta(seconds=1),
+            )
+            for i in range(25)
+        )
+    # 10 batches of 2 at most per call: short transactions, never an unbounded sweep
+    assert queue.reap_expired_leases(session_factory, now=now, batch_size=2) == 20
+    assert queue.reap_expired_leases(session_factory, now=now, batch_size=2) == 5
+    assert queue.counts_by_state(session_factory) == {("infer", "queued"): 25}
