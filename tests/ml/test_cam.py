@@ -21,7 +21,8 @@ class _LinearSaliency(nn.Module):
             self.head.weight.copy_(torch.tensor([[1.0], [-1.0]]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x).mean(dim=(2, 3)))
+        out: torch.Tensor = self.head(self.features(x).mean(dim=(2, 3)))
+        return out
 
 
 def test_scale_to_unit_keeps_the_maximum_on_top() -> None:
