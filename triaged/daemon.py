@@ -114,8 +114,9 @@ class Daemon:
             workers=workers,
             model=triage.model_name if triage else None,
             model_version=triage.model_version if triage else None,
-            device=settings.model.device,
-            precision=settings.model.precision,
+            # the resolved placement when the model API exposes it (model_loaded logs it too), else the setting
+            device=str(getattr(triage, "device", settings.model.device)),
+            precision=str(getattr(triage, "precision", settings.model.precision)),
             torch_threads=settings.worker.torch_threads,
             database=runtime.engine.dialect.name if runtime.engine else None,
         )
