@@ -18,6 +18,7 @@ import structlog
 import torch
 
 from triaged.errors import ModelError
+from triaged.ml.aggregate import brain_fraction
 from triaged.ml.camscore import mask_to_model_space, score_cams
 from triaged.ml.data import Sample, evaluation_samples, read_manifest, split_summary, training_samples
 from triaged.ml.dataset import preprocess_files, sample_labels, sample_paths
@@ -76,6 +77,8 @@ def _fit_ood(
         "fitted_on": f"{len(images)} training images",
         "aggregation": "median over in-brain slices",
         "val_score_quantiles": {str(q): float(np.quantile(val_scores, q)) for q in (0.5, 0.95, 0.99, 0.995)},
+        # Slices with less tissue than 95 % of the training images are outside what the model has seen.
+        "train_brain_fraction_q05": float(np.quantile(brain_fraction(images.astype(np.float32)), 0.05)),
     }
     return ood, info
 
@@ -180,6 +183,7 @@ def evaluate_model(model_dir: Path, data_root: Path, out_dir: Path, options: Eva
             spec,
             temperature=temperature,
             ood=ood,
+            aggregation={**spec.aggregation, "min_brain_fraction": round(ood["train_brain_fraction_q05"], 4)},
             thresholds={"urgency": thresholds["high_sensitivity"], **thresholds},
             extra={**spec.extra, "metrics": _headline(report), "data_split": split_summary(samples), "cam": cam_choice},
         )

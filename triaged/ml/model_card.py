@@ -69,7 +69,9 @@ def write_model_card(model_dir: Path, report: dict[str, Any]) -> Path:
         f"{spec.thresholds.get('youden', float('nan')):.4f}.",
         f"- Series urgency: mean of the top-{spec.aggregation.get('top_k')} slice tumour probabilities, each capped by"
         " its"
-        " strongest neighbour (a lesion spans adjacent slices), over slices with enough tissue.",
+        " strongest neighbour (a lesion spans adjacent slices), over slices with enough tissue: at least "
+        f"{float(spec.aggregation.get('min_brain_fraction', 0)) * 100:.1f} % of the square above 0.1 (the 5th "
+        "percentile of the training images) and at least half of the series' fullest slice.",
         f"- OOD: {spec.ood.get('method')} distance in the penultimate feature space, threshold "
         f"{float(spec.ood.get('threshold', float('nan'))):.3f} (validation quantile {spec.ood.get('quantile')}).",
         f"- Weights sha256 `{spec.weights_sha256}`; data manifest sha256 `{spec.extra.get('data_manifest_sha256')}`.",
@@ -164,6 +166,8 @@ def write_model_card(model_dir: Path, report: dict[str, Any]) -> Path:
         "- Cheng has no patient ids: blocks of consecutive slices approximate patients, so some leakage may remain and",
         "  the CIs (image-level bootstrap) are too narrow. Labels are noisy (conflicts found and excluded).",
         "- Calibration, thresholds and the OOD threshold were fitted on the validation split of the same sources.",
+        "- The release series were looked at during development (the tissue-fraction slice rule was motivated by",
+        "  their lateral slices, though its value is fitted on training images), so they are not a blind test.",
         "",
         "## Reproduce",
         "",
