@@ -215,26 +215,26 @@ def test_shipped_model_labels_and_normal_brains(
     image directly: this checks that the DICOM path (wrapping, decoding, preprocessing, aggregation)
     preserves the model's answer, not the model's accuracy (that is the evaluation report's job).
     """
-    from triaged.ml.api import Triage
+    from triaged.ml.api import SeriesMeta, Triage
 
     triage = Triage(SHIPPED_MODEL, device="cpu", precision="fp32", threads=1)
-    predictor = triage._predictor
     provisional = bool(json.loads((SHIPPED_MODEL / "model.json").read_text()).get("provisional"))
     chosen: dict[str, list[str]] = {}
     for label in ("glioma", "meningioma", "pituitary", "notumor"):
         files = kaggle_files(label)[:48]
-        probs = predictor.calibrated(predictor.logits(predictor.preprocess_slices([load_slice(f) for f in files])))
+        meta = SeriesMeta("MR", "BRAIN", "T1 AX POST GD", "", ("ORIGINAL", "PRIMARY"), ("SE",), ("NONE",), (), 48)
+        probe = triage.assess([load_slice(f) for f in files], meta, cam_top_k=0)
         column = triage.classes.index(label)
         confident = []
-        for name, row in zip(files, probs, strict=True):
+        for name, row, in_brain in zip(files, probe.slice_probabilities, probe.slice_in_brain, strict=True):
             others = np.delete(row, column)
-            if row[column] >= 0.6 and row[column] - others.max() >= 0.3:
+            if in_brain and row[column] >= 0.6 and row[column] - others.max() >= 0.3:
                 confident.append(name)
         if not confident and provisional:
             pytest.xfail(f"provisional shipped model: no clean {label} test slice among 48 classified with margin")
         assert confident, f"the shipped model classifies none of 48 clean {label} test slices with margin"
         chosen[label] = confident[:3]
-    del triage, predictor
+    del triage
 
     config = daemon_config(tmp_path, db_url=sqlite_url, model_dir=SHIPPED_MODEL, dicom_port=free_port())
     series = {
