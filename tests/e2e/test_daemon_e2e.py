@@ -34,7 +34,6 @@ from triaged.db.schema import upgrade
 from triaged.dicom.synthetic import write_mr_series
 
 pytestmark = [
-    pytest.mark.filterwarnings("ignore:`torch.jit.interface` is deprecated:DeprecationWarning"),
     pytest.mark.filterwarnings("ignore:The pixel data is .* bytes long:UserWarning"),
 ]
 

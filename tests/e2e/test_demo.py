@@ -12,8 +12,6 @@ from PIL import Image
 from tests.conftest import shared_data
 from tests.support.pipeline_support import SHIPPED_MODEL, shipped_model_available
 
-pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.interface` is deprecated:DeprecationWarning")
-
 
 def _demo(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
     return subprocess.run(

@@ -33,7 +33,6 @@ from triaged.dicom.scu import Destination, SendOptions, send_files
 
 pytestmark = [
     pytest.mark.orthanc,
-    pytest.mark.filterwarnings("ignore:`torch.jit.interface` is deprecated:DeprecationWarning"),
 ]
 
 SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"

@@ -37,7 +37,6 @@ from triaged.worker import Worker
 # torch/monai are imported lazily (inside fixtures) so that this filter covers their import-time warnings.
 pytestmark = [
     pytest.mark.filterwarnings("ignore:The pixel data is .* bytes long:UserWarning"),
-    pytest.mark.filterwarnings("ignore:`torch.jit.interface` is deprecated:DeprecationWarning"),
 ]
 
 

@@ -9,8 +9,6 @@ import pytest
 from triaged.config import Settings
 from triaged.db.models import Result, ResultStatus
 
-pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.interface` is deprecated:DeprecationWarning")
-
 
 @pytest.mark.parametrize(
     ("mode", "not_assessable", "status", "urgent", "expected"),

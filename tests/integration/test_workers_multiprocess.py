@@ -24,7 +24,6 @@ from triaged.dicom.synthetic import write_mr_series
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.filterwarnings("ignore:`torch.jit.interface` is deprecated:DeprecationWarning"),
 ]
 
 

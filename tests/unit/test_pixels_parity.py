@@ -13,8 +13,6 @@ from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
 from triaged.dicom.pixels import decode_series
 
-pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.interface` is deprecated:DeprecationWarning")
-
 
 def _write(path: Path, stored: np.ndarray, *, bits: int, slope: float, intercept: float, photometric: str) -> None:
     meta = FileMetaDataset()
