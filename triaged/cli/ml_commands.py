@@ -111,8 +111,11 @@ def evaluate_command(  # noqa: PLR0917 (one parameter per CLI option)
     device: Annotated[str, typer.Option()] = "auto",
     precision: Annotated[str, typer.Option()] = "auto",
     threads: Annotated[int | None, typer.Option()] = None,
+    compare: Annotated[
+        list[Path] | None, typer.Option(help="Evaluated model directories to compare with in the model card.")
+    ] = None,
 ) -> None:
-    """Evaluate a model directory; writes evaluation.json/.md and PNG plots."""
+    """Evaluate a model directory; writes evaluation.json/.md and PNG plots (and MODEL_CARD.md with --calibrate)."""
     from triaged.ml.evaluate import EvalOptions, evaluate_model
 
     _check_data_root(data_root)
@@ -128,7 +131,11 @@ def evaluate_command(  # noqa: PLR0917 (one parameter per CLI option)
         device=device,
         precision=precision,
         threads=threads,
+        compare=tuple(compare or ()),
     )
+    for other in options.compare:
+        if not (other / "evaluation" / "evaluation.json").is_file():
+            _fail(f"--compare {other} has no evaluation/evaluation.json; evaluate it first")
     try:
         report = evaluate_model(model_dir, data_root, out_dir or model_dir / "evaluation", options)
     except (TriagedError, ValueError) as exc:

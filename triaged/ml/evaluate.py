@@ -48,6 +48,7 @@ class EvalOptions:
     device: str = "auto"
     precision: str = "auto"
     threads: int | None = None
+    compare: tuple[Path, ...] = ()
 
 
 def _logits(predictor: Predictor, images: np.ndarray, tta: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -204,7 +205,7 @@ def evaluate_model(model_dir: Path, data_root: Path, out_dir: Path, options: Eva
     if options.calibrate:
         from triaged.ml.model_card import write_model_card
 
-        write_model_card(model_dir, report)
+        write_model_card(model_dir, report, options.compare)
     log.info("evaluate_done", out_dir=str(out_dir), **_headline(report))
     return report
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from triaged.ml.evaluate_outputs import ci
+from triaged.ml.networks import build_network, count_parameters
 from triaged.ml.registry import read_spec
 
 REPRODUCE = """\
@@ -32,7 +35,29 @@ def _split_table(spec_extra: dict[str, Any]) -> list[str]:
     return lines
 
 
-def write_model_card(model_dir: Path, report: dict[str, Any]) -> Path:
+def comparison_rows(model_dir: Path, report: dict[str, Any], others: Sequence[Path]) -> list[str]:
+    """Markdown rows comparing this model with other evaluated model directories (their evaluation.json)."""
+    rows = [
+        "| model | params | input | epochs | train minutes | test accuracy | test macro AUC | tumour AUC | "
+        "clean_test accuracy |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for path, rep in [(model_dir, report)] + [
+        (o, json.loads((o / "evaluation" / "evaluation.json").read_text())) for o in others
+    ]:
+        spec = read_spec(path)
+        compute = dict(dict(spec.extra.get("training", {})).get("compute", {}))
+        t, c = rep["sets"]["test"], rep["sets"]["clean_test"]
+        rows.append(
+            f"| {spec.arch} | {count_parameters(build_network(spec.arch, len(spec.classes))) / 1e6:.2f} M | "
+            f"{spec.preprocessing.input_size} | {compute.get('epochs')} | "
+            f"{float(compute.get('wall_seconds', 0)) / 60:.0f} | {ci(t['accuracy'])} | {ci(t['macro_auc'], False)} | "
+            f"{ci(t['tumour_vs_notumour']['auc'], False)} | {ci(c['accuracy'])} |"
+        )
+    return rows
+
+
+def write_model_card(model_dir: Path, report: dict[str, Any], compare: Sequence[Path] = ()) -> Path:
     """Render the card; every number comes from ``report`` (evaluation.json) or ``model.json``."""
     spec = read_spec(model_dir)
     training = dict(spec.extra.get("training", {}))
