@@ -159,6 +159,15 @@ def write_model_card(model_dir: Path, report: dict[str, Any], compare: Sequence[
     ]
     for method, g in report["gradcam"].items():
         lines.append(f"| {method} | {g['n']} | {ci(g['pointing_game'])} | {ci(g['mean_iou'], False)} |")
+    lines += [
+        "",
+        "## Comparison (same split and evaluation; each trained from scratch on the shared CPU)",
+        "",
+        *comparison_rows(model_dir, report, compare),
+        "",
+        "ResNet50 was not trained: at ~4x DenseNet121's cost per image it could not get a comparable budget",
+        "on this machine in the time available. Budgets differ (see the minutes column); read accordingly.",
+    ]
     if "release" in report:
         lines += [
             "",
