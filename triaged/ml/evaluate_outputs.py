@@ -22,8 +22,8 @@ SET_TITLES = {
 def ci(m: dict[str, Any], pct: bool = True) -> str:
     f = 100.0 if pct else 1.0
     lo, hi = m["ci95"]
-    unit = " %" if pct else ""
-    return f"{m['value'] * f:.2f}{unit} [{lo * f:.2f}, {hi * f:.2f}]"
+    unit, d = (" %", 2) if pct else ("", 4)
+    return f"{m['value'] * f:.{d}f}{unit} [{lo * f:.{d}f}, {hi * f:.{d}f}]"
 
 
 def markdown(report: dict[str, Any], classes: tuple[str, ...]) -> str:
