@@ -44,6 +44,8 @@ class GroupCommitter:
         self.max_batch = max_batch
         self._queue: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
+        # (series id, association id) links already committed: skips one INSERT per instance.
+        self._linked: set[tuple[int, int]] = set()
 
     def start(self) -> None:
         if self._thread is None:
@@ -112,6 +114,7 @@ class GroupCommitter:
                         calling_ae_title=p.calling_ae_title,
                         association_id=p.association_id,
                         now=p.now,
+                        linked=self._linked,
                     )
                     for p in batch
                 ]
@@ -124,6 +127,10 @@ class GroupCommitter:
             batch[0].error = exc
             batch[0].done.set()
             return
+        if len(self._linked) > 100_000:
+            self._linked.clear()
         for pending, outcome in zip(batch, outcomes, strict=True):
+            if pending.association_id is not None:
+                self._linked.add((outcome.series_id, pending.association_id))
             pending.outcome = outcome
             pending.done.set()

@@ -7,6 +7,7 @@ followed by a read, which is correct on SQLite and PostgreSQL alike.
 
 from __future__ import annotations
 
+from collections.abc import Container
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
@@ -101,12 +102,14 @@ def record_instance(
     calling_ae_title: str,
     association_id: int | None,
     now: datetime,
+    linked: Container[tuple[int, int]] = (),
 ) -> RecordOutcome:
     """Insert or update the rows for one stored file, in the caller's transaction.
 
     Same SOP Instance UID with the same sha256: nothing new (``duplicate``). Different sha256: the newest
     wins (``replaced``). A new or replaced instance on a series that was already complete (or later)
-    re-opens it with generation + 1, so it is processed again.
+    re-opens it with generation + 1, so it is processed again. ``linked`` holds (series id, association id)
+    pairs known to be committed already, whose link insert can be skipped.
     """
     series = _series_row(session, facts, calling_ae_title, now)
     existing = session.execute(
@@ -159,6 +162,7 @@ def record_instance(
         session.execute(INSTANCES.insert().values(sop_instance_uid=facts.sop_instance_uid, **instance_values))
     elif existing is not None:
         session.execute(update(INSTANCES).where(INSTANCES.c.id == existing.id).values(**instance_values))
-    if association_id is not None and (kind != "duplicate" or receiving):
+    link = (int(series.id), association_id) if association_id is not None else None
+    if link is not None and link not in linked and (kind != "duplicate" or receiving):
         insert_ignore(session, SERIES_ASSOCIATIONS, {"series_id": series.id, "association_id": association_id})
     return RecordOutcome(kind=kind, series_id=int(series.id), generation=generation, reopened=reopened)
