@@ -12,7 +12,7 @@ import itertools
 import os
 import threading
 from collections.abc import Sequence
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import structlog
 
@@ -71,8 +71,8 @@ class InstanceStore:
 
     def path_for(self, relative: str) -> Path:
         """Absolute path of ``relative``; raises ValueError for anything that could escape the root."""
-        parts = PurePosixPath(relative).parts
-        if not parts or relative.startswith("/") or any(p in ("", ".", "..") for p in parts) or "\\" in relative:
+        parts = relative.split("/")
+        if any(p in ("", ".", "..") for p in parts) or "\\" in relative or "\x00" in relative:
             raise ValueError(f"not a safe relative storage path: {relative!r}")
         if parts[0] == TEMP_DIR_NAME:
             raise ValueError("the temp directory is not a storage path")
