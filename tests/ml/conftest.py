@@ -72,16 +72,17 @@ def tiny_data_root(tmp_path: Path) -> Path:
     rows = []
     for i in range(48):
         label = i % 4
-        rel = f"Training/{CLASSES[label]}/img_{i:03d}.jpg"
+        split = "Testing" if i >= 40 else "Training"
+        rel = f"{split}/{CLASSES[label]}/img_{i:03d}.jpg"
         (root / "kaggle_4class" / rel).parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(_blob_image(rng, label)).save(root / "kaggle_4class" / rel)
         rows.append(
             {
                 "file": rel,
-                "split": "Training",
+                "split": split,
                 "label": CLASSES[label],
                 "dup_group": f"k{i:05d}",
-                "clean_test": "",
+                "clean_test": "true" if split == "Testing" else "",
                 "in_cheng": "false",
                 "cheng_match": "",
                 "dup_group_label_conflict": "false",

@@ -63,6 +63,9 @@ def score_cams(
 ) -> tuple[dict[str, Any], np.ndarray]:
     """Compute CAMs for the true class of each image and score them against ``masks`` (N, S, S) bool."""
     cams = np.zeros((len(labels), images.shape[-2], images.shape[-1]), dtype=np.float32)
+    if len(labels) == 0:
+        empty = with_ci(float("nan"), (float("nan"), float("nan")))
+        return {"method": method, "n": 0, "pointing_game": empty, "mean_iou": empty}, cams
     labels_arr = np.asarray(labels)
     for cls in np.unique(labels_arr):
         idx = np.flatnonzero(labels_arr == cls)

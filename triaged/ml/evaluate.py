@@ -164,6 +164,8 @@ def evaluate_model(model_dir: Path, data_root: Path, out_dir: Path, options: Eva
         "sets": {},
     }
     for name in ("val", "test", "clean_test", "clean_test_not_cheng"):
+        if len(labels[name]) < 2 or len(np.unique(labels[name])) < 2:  # nothing meaningful to report
+            continue
         probs = softmax(logits[name] / temperature)
         report["sets"][name] = set_report(
             probs, labels[name], classes, thresholds, rounds=options.rounds, uncalibrated=softmax(logits[name])
@@ -213,6 +215,8 @@ def evaluate_model(model_dir: Path, data_root: Path, out_dir: Path, options: Eva
 def _headline(report: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name in ("test", "clean_test"):
+        if name not in report["sets"]:
+            continue
         s = report["sets"][name]
         out[f"{name}_accuracy"] = s["accuracy"]["value"]
         out[f"{name}_macro_auc"] = s["macro_auc"]["value"]
@@ -252,6 +256,8 @@ def _select_cam(
 ) -> tuple[dict[str, str], list[dict[str, Any]]]:
     """Choose the Grad-CAM layer and method on *validation* Cheng slices (pointing game, then IoU)."""
     rows = _cheng_rows(val, 96)
+    if not rows:
+        return dict(predictor.cam_config), []
     masks = _cheng_masks(data_root, val, rows, predictor.spec.preprocessing.input_size)
     x = torch.from_numpy(images[rows].astype(np.float32))
     table = []

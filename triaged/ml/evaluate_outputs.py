@@ -158,6 +158,8 @@ def write_outputs(
         diagonal=True,
     )
     for name in ("test", "clean_test"):
+        if name not in report["sets"]:
+            continue
         s = report["sets"][name]
         curves = []
         for label, bins in (("before scaling", s["reliability_before_scaling"]), ("after scaling", s["reliability"])):

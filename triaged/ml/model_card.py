@@ -47,12 +47,12 @@ def comparison_rows(model_dir: Path, report: dict[str, Any], others: Sequence[Pa
     ]:
         spec = read_spec(path)
         compute = dict(dict(spec.extra.get("training", {})).get("compute", {}))
-        t, c = rep["sets"]["test"], rep["sets"]["clean_test"]
+        t, c = rep["sets"]["test"], rep["sets"].get("clean_test")
         rows.append(
             f"| {spec.arch} | {count_parameters(build_network(spec.arch, len(spec.classes))) / 1e6:.2f} M | "
             f"{spec.preprocessing.input_size} | {compute.get('epochs')} | "
             f"{float(compute.get('wall_seconds', 0)) / 60:.0f} | {ci(t['accuracy'])} | {ci(t['macro_auc'], False)} | "
-            f"{ci(t['tumour_vs_notumour']['auc'], False)} | {ci(c['accuracy'])} |"
+            f"{ci(t['tumour_vs_notumour']['auc'], False)} | {ci(c['accuracy']) if c else '–'} |"
         )
     return rows
 
@@ -65,7 +65,7 @@ def write_model_card(model_dir: Path, report: dict[str, Any], compare: Sequence[
     cfg = dict(training.get("config", {}))
     history = list(training.get("history", []))
     sets = report["sets"]
-    test, clean = sets["test"], sets["clean_test"]
+    test, clean = sets["test"], sets.get("clean_test")
     hs = test["tumour_vs_notumour"]["high_sensitivity"]
     status = "PROVISIONAL" if spec.provisional else "release candidate"
     lines = [
@@ -150,7 +150,7 @@ def write_model_card(model_dir: Path, report: dict[str, Any], compare: Sequence[
         f"tumour sensitivity ≥ 99.5 % at specificity ≥ 95 % (reached: {hs['sensitivity']['value'] * 100:.2f} % at "
         f"{hs['specificity']['value'] * 100:.2f} %), macro AUC ≥ 0.998 (reached: {test['macro_auc']['value']:.4f}), "
         f"ECE ≤ 2 % (reached: {test['ece']['value'] * 100:.2f} %). Kaggle clean_test accuracy "
-        f"{ci(clean['accuracy'])}.",
+        f"{ci(clean['accuracy']) if clean else 'not available'}.",
         "",
         "Grad-CAM localisation on test Cheng slices (true class; pointing game = map maximum within 2 px of the mask):",
         "",
