@@ -22,7 +22,7 @@ from triaged.ml.aggregate import brain_fraction
 from triaged.ml.camscore import mask_to_model_space, score_cams
 from triaged.ml.data import Sample, evaluation_samples, read_manifest, split_summary, training_samples
 from triaged.ml.dataset import preprocess_files, sample_labels, sample_paths
-from triaged.ml.device import choose_placement, torch_threads
+from triaged.ml.device import Placement, choose_placement, torch_threads
 from triaged.ml.inference import Predictor, Triage, energy_score, softmax
 from triaged.ml.metrics import fit_temperature, roc_curve, sensitivity_threshold, youden_threshold
 from triaged.ml.networks import cam_layer_candidates
@@ -171,6 +171,7 @@ def evaluate_model(model_dir: Path, data_root: Path, out_dir: Path, options: Eva
             probs, labels[name], classes, thresholds, rounds=options.rounds, uncalibrated=softmax(logits[name])
         )
         _write_predictions(out_dir / f"predictions_{name}.csv", sets[name], probs, classes)
+    report["precision_parity"] = _precision_parity(predictor, images["test"][:300], temperature)
     report["roc"] = _roc_curves(softmax(logits["test"] / temperature), labels["test"], classes)
     cam_choice, report["gradcam_selection_on_val"] = _select_cam(
         predictor, data_root, sets["val"], images["val"], labels["val"], rounds=options.rounds
@@ -210,6 +211,20 @@ def evaluate_model(model_dir: Path, data_root: Path, out_dir: Path, options: Eva
         write_model_card(model_dir, report, options.compare)
     log.info("evaluate_done", out_dir=str(out_dir), **_headline(report))
     return report
+
+
+def _precision_parity(predictor: Predictor, images: np.ndarray, temperature: float) -> dict[str, Any]:
+    """How much the chosen inference precision (e.g. bf16 autocast) changes calibrated outputs vs fp32."""
+    x = torch.from_numpy(images.astype(np.float32))
+    fast = softmax(predictor.logits(x) / temperature)
+    reference = Predictor(predictor.spec, predictor.model, Placement(predictor.placement.device, "fp32"))
+    exact = softmax(reference.logits(x) / temperature)
+    return {
+        "precision": predictor.placement.precision,
+        "n": len(images),
+        "argmax_agreement": float((fast.argmax(1) == exact.argmax(1)).mean()) if len(images) else float("nan"),
+        "max_abs_probability_difference": float(np.abs(fast - exact).max()) if len(images) else float("nan"),
+    }
 
 
 def _headline(report: dict[str, Any]) -> dict[str, Any]:

@@ -35,6 +35,9 @@ def markdown(report: dict[str, Any], classes: tuple[str, ...]) -> str:
         f"- data manifest sha256 `{report['model']['data_manifest_sha256']}`",
         f"- device {report['device']['device']}, precision {report['device']['precision']}, flip TTA {report['tta']}",
         f"- temperature (fitted on validation): {report['temperature']:.4f}",
+        f"- {report['precision_parity']['precision']} vs fp32 on {report['precision_parity']['n']} test images: "
+        f"argmax agreement {report['precision_parity']['argmax_agreement']:.4f}, max |Δp| "
+        f"{report['precision_parity']['max_abs_probability_difference']:.4f}",
         "- thresholds on tumour probability 1 − p(notumor), chosen on validation: "
         + ", ".join(f"{k} {v:.4f}" for k, v in report["thresholds"].items()),
         f"- OOD: {report['ood']['method']} (fitted on {report['ood']['fitted_on']}), threshold "
