@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from triaged.ml.data import assign_splits, build_samples, read_manifest
@@ -74,3 +75,12 @@ def test_resume_continues_from_last_checkpoint(tiny_data_root: Path, tmp_path: P
     train(TrainConfig(**base, epochs=2, resume=True))  # type: ignore[arg-type]
     state = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
     assert state["epoch"] == 2 and len(state["history"]) == 2
+
+
+def test_wall_clock_schedule_warms_up_then_decays_to_one_percent() -> None:
+    from triaged.ml.train import _time_lr_factor
+
+    assert _time_lr_factor(0, 10, 0.0) == pytest.approx(0.1)
+    assert _time_lr_factor(10, 10, 0.0) == pytest.approx(1.0)
+    assert _time_lr_factor(50, 10, 0.5) == pytest.approx(0.505)
+    assert _time_lr_factor(99, 10, 1.7) == pytest.approx(0.01)
