@@ -63,5 +63,7 @@ def test_bad_input_raises(random_model_dir: Path) -> None:
     triage = Triage(random_model_dir, device="cpu", precision="fp32", threads=1)
     with pytest.raises(ValueError, match="2-D"):
         triage.assess([np.zeros((3, 8, 8), np.float32)], META)
+    with pytest.raises(ValueError, match="NaN"):
+        triage.assess([np.full((8, 8), np.nan, np.float32)], META)
     with pytest.raises(ValueError, match="precision"):
         Triage(random_model_dir, precision="int4")

@@ -157,8 +157,11 @@ class Triage:
     def assess(self, slices: Sequence[np.ndarray], meta: SeriesMeta, *, cam_top_k: int = 3) -> SeriesAssessment:
         """Gate, score and aggregate one series (slices in patient order, any size, modality LUT applied)."""
         for i, s in enumerate(slices):
-            if np.asarray(s).ndim != 2:
-                raise ValueError(f"slice {i} has shape {np.asarray(s).shape}; expected 2-D")
+            arr = np.asarray(s)
+            if arr.ndim != 2:
+                raise ValueError(f"slice {i} has shape {arr.shape}; expected 2-D")
+            if not np.isfinite(arr).all():
+                raise ValueError(f"slice {i} contains NaN or infinite pixel values")
         reason = gate_reason(meta) or (None if slices else "series has no slices")
         if reason is not None:
             return self._not_assessable(reason, len(slices), {})
@@ -207,7 +210,7 @@ class Triage:
             urgent=urgent,
             slice_probabilities=probs,
             slice_in_brain=in_brain,
-            key_slice_indices=score.key_slice_indices[: max(1, cam_top_k)],
+            key_slice_indices=score.key_slice_indices[: max(int(spec.aggregation.get("top_k", 3)), cam_top_k)],
             cams=cams,
             ood_score=ood_score,
             timings=timings,
