@@ -44,7 +44,7 @@ def resolve_peer(settings: Settings, peer: str) -> Target:
     return Target(match["ae"], match["host"], port)
 
 
-PeerArg = Annotated[str, typer.Argument(help="Peer name from [dicom.peers], or AE@host:port.")]
+PeerArg = Annotated[str, typer.Argument(help="Peer name from the dicom.peers config table, or AE@host:port.")]
 CallingAe = Annotated[
     str | None, typer.Option("--calling-ae", help="Our AE title (default: dicom.ae_title).", show_default=False)
 ]
@@ -119,7 +119,7 @@ def _result_dict(result: SendResult) -> dict[str, Any]:
 def send_command(  # noqa: PLR0917 - Typer options
     ctx: typer.Context,
     paths: Annotated[list[Path], typer.Argument(exists=True, help="DICOM files or folders (searched recursively).")],
-    to: Annotated[str, typer.Option("--to", help="Peer name from [dicom.peers], or AE@host:port.")],
+    to: Annotated[str, typer.Option("--to", help="Peer name from the dicom.peers config table, or AE@host:port.")],
     calling_ae: CallingAe = None,
     timeout: Timeout = 30.0,
     tls_ca: TlsCa = None,
