@@ -196,10 +196,16 @@ class Ingestor:
                     association_id=request.association_id,
                     now=now,
                 )
-            except Exception as exc:  # the row is not committed: the file we just wrote must not stay
-                if created:
-                    self.store.remove(relative)
-                log.error("store_commit_failed", error=type(exc).__name__, sop_instance_uid=uid_hash(request_uid))
+            except Exception as exc:
+                # The file stays: a failed COMMIT may still have committed (e.g. connection lost during it),
+                # and deleting would then leave a row without its file. An unreferenced complete file is
+                # harmless and content-addressed, so the sender's retry reuses it.
+                log.error(
+                    "store_commit_failed",
+                    error=type(exc).__name__,
+                    file_created=created,
+                    sop_instance_uid=uid_hash(request_uid),
+                )
                 raise RejectError(status.OUT_OF_RESOURCES_STORE_FAILED, "database unavailable") from exc
         log.debug(
             "store_received",
