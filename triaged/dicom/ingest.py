@@ -11,20 +11,15 @@ import hashlib
 import threading
 from dataclasses import dataclass
 from datetime import datetime
-from io import BytesIO
 
 import structlog
-from pydicom import dcmread
-from pydicom.dataset import FileMetaDataset
 from pydicom.errors import InvalidDicomError
-from pydicom.filewriter import write_file_meta_info
-from pydicom.tag import Tag
-from pydicom.uid import UID
 from sqlalchemy.orm import Session, sessionmaker
 
 from triaged import metrics
 from triaged.dicom import status
 from triaged.dicom.committer import GroupCommitter
+from triaged.dicom.part10 import file_meta_bytes, read_identifiers
 from triaged.dicom.records import InstanceFacts, RecordOutcome
 from triaged.dicom.storage import InstanceStore
 from triaged.dicom.uids import uid_path, validate_uid
@@ -33,18 +28,6 @@ from triaged.log import uid_hash
 
 log = structlog.get_logger()
 
-#: Our Implementation Class UID (PS3.7 D.3.3.2), a fixed 2.25 UID derived from the project name.
-IMPLEMENTATION_CLASS_UID = "2.25.198377432911938069711383213521458125612"
-IMPLEMENTATION_VERSION_NAME = "TRIAGED_0_1"
-
-_PARSE_TAGS = [
-    Tag(0x0008, 0x0016),  # SOPClassUID
-    Tag(0x0008, 0x0018),  # SOPInstanceUID
-    Tag(0x0008, 0x0060),  # Modality
-    Tag(0x0020, 0x000D),  # StudyInstanceUID
-    Tag(0x0020, 0x000E),  # SeriesInstanceUID
-    Tag(0x0020, 0x0013),  # InstanceNumber
-]
 _LOCK_STRIPES = 64
 
 
@@ -69,29 +52,10 @@ class RejectError(Exception):
         self.comment = comment
 
 
-def file_meta_bytes(sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: str) -> bytes:
-    """Preamble, ``DICM`` and a File Meta Information group that is a pure function of its arguments.
-
-    Deterministic meta means the stored file's sha256 changes only when the dataset bytes change, which is
-    what idempotency on SOP Instance UID compares.
-    """
-    meta = FileMetaDataset()
-    meta.FileMetaInformationVersion = b"\x00\x01"
-    meta.MediaStorageSOPClassUID = UID(sop_class_uid)
-    meta.MediaStorageSOPInstanceUID = UID(sop_instance_uid)
-    meta.TransferSyntaxUID = UID(transfer_syntax_uid)
-    meta.ImplementationClassUID = UID(IMPLEMENTATION_CLASS_UID)
-    meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
-    buffer = BytesIO()
-    buffer.write(b"\x00" * 128 + b"DICM")
-    write_file_meta_info(buffer, meta, enforce_standard=True)  # type: ignore[arg-type]
-    return buffer.getvalue()
-
-
-def parse_facts(meta: bytes, request: StoreRequest) -> InstanceFacts:
+def parse_facts(request: StoreRequest) -> InstanceFacts:
     """Read only the identifying attributes (no pixel data); raise :class:`RejectError` on bad input."""
     try:
-        ds = dcmread(BytesIO(meta + request.dataset), stop_before_pixels=True, specific_tags=_PARSE_TAGS)
+        ds = read_identifiers(request.dataset, request.transfer_syntax_uid)
         sop_class: str = str(ds.get("SOPClassUID", "") or "")
         sop_instance: str = str(ds.get("SOPInstanceUID", "") or "")
         modality = str(ds.get("Modality", "") or "")[:16]
@@ -174,10 +138,8 @@ class Ingestor:
             validate_uid(request.sop_class_uid)
         except InvalidUidError as exc:
             raise RejectError(status.CANNOT_UNDERSTAND_INVALID_UID, f"invalid UID in request: {exc}") from exc
-        meta = file_meta_bytes(request.sop_class_uid, request_uid, request.transfer_syntax_uid)
-        facts = parse_facts(meta, request)
-        if facts.sop_instance_uid != request_uid:
-            meta = file_meta_bytes(request.sop_class_uid, facts.sop_instance_uid, request.transfer_syntax_uid)
+        facts = parse_facts(request)
+        meta = file_meta_bytes(request.sop_class_uid, facts.sop_instance_uid, request.transfer_syntax_uid)
         digest = hashlib.sha256(meta)
         digest.update(request.dataset)
         sha = digest.hexdigest()

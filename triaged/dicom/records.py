@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
 
-from sqlalchemy import Table, select, update
+from sqlalchemy import Table, bindparam, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
@@ -25,6 +25,21 @@ INSTANCES: Table = Instance.__table__  # type: ignore[assignment]
 SERIES_ASSOCIATIONS: Table = SeriesAssociation.__table__  # type: ignore[assignment]
 
 OutcomeKind = Literal["new", "duplicate", "replaced"]
+
+# Built once: SQLAlchemy memoises each statement's cache key, so re-executing costs no re-compilation.
+_SELECT_STUDY = select(STUDIES.c.id).where(STUDIES.c.study_instance_uid == bindparam("uid"))
+_SELECT_SERIES = (
+    select(SERIES.c.id, SERIES.c.state, SERIES.c.generation, SERIES.c.modality)
+    .where(SERIES.c.series_instance_uid == bindparam("uid"))
+    .with_for_update()
+)
+_SELECT_INSTANCE = select(INSTANCES.c.id, INSTANCES.c.sha256).where(INSTANCES.c.sop_instance_uid == bindparam("uid"))
+_INSERT_INSTANCE = INSTANCES.insert()
+_UPDATE_INSTANCE = update(INSTANCES).where(INSTANCES.c.id == bindparam("instance_id"))
+_INSERT_LINK = {
+    "postgresql": pg_insert(SERIES_ASSOCIATIONS).on_conflict_do_nothing(),
+    "sqlite": sqlite_insert(SERIES_ASSOCIATIONS).on_conflict_do_nothing(),
+}
 
 
 @dataclass(frozen=True)
@@ -55,22 +70,17 @@ def insert_ignore(session: Session, table: Table, values: dict[str, Any]) -> Non
 
 
 def _study_id(session: Session, uid: str, now: datetime) -> int:
-    query = select(STUDIES.c.id).where(STUDIES.c.study_instance_uid == uid)
-    study_id = session.scalar(query)
+    study_id = session.scalar(_SELECT_STUDY, {"uid": uid})
     if study_id is None:
         insert_ignore(session, STUDIES, {"study_instance_uid": uid, "created_at": now})
-        study_id = session.scalar(query)
+        study_id = session.scalar(_SELECT_STUDY, {"uid": uid})
     assert study_id is not None
     return int(study_id)
 
 
 def _series_row(session: Session, facts: InstanceFacts, calling_ae_title: str, now: datetime) -> Any:
-    query = (
-        select(SERIES.c.id, SERIES.c.state, SERIES.c.generation, SERIES.c.modality)
-        .where(SERIES.c.series_instance_uid == facts.series_instance_uid)
-        .with_for_update()
-    )
-    row = session.execute(query).one_or_none()
+    params = {"uid": facts.series_instance_uid}
+    row = session.execute(_SELECT_SERIES, params).one_or_none()
     if row is None:
         insert_ignore(
             session,
@@ -88,7 +98,7 @@ def _series_row(session: Session, facts: InstanceFacts, calling_ae_title: str, n
                 "updated_at": now,
             },
         )
-        row = session.execute(query).one()
+        row = session.execute(_SELECT_SERIES, params).one()
     return row
 
 
@@ -112,9 +122,7 @@ def record_instance(
     pairs known to be committed already, whose link insert can be skipped.
     """
     series = _series_row(session, facts, calling_ae_title, now)
-    existing = session.execute(
-        select(INSTANCES.c.id, INSTANCES.c.sha256).where(INSTANCES.c.sop_instance_uid == facts.sop_instance_uid)
-    ).one_or_none()
+    existing = session.execute(_SELECT_INSTANCE, {"uid": facts.sop_instance_uid}).one_or_none()
     kind: OutcomeKind
     if existing is None:
         kind = "new"
@@ -159,10 +167,11 @@ def record_instance(
         "purged_at": None,
     }
     if kind == "new":
-        session.execute(INSTANCES.insert().values(sop_instance_uid=facts.sop_instance_uid, **instance_values))
+        session.execute(_INSERT_INSTANCE, [{"sop_instance_uid": facts.sop_instance_uid, **instance_values}])
     elif existing is not None:
-        session.execute(update(INSTANCES).where(INSTANCES.c.id == existing.id).values(**instance_values))
+        session.execute(_UPDATE_INSTANCE, [{"instance_id": existing.id, **instance_values}])
     link = (int(series.id), association_id) if association_id is not None else None
     if link is not None and link not in linked and (kind != "duplicate" or receiving):
-        insert_ignore(session, SERIES_ASSOCIATIONS, {"series_id": series.id, "association_id": association_id})
+        dialect = session.get_bind().dialect.name
+        session.execute(_INSERT_LINK[dialect], [{"series_id": series.id, "association_id": association_id}])
     return RecordOutcome(kind=kind, series_id=int(series.id), generation=generation, reopened=reopened)
