@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import socket
 from pathlib import Path
 
 import pydicom
@@ -34,6 +35,7 @@ from tests.support.receiver import (
     synthetic_series,
     wait_for,
 )
+from triaged import metrics
 from triaged.db.models import Association, Series, SeriesAssociation, SeriesState, Study
 from triaged.dicom import status
 from triaged.dicom.send import echo
@@ -241,6 +243,10 @@ def test_max_associations_rejects_the_one_too_many(make_settings, session_factor
         ae.add_requested_context("1.2.840.10008.1.1")
         holder = ae.associate("127.0.0.1", receiver.port, ae_title="TRIAGED")
         assert holder.is_established
+        (accepted,) = receiver._server.active_associations  # type: ignore[union-attr]
+        assert accepted.dul.socket is not None and accepted.dul.socket.socket is not None
+        sock = accepted.dul.socket.socket
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1  # Nagle off on accepted sockets
         try:
             with pytest.raises(DicomPeerError):
                 echo("127.0.0.1", receiver.port, called_ae_title="TRIAGED", calling_ae_title="SECOND")
@@ -248,3 +254,33 @@ def test_max_associations_rejects_the_one_too_many(make_settings, session_factor
             holder.release()
         wait_for(lambda: not receiver._server.active_associations)  # type: ignore[union-attr]
         assert echo("127.0.0.1", receiver.port, called_ae_title="TRIAGED", calling_ae_title="THIRD") == 0
+
+
+def test_aborted_association_is_closed_in_the_table(tmp_path, make_settings, session_factory):
+    settings = receiver_settings(make_settings)
+    path = synthetic_series(tmp_path / "src", 1)[0]
+    with running_receiver(settings, session_factory) as receiver:
+        ae = AE(ae_title="ABORTER")
+        ae.add_requested_context(MRImageStorage, ExplicitVRLittleEndian)
+        assoc = ae.associate("127.0.0.1", receiver.port, ae_title="TRIAGED")
+        assert assoc.send_c_store(path).Status == 0
+        assoc.abort()
+        wait_for(lambda: _all_closed(session_factory))
+    with session_factory() as session:
+        (association,) = session.scalars(select(Association))
+        assert association.calling_ae_title == "ABORTER"
+        assert association.closed_at is not None and association.closed_at >= association.opened_at
+
+
+def test_metrics_count_received_and_rejected(tmp_path, make_settings, session_factory):
+    received = metrics.INSTANCES_RECEIVED._value.get()
+    rejected = metrics.INSTANCES_REJECTED.labels(reason="out_of_resources")._value.get()
+    paths = synthetic_series(tmp_path / "src", 2)
+    with running_receiver(receiver_settings(make_settings), session_factory) as receiver:
+        send(receiver, paths)
+    with running_receiver(
+        receiver_settings(make_settings, storage={"min_free_bytes": 1 << 60}), session_factory
+    ) as receiver:
+        send(receiver, synthetic_series(tmp_path / "other", 1, seed=9))
+    assert metrics.INSTANCES_RECEIVED._value.get() == received + 2
+    assert metrics.INSTANCES_REJECTED.labels(reason="out_of_resources")._value.get() == rejected + 1
