@@ -6,6 +6,7 @@ becomes a failure, except GPU tests on a machine without CUDA.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import uuid
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -46,6 +48,18 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[Any]) -> 
     if STRICT_SKIPS and report.skipped and item.get_closest_marker("gpu") is None and not hasattr(report, "wasxfail"):
         report.outcome = "failed"
         report.longrepr = f"skip not allowed in CI (TRIAGED_STRICT_SKIPS=1): {report.longrepr}"
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging() -> Iterator[None]:
+    """Undo configure_logging() done by a test (e.g. through the CLI), so the next test starts clean."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    if root.handlers != handlers:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+        structlog.reset_defaults()
 
 
 def free_port() -> int:

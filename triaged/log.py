@@ -65,7 +65,10 @@ def configure_logging(level: str = "info", log_format: LogFormat = "auto") -> No
         processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
         logger_factory=structlog.stdlib.LoggerFactory(),
         wrapper_class=structlog.stdlib.BoundLogger,
-        cache_logger_on_first_use=True,
+        # Not cached: a cached module-level logger would keep the first configuration for the life of the
+        # process, so reconfiguring (and structlog.testing.capture_logs) would silently miss it. The cost is
+        # a dict lookup per log call, negligible next to an fsync per instance.
+        cache_logger_on_first_use=False,
     )
 
 
