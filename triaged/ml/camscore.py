@@ -79,5 +79,8 @@ def score_cams(
         "n": n,
         "pointing_game": with_ci(float(hits.mean()), bootstrap_ci(lambda i: float(hits[i].mean()), n, rounds=rounds)),
         "mean_iou": with_ci(float(ious.mean()), bootstrap_ci(lambda i: float(ious[i].mean()), n, rounds=rounds)),
+        "pointing_game_by_class_index": {
+            str(int(c)): float(hits[labels_arr == c].mean()) for c in np.unique(labels_arr)
+        },
     }
     return report, cams
