@@ -9,7 +9,7 @@ import typer
 
 from triaged import __version__
 from triaged.cli import daemon as daemon_cli
-from triaged.cli import db, dicom_commands
+from triaged.cli import db, dicom_commands, ml_commands
 from triaged.cli import demo as demo_cli
 from triaged.cli import jobs as jobs_cli
 from triaged.cli import outputs as outputs_cli
@@ -30,6 +30,11 @@ outputs_cli.register(app)
 demo_cli.register(app)
 dicom_commands.register(app)
 series_cli.register(app)
+app.command("train")(ml_commands.train_command)
+app.command("evaluate")(ml_commands.evaluate_command)
+model_app = typer.Typer(help="The shipped classifier.", no_args_is_help=True)
+model_app.command("info")(ml_commands.model_info_command)
+app.add_typer(model_app, name="model")
 
 
 def _version(value: bool) -> None:

@@ -11,15 +11,14 @@ from typing import Annotated, NoReturn
 
 import typer
 
+from triaged.cli.common import EXIT_USAGE, fail
 from triaged.errors import TriagedError
 
 DEFAULT_DATA_ROOT = Path("../shared/data")
-EXIT_USAGE = 2
 
 
 def _fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code)
+    fail(message, code)
 
 
 def _check_data_root(data_root: Path) -> None:
