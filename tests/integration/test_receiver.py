@@ -9,21 +9,16 @@ from pathlib import Path
 import pydicom
 import pytest
 from pydicom.uid import (
-    DeflatedExplicitVRLittleEndian,
     EnhancedMRImageStorage,
-    ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
-    ImplicitVRLittleEndian,
-    JPEG2000Lossless,
-    JPEGLSLossless,
     MRImageStorage,
-    RLELossless,
     SecondaryCaptureImageStorage,
 )
 from pynetdicom import AE
 from sqlalchemy import select, update
 from structlog.testing import capture_logs
 
+from tests.support.dicom_files import SYNTHETIC_SYNTAXES
 from tests.support.receiver import (
     dataset_bytes,
     dcmtk,
@@ -56,15 +51,7 @@ def test_echo_with_pynetdicom_and_echoscu(make_settings, session_factory):
 
 @pytest.mark.parametrize(
     "syntax",
-    [
-        ExplicitVRLittleEndian,
-        ImplicitVRLittleEndian,
-        ExplicitVRBigEndian,
-        DeflatedExplicitVRLittleEndian,
-        RLELossless,
-        JPEG2000Lossless,
-        JPEGLSLossless,
-    ],
+    SYNTHETIC_SYNTAXES,
 )
 def test_series_is_stored_byte_identical_with_rows(tmp_path, make_settings, session_factory, syntax):
     paths = synthetic_series(tmp_path / "src", 4, transfer_syntax_uid=syntax)

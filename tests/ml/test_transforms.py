@@ -8,10 +8,9 @@ import numpy as np
 import pydicom
 import pytest
 from PIL import Image
-from pydicom.dataset import FileMetaDataset
 from pydicom.pixels.processing import apply_modality_lut
-from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
+from tests.support.dicom_files import write_mr_slice
 from triaged.ml.dataset import load_image
 from triaged.ml.transforms import PreprocessingConfig, build_preprocess, content_box, preprocess_slice
 
@@ -20,22 +19,6 @@ def _png_pixels(shape: tuple[int, int] = (70, 90)) -> np.ndarray:
     yy, xx = np.mgrid[: shape[0], : shape[1]]
     pixels: np.ndarray = ((np.sin(yy / 7.0) * np.cos(xx / 5.0) + 1) * 120 + (xx % 13)).astype(np.uint8)
     return pixels
-
-
-def _write_mr(path: Path, stored: np.ndarray, *, bits: int, slope: float, intercept: float, photometric: str) -> None:
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = MRImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = pydicom.Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = MRImageStorage, meta.MediaStorageSOPInstanceUID, "MR"
-    ds.Rows, ds.Columns = stored.shape
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, bits, bits - 1, 0
-    ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
-    ds.PixelData = stored.astype(np.uint16).tobytes()
-    ds.save_as(path, enforce_file_format=True)
 
 
 def _daemon_pixels(path: Path) -> np.ndarray:
@@ -67,7 +50,7 @@ def test_png_and_dicom_give_the_same_tensor(  # noqa: PLR0917 (parametrised)
         values = values.max() - values  # displayed inverted, so the stored ramp runs the other way
     stored = np.round((values - intercept) / slope)
     assert stored.min() >= 0 and stored.max() < 2**bits
-    _write_mr(tmp_path / "slice.dcm", stored, bits=bits, slope=slope, intercept=intercept, photometric=photometric)
+    write_mr_slice(tmp_path / "slice.dcm", stored, bits=bits, slope=slope, intercept=intercept, photometric=photometric)
     preprocess = build_preprocess(PreprocessingConfig(input_size=64))
     from_png = preprocess_slice(preprocess, load_image(tmp_path / "slice.png"))
     from_dicom = preprocess_slice(preprocess, _daemon_pixels(tmp_path / "slice.dcm"))

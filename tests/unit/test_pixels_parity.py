@@ -5,29 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pydicom
 import pytest
 from PIL import Image
-from pydicom.dataset import FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
+from tests.support.dicom_files import write_mr_slice
 from triaged.dicom.pixels import decode_series
-
-
-def _write(path: Path, stored: np.ndarray, *, bits: int, slope: float, intercept: float, photometric: str) -> None:
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = MRImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = pydicom.Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = MRImageStorage, meta.MediaStorageSOPInstanceUID, "MR"
-    ds.Rows, ds.Columns = stored.shape
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, bits, bits - 1, 0
-    ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
-    ds.PixelData = stored.astype(np.uint16).tobytes()
-    ds.save_as(path, enforce_file_format=True)
 
 
 @pytest.mark.parametrize(
@@ -51,7 +33,7 @@ def test_png_and_decoded_dicom_give_the_same_tensor(  # noqa: PLR0917 - pytest p
     if photometric == "MONOCHROME1":
         values = values.max() - values
     stored = np.round((values - intercept) / slope)
-    _write(tmp_path / "slice.dcm", stored, bits=bits, slope=slope, intercept=intercept, photometric=photometric)
+    write_mr_slice(tmp_path / "slice.dcm", stored, bits=bits, slope=slope, intercept=intercept, photometric=photometric)
     [decoded] = decode_series([tmp_path / "slice.dcm"]).slices
     preprocess = build_preprocess(PreprocessingConfig(input_size=64))
     from_png = preprocess_slice(preprocess, load_image(tmp_path / "slice.png"))

@@ -12,15 +12,9 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import (
     UID,
-    DeflatedExplicitVRLittleEndian,
-    ExplicitVRBigEndian,
-    ExplicitVRLittleEndian,
-    ImplicitVRLittleEndian,
-    JPEG2000Lossless,
-    JPEGLSLossless,
-    RLELossless,
 )
 
+from tests.support.dicom_files import SYNTHETIC_SYNTAXES
 from triaged.dicom.part10 import (
     IMPLEMENTATION_CLASS_UID,
     IMPLEMENTATION_VERSION_NAME,
@@ -53,15 +47,7 @@ def test_file_meta_matches_pydicom(sop_class: str, sop_instance: str, syntax: st
 
 @pytest.mark.parametrize(
     "syntax",
-    [
-        ExplicitVRLittleEndian,
-        ImplicitVRLittleEndian,
-        ExplicitVRBigEndian,
-        DeflatedExplicitVRLittleEndian,
-        RLELossless,
-        JPEG2000Lossless,
-        JPEGLSLossless,
-    ],
+    SYNTHETIC_SYNTAXES,
 )
 def test_identifiers_in_every_syntax(tmp_path: Path, syntax: str) -> None:
     (path,) = write_mr_series([np.random.default_rng(0).random((32, 32))], tmp_path, transfer_syntax_uid=syntax, seed=1)

@@ -8,16 +8,10 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom.uid import (
-    DeflatedExplicitVRLittleEndian,
-    ExplicitVRBigEndian,
-    ExplicitVRLittleEndian,
-    ImplicitVRLittleEndian,
-    JPEG2000Lossless,
-    JPEGLSLossless,
     MRImageStorage,
-    RLELossless,
 )
 
+from tests.support.dicom_files import SYNTHETIC_SYNTAXES
 from triaged.dicom.synthetic import scale_to_stored, write_mr_series
 from triaged.dicom.uids import validate_uid
 
@@ -29,15 +23,7 @@ def _slices(n: int = 3, shape: tuple[int, int] = (40, 32)) -> list[np.ndarray]:
 
 @pytest.mark.parametrize(
     "syntax",
-    [
-        ExplicitVRLittleEndian,
-        ImplicitVRLittleEndian,
-        ExplicitVRBigEndian,
-        DeflatedExplicitVRLittleEndian,
-        RLELossless,
-        JPEG2000Lossless,
-        JPEGLSLossless,
-    ],
+    SYNTHETIC_SYNTAXES,
 )
 def test_round_trip_pixels_equal_scaled_input(tmp_path: Path, syntax: str) -> None:
     slices = _slices()
