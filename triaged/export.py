@@ -100,7 +100,8 @@ def _load_plan(session: Session, result_id: int) -> _Plan:
     keys = session.scalars(
         select(SlicePrediction)
         .where(SlicePrediction.result_id == result_id, SlicePrediction.is_key)
-        .order_by(SlicePrediction.slice_index)
+        # Most suspicious first, so "key image 1 of N" is the one a radiologist should look at first.
+        .order_by(SlicePrediction.tumour_probability.desc(), SlicePrediction.slice_index)
     ).all()
     instances = session.scalars(
         select(Instance)

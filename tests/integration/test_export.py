@@ -132,7 +132,7 @@ def _seed(
                     slice_index=index,
                     sop_instance_uid=str(ds.SOPInstanceUID),
                     probabilities=[0.7, 0.1, 0.1, 0.1],
-                    tumour_probability=0.9 if index in (1, 2) else 0.1,
+                    tumour_probability={1: 0.8, 2: 0.95}.get(index, 0.1),
                     in_brain=True,
                     is_key=assessed and index in (1, 2),
                     cam_path="cams/test-1.npy" if index == 1 else None,
@@ -205,7 +205,10 @@ def test_export_builds_stores_sends_and_completes(
         assert stored.SOPInstanceUID == output.sop_instance_uid
     sc = pacs.received[0]
     assert sc.SOPClassUID == SecondaryCaptureImageStorage
-    assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID == scenario.source_uids[1]
+    # Key images are sent most suspicious first: slice 2 (0.95) before slice 1 (0.8).
+    assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID == scenario.source_uids[2]
+    assert sc.InstanceNumber == 1
+    assert pacs.received[1].SourceImageSequence[0].ReferencedSOPInstanceUID == scenario.source_uids[1]
     assert _job_state(scenario.runtime, job.id).state == JobState.DONE
 
 
