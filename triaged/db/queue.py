@@ -203,21 +203,29 @@ def fail(
         job = session.scalars(query).first()
         if job is None:
             raise LeaseLostError(f"job {job_id} is no longer leased by {worker_id}")
-        job.last_error = error_line(error)
-        job.lease_expires_at = None
-        job.updated_at = now
-        if not is_retryable(error):
-            job.state = JobState.FAILED
-            job.finished_at = now
-        elif job.attempts >= job.max_attempts:
-            job.state = JobState.DEAD
-            job.finished_at = now
-        else:
-            job.state = JobState.QUEUED
-            job.lease_owner = None
-            delay = backoff_seconds(job.attempts, backoff_base_seconds, backoff_max_seconds, rng)
-            job.run_after = now + timedelta(seconds=delay)
+        retryable = is_retryable(error)
+        retry_at = now
+        if retryable and job.attempts < job.max_attempts:
+            retry_at += timedelta(seconds=backoff_seconds(job.attempts, backoff_base_seconds, backoff_max_seconds, rng))
+        _end_attempt(job, now=now, error=error_line(error), retryable=retryable, retry_at=retry_at)
         return JobState(job.state)
+
+
+def _end_attempt(job: Job, *, now: datetime, error: str, retryable: bool, retry_at: datetime) -> None:
+    """Close a running attempt: ``failed`` (permanent), ``dead`` (attempts used up) or ``queued`` at ``retry_at``."""
+    job.last_error = error
+    job.lease_expires_at = None
+    job.updated_at = now
+    if not retryable:
+        job.state = JobState.FAILED
+        job.finished_at = now
+    elif job.attempts >= job.max_attempts:
+        job.state = JobState.DEAD
+        job.finished_at = now
+    else:
+        job.state = JobState.QUEUED
+        job.lease_owner = None
+        job.run_after = retry_at
 
 
 def reap_expired_leases(
@@ -243,16 +251,8 @@ def reap_expired_leases(
             jobs = list(session.scalars(query))
             for job in jobs:
                 owner = job.lease_owner
-                job.last_error = f"LeaseExpiredError: lease of {owner} expired"
-                job.lease_expires_at = None
-                job.updated_at = now
-                if job.attempts >= job.max_attempts:
-                    job.state = JobState.DEAD
-                    job.finished_at = now
-                else:
-                    job.state = JobState.QUEUED
-                    job.lease_owner = None
-                    job.run_after = now
+                error = f"LeaseExpiredError: lease of {owner} expired"
+                _end_attempt(job, now=now, error=error, retryable=True, retry_at=now)
                 log.warning(
                     "job_lease_expired", job_id=job.id, kind=str(job.kind), worker=owner, new_state=str(job.state)
                 )
