@@ -142,9 +142,8 @@ def test_serve_processes_series_end_to_end(
     assert '"daemon_started"' in log and '"daemon_stopped"' in log
 
 
-def test_serve_refuses_old_schema(tmp_path: Path, random_model: Path) -> None:
-    url = f"sqlite:///{tmp_path / 'empty.db'}"
-    config = daemon_config(tmp_path, db_url=url, model_dir=random_model, dicom_port=free_port())
+def _serve_expecting_failure(config: Path) -> subprocess.CompletedProcess[str]:
+    """Run `triaged serve` that must refuse to start: exit 1 with a one-line error, never a traceback."""
     proc = subprocess.run(
         [sys.executable, "-m", "triaged", "-c", str(config), "serve"],
         capture_output=True,
@@ -153,9 +152,16 @@ def test_serve_refuses_old_schema(tmp_path: Path, random_model: Path) -> None:
         check=False,
     )
     assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr
+    return proc
+
+
+def test_serve_refuses_old_schema(tmp_path: Path, random_model: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'empty.db'}"
+    config = daemon_config(tmp_path, db_url=url, model_dir=random_model, dicom_port=free_port())
+    proc = _serve_expecting_failure(config)
     assert proc.stderr.strip().splitlines()[-1].startswith("error: database schema is empty")
     assert "triaged db upgrade" in proc.stderr
-    assert "Traceback" not in proc.stderr
 
 
 def test_cli_jobs_results_retry_purge(
@@ -304,16 +310,8 @@ def test_serve_port_in_use_is_one_line_error(
         config = daemon_config(
             tmp_path, db_url=sqlite_url, model_dir=tmp_path, dicom_port=busy.getsockname()[1], workers=0
         )
-        proc = subprocess.run(
-            [sys.executable, "-m", "triaged", "-c", str(config), "serve"],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
-    assert proc.returncode == 1
+        proc = _serve_expecting_failure(config)
     assert proc.stderr.strip().splitlines()[-1] == "error: cannot start: Address already in use"
-    assert "Traceback" not in proc.stderr
 
 
 def test_retention_purge_deletes_received_files_keeps_results(
