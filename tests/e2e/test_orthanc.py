@@ -53,7 +53,7 @@ def random_model(tmp_path: Path) -> Path:
     return build_random_model_dir(tmp_path / "model", seed=0)
 
 
-def _stack(tmp_path: Path, model_dir: Path) -> Stack:
+def _stack(tmp_path: Path, model_dir: Path, *, quiet_seconds: float = 1.0) -> Stack:
     orthanc_binary()
     orthanc = Orthanc(root=tmp_path / "orthanc", modalities={})
     triaged = TriagedDaemon(
@@ -61,6 +61,7 @@ def _stack(tmp_path: Path, model_dir: Path) -> Stack:
         model_dir=model_dir,
         peers={"orthanc": {"ae_title": orthanc.ae_title, "host": "127.0.0.1", "port": orthanc.dicom_port}},
         outputs={"destination": "orthanc"},
+        quiet_seconds=quiet_seconds,
     )
     orthanc.modalities = {"triaged": ("TRIAGED", triaged.dicom_port)}
     return Stack(orthanc, triaged)
@@ -68,7 +69,17 @@ def _stack(tmp_path: Path, model_dir: Path) -> Stack:
 
 @pytest.fixture
 def stack(tmp_path: Path, random_model: Path) -> Iterator[Stack]:
-    running = _stack(tmp_path, random_model)
+    yield from _running_stack(_stack(tmp_path, random_model))
+
+
+@pytest.fixture
+def slow_quiet_stack(tmp_path: Path, random_model: Path) -> Iterator[Stack]:
+    """A quiet period long enough that Orthanc is surely down before the outputs are due, even on a busy machine
+    (with 1 s, a slow Orthanc shutdown let the first export succeed)."""
+    yield from _running_stack(_stack(tmp_path, random_model, quiet_seconds=5.0))
+
+
+def _running_stack(running: Stack) -> Iterator[Stack]:
     running.orthanc.start()
     try:
         running.triaged.start()
@@ -173,7 +184,8 @@ def test_outputs_arrive_in_the_source_study_and_render(stack: Stack, tmp_path: P
 
 
 @pytest.mark.slow
-def test_fault_pacs_down_then_back_every_output_arrives_once(stack: Stack, tmp_path: Path) -> None:
+def test_fault_pacs_down_then_back_every_output_arrives_once(slow_quiet_stack: Stack, tmp_path: Path) -> None:
+    stack = slow_quiet_stack
     files = kaggle_files("meningioma")[:5]
     paths = labelled_series(tmp_path / "series", files, seed="orthanc-fault", size=(256, 256))
     series_id, study_uid = _upload_series(stack.orthanc, paths)
