@@ -50,7 +50,9 @@ def train_command(  # noqa: PLR0917 (one parameter per CLI option)
     ] = None,
     patience: Annotated[int, typer.Option(help="Early stopping patience in epochs (0 = off).")] = 0,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT_DIR/last.pt.")] = False,
-    init: Annotated[str | None, typer.Option(help="imagenet:PATH or checkpoint:PATH.")] = None,
+    init: Annotated[
+        str | None, typer.Option(help="imagenet:PATH, checkpoint:PATH or model:DIR (continue from a model directory).")
+    ] = None,
     cache_dir: Annotated[Path | None, typer.Option(help="Cache of preprocessed images.")] = None,
 ) -> None:
     """Train a classifier on the leak-free split and export OUT_DIR/model."""
@@ -60,8 +62,8 @@ def train_command(  # noqa: PLR0917 (one parameter per CLI option)
     _check_data_root(data_root)
     if arch not in ARCHITECTURES:
         _fail(f"unknown --arch {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
-    if init is not None and not Path(init.partition(":")[2]).is_file():
-        _fail(f"--init file {init.partition(':')[2]!r} does not exist")
+    if init is not None and not Path(init.partition(":")[2]).exists():
+        _fail(f"--init path {init.partition(':')[2]!r} does not exist")
     if epochs < 1 or batch_size < 1 or input_size < 32:
         _fail("--epochs and --batch-size must be >= 1 and --input-size >= 32")
     cfg = TrainConfig(

@@ -30,7 +30,7 @@ from triaged.ml.data import assign_splits, build_samples, read_manifest, split_s
 from triaged.ml.dataset import CachedImages, preprocess_files, sample_labels, sample_paths
 from triaged.ml.device import Placement, choose_placement
 from triaged.ml.networks import build_network, count_parameters, load_torchvision_densenet121
-from triaged.ml.registry import DEFAULT_CLASSES, ModelSpec, default_aggregation, save_model_dir
+from triaged.ml.registry import DEFAULT_CLASSES, ModelSpec, default_aggregation, load_model, save_model_dir
 from triaged.ml.transforms import PreprocessingConfig
 
 log = structlog.get_logger()
@@ -130,8 +130,18 @@ def _build_model(cfg: TrainConfig) -> nn.Module:
             load_torchvision_densenet121(model, Path(path))
         elif kind == "checkpoint":
             model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True)["model"])
+        elif kind == "model":
+            spec, shipped = load_model(Path(path))
+            if spec.arch != cfg.arch or spec.preprocessing.input_size != cfg.input_size:
+                raise ValueError(
+                    f"--init {cfg.init}: that model is {spec.arch} at {spec.preprocessing.input_size} px,"
+                    f" this run is {cfg.arch} at {cfg.input_size} px"
+                )
+            model.load_state_dict(shipped.float().state_dict())
         else:
-            raise ValueError(f"--init must be imagenet:PATH (densenet121 only) or checkpoint:PATH, got {cfg.init!r}")
+            raise ValueError(
+                f"--init must be imagenet:PATH (densenet121 only), checkpoint:PATH or model:DIR, got {cfg.init!r}"
+            )
     return model
 
 
