@@ -30,6 +30,8 @@ from pydicom.uid import (
 from pynetdicom import _config
 from pynetdicom.presentation import PresentationContext, build_context
 
+from triaged.dicom import reactor
+
 #: Image storage classes the pipeline can assess (others may be received and are then skipped).
 MR_IMAGE_SOP_CLASSES: tuple[str, ...] = (MRImageStorage, EnhancedMRImageStorage)
 VERIFICATION_SOP_CLASS = "1.2.840.10008.1.1"
@@ -68,7 +70,12 @@ _SWITCHES: dict[str, object] = {
 
 
 def configure_pynetdicom() -> dict[str, object]:
-    """Set pynetdicom's global switches for triaged; return the previous values (for restoring)."""
+    """Set pynetdicom's global switches for triaged; return the previous values (for restoring).
+
+    Also replaces pynetdicom's 1 ms polling loops by event-driven ones (:mod:`triaged.dicom.reactor`); that
+    one is process-wide for good, and is not undone by :func:`restore_pynetdicom`.
+    """
+    reactor.install()
     previous = {name: getattr(_config, name) for name in _SWITCHES}
     for name, value in _SWITCHES.items():
         setattr(_config, name, value)
