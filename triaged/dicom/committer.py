@@ -1,10 +1,15 @@
 """Group commit: one thread commits the rows of instances received on many associations in one transaction.
 
 With SQLite every commit is an fsync under the single write lock, so concurrent associations would queue
-behind each other's fsyncs. Here each handler writes its file durably on its own thread, hands its rows
-to the committer and waits; whatever has queued up meanwhile is committed together, and every waiting
-handler is released only after that commit returned. A failing batch is retried one instance at a time,
-so one bad row never fails its neighbours.
+behind each other's fsyncs. Here each handler hands its rows to the committer, writes its file durably on its
+own thread and waits; whatever has queued up meanwhile is committed together, and every waiting handler is
+released only after that commit returned. A failing batch is retried one instance at a time, so one bad row
+never fails its neighbours.
+
+Pipelined (:meth:`GroupCommitter.submit`): the committer runs a batch's statements while the handlers are
+still fsyncing their files, and issues COMMIT only once every file of the batch is durable, so the order the
+design requires (file durable, then row committed, then success) holds while the statements' cost hides
+behind the fsyncs. An item whose file could not be written is withdrawn and the rest of its batch retried.
 """
 
 from __future__ import annotations
@@ -32,8 +37,43 @@ class _Pending:
     association_id: int | None
     now: datetime
     done: threading.Event = field(default_factory=threading.Event)
+    file_settled: threading.Event = field(default_factory=threading.Event)
+    withdrawn: bool = False
     outcome: RecordOutcome | None = None
     error: BaseException | None = None
+
+
+class _WithdrawnError(Exception):
+    """Internal: a batch item's file was not written; the batch is rolled back and redone without it."""
+
+
+class PendingRecord:
+    """Handle of one submitted record: say whether its file is durable, then wait for the commit."""
+
+    def __init__(self, committer: GroupCommitter, pending: _Pending) -> None:
+        self._committer = committer
+        self._pending = pending
+
+    def file_durable(self) -> RecordOutcome:
+        """The file is on disk for good: let the row commit, wait for it, and return the outcome.
+
+        Raises what the commit raised (e.g. ``SQLAlchemyError``).
+        """
+        pending = self._pending
+        pending.file_settled.set()
+        if self._committer._thread is None:
+            self._committer._commit([pending])
+        else:
+            pending.done.wait()
+        if pending.error is not None:
+            raise pending.error
+        assert pending.outcome is not None
+        return pending.outcome
+
+    def withdraw(self) -> None:
+        """The file could not be written: the row must not be committed."""
+        self._pending.withdrawn = True
+        self._pending.file_settled.set()
 
 
 class GroupCommitter:
@@ -69,17 +109,37 @@ class GroupCommitter:
         association_id: int | None,
         now: datetime,
     ) -> RecordOutcome:
-        """Commit the rows for one stored file; raise what the commit raised (e.g. SQLAlchemyError)."""
+        """Commit the rows for one file already stored durably; raise what the commit raised."""
+        return self.submit(
+            facts,
+            file_path=file_path,
+            size_bytes=size_bytes,
+            sha256=sha256,
+            calling_ae_title=calling_ae_title,
+            association_id=association_id,
+            now=now,
+        ).file_durable()
+
+    def submit(
+        self,
+        facts: InstanceFacts,
+        *,
+        file_path: str,
+        size_bytes: int,
+        sha256: str,
+        calling_ae_title: str,
+        association_id: int | None,
+        now: datetime,
+    ) -> PendingRecord:
+        """Queue the rows for a file about to be written; the caller then reports the write's result.
+
+        Every submitted record must be settled with :meth:`PendingRecord.file_durable` or
+        :meth:`PendingRecord.withdraw`: its batch waits for that before committing.
+        """
         pending = _Pending(facts, file_path, size_bytes, sha256, calling_ae_title, association_id, now)
-        if self._thread is None:
-            self._commit([pending])
-        else:
+        if self._thread is not None:
             self._queue.put(pending)
-            pending.done.wait()
-        if pending.error is not None:
-            raise pending.error
-        assert pending.outcome is not None
-        return pending.outcome
+        return PendingRecord(self, pending)
 
     def _run(self) -> None:
         while True:
@@ -118,6 +178,18 @@ class GroupCommitter:
                     )
                     for p in batch
                 ]
+                for pending in batch:  # COMMIT only once every file of the batch is durable
+                    pending.file_settled.wait()
+                    if pending.withdrawn:
+                        raise _WithdrawnError
+        except _WithdrawnError:
+            kept = [p for p in batch if not p.withdrawn]
+            for pending in batch:
+                if pending.withdrawn:
+                    pending.done.set()
+            if kept:
+                self._commit(kept)
+            return
         except Exception as exc:  # handed to the waiting handler, which answers a failure status
             if len(batch) > 1:
                 log.warning("group_commit_retry_singly", size=len(batch), error=type(exc).__name__)

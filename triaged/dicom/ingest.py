@@ -147,17 +147,23 @@ class Ingestor:
         size = len(meta) + len(request.dataset)
         lock = self._locks[hash(facts.sop_instance_uid) % _LOCK_STRIPES]
         with lock:
-            created = self._write(relative, meta, request.dataset, size)
+            # Rows are prepared while the file is written (see committer), committed once it is durable.
+            record = self.committer.submit(
+                facts,
+                file_path=relative,
+                size_bytes=size,
+                sha256=sha,
+                calling_ae_title=request.calling_ae_title,
+                association_id=request.association_id,
+                now=now,
+            )
             try:
-                outcome = self.committer.record(
-                    facts,
-                    file_path=relative,
-                    size_bytes=size,
-                    sha256=sha,
-                    calling_ae_title=request.calling_ae_title,
-                    association_id=request.association_id,
-                    now=now,
-                )
+                created = self._write(relative, meta, request.dataset, size)
+            except BaseException:
+                record.withdraw()
+                raise
+            try:
+                outcome = record.file_durable()
             except Exception as exc:
                 # The file stays: a failed COMMIT may still have committed (e.g. connection lost during it),
                 # and deleting would then leave a row without its file. An unreferenced complete file is
