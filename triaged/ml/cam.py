@@ -2,29 +2,79 @@
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
 import numpy as np
 import torch
 from monai.visualize import GradCAM, GradCAMpp
 from torch import nn
 
+from triaged.ml.dense_cam import ATROUS_FACTORS, atrous_densenet, cell_centres, centred_upsampler
 from triaged.ml.transforms import content_box
 
 CAM_METHODS = ("gradcam", "gradcampp")
 
 
+@dataclasses.dataclass(frozen=True)
+class CamConfig:
+    """The ``cam`` section of ``model.json``: which layer and method, and how much denser than the network's map.
+
+    ``atrous`` 1 is the plain network (what model.json files without the key mean); 2 or 4 see
+    :mod:`triaged.ml.dense_cam`.
+    """
+
+    target_layer: str
+    method: str = "gradcam"
+    atrous: int = 1
+
+    def __post_init__(self) -> None:
+        if self.method not in CAM_METHODS:
+            raise ValueError(f"cam method must be one of {CAM_METHODS}, got {self.method!r}")
+        if self.atrous not in ATROUS_FACTORS:
+            raise ValueError(f"cam atrous must be one of {ATROUS_FACTORS}, got {self.atrous!r}")
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], default_layer: str) -> CamConfig:
+        return cls(
+            target_layer=str(data.get("target_layer", default_layer)),
+            method=str(data.get("method", "gradcam")),
+            atrous=int(data.get("atrous", 1)),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
 def compute_cams(
-    model: nn.Module, x: torch.Tensor, class_index: int, target_layer: str, *, method: str = "gradcam"
+    model: nn.Module,
+    x: torch.Tensor,
+    class_index: int,
+    target_layer: str,
+    *,
+    method: str = "gradcam",
+    atrous: int = 1,
 ) -> np.ndarray:
     """Return (N, S, S) float32 maps in [0, 1] for ``class_index`` on preprocessed inputs ``x`` (N, 1, S, S).
 
     Runs in fp32 with gradients (CAM needs them) regardless of the inference precision; each map is min-max
-    min-max normalised per slice with the most salient pixel at 1 (see :func:`scale_to_unit`).
+    normalised per slice with the most salient pixel at 1 (see :func:`scale_to_unit`). ``atrous`` 2 or 4 computes
+    the CAM on an à trous copy of a DenseNet121 (:mod:`triaged.ml.dense_cam`) whose final map is that much denser,
+    upsampled with each cell at its receptive-field centre.
     """
     if method not in CAM_METHODS:
         raise ValueError(f"method must be one of {CAM_METHODS}, got {method!r}")
+    if atrous not in ATROUS_FACTORS:
+        raise ValueError(f"atrous must be one of {ATROUS_FACTORS}, got {atrous!r}")
     disable_inplace_activations(model)
     cls = GradCAM if method == "gradcam" else GradCAMpp
-    cam = cls(nn_module=model, target_layers=target_layer, postprocessing=scale_to_unit)
+    if atrous == 1:
+        cam = cls(nn_module=model, target_layers=target_layer, postprocessing=scale_to_unit)
+    else:
+        net = atrous_densenet(model, atrous)
+        upsampler = centred_upsampler(*cell_centres(atrous))
+        cam = cls(nn_module=net, target_layers=target_layer, upsampler=upsampler, postprocessing=scale_to_unit)
     param = next(model.parameters())
     # MONAI's GradCAM++ mis-broadcasts its score for batches > 1, so it runs one slice at a time.
     chunks = [x] if method == "gradcam" else [x[i : i + 1] for i in range(x.shape[0])]

@@ -58,6 +58,7 @@ def score_cams(
     target_layer: str,
     *,
     method: str = "gradcam",
+    atrous: int = 1,
     batch_size: int = 16,
     rounds: int = 1000,
 ) -> tuple[dict[str, Any], np.ndarray]:
@@ -65,17 +66,18 @@ def score_cams(
     cams = np.zeros((len(labels), images.shape[-2], images.shape[-1]), dtype=np.float32)
     if len(labels) == 0:
         empty = with_ci(float("nan"), (float("nan"), float("nan")))
-        return {"method": method, "n": 0, "pointing_game": empty, "mean_iou": empty}, cams
+        return {"method": method, "atrous": atrous, "n": 0, "pointing_game": empty, "mean_iou": empty}, cams
     labels_arr = np.asarray(labels)
     for cls in np.unique(labels_arr):
         idx = np.flatnonzero(labels_arr == cls)
         for start in range(0, idx.size, batch_size):
             chunk = idx[start : start + batch_size]
-            cams[chunk] = compute_cams(model, images[chunk], int(cls), target_layer, method=method)
+            cams[chunk] = compute_cams(model, images[chunk], int(cls), target_layer, method=method, atrous=atrous)
     hits, ious = localisation_scores(cams, masks)
     n = len(labels)
     report = {
         "method": method,
+        "atrous": atrous,
         "n": n,
         "pointing_game": with_ci(float(hits.mean()), bootstrap_ci(lambda i: float(hits[i].mean()), n, rounds=rounds)),
         "mean_iou": with_ci(float(ious.mean()), bootstrap_ci(lambda i: float(ious[i].mean()), n, rounds=rounds)),

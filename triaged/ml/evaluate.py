@@ -19,6 +19,7 @@ import torch
 
 from triaged.errors import ModelError
 from triaged.ml.aggregate import brain_fraction
+from triaged.ml.cam import CamConfig
 from triaged.ml.camscore import mask_to_model_space, score_cams
 from triaged.ml.data import Sample, evaluation_samples, read_manifest, split_summary, training_samples
 from triaged.ml.dataset import preprocess_files, sample_labels, sample_paths
@@ -189,7 +190,12 @@ def evaluate_model(model_dir: Path, data_root: Path, out_dir: Path, options: Eva
             ood=ood,
             aggregation={**spec.aggregation, "min_brain_fraction": round(ood["train_brain_fraction_q05"], 4)},
             thresholds={"urgency": thresholds["high_sensitivity"], **thresholds},
-            extra={**spec.extra, "metrics": _headline(report), "data_split": split_summary(samples), "cam": cam_choice},
+            extra={
+                **spec.extra,
+                "metrics": _headline(report),
+                "data_split": split_summary(samples),
+                "cam": cam_choice.to_dict(),
+            },
         )
         write_spec(model_dir, new_spec)
     if options.release and (data_root / "dicom").is_dir():
@@ -268,28 +274,34 @@ def _cheng_rows(samples: list[Sample], limit: int) -> list[int]:
 
 def _select_cam(
     predictor: Predictor, data_root: Path, val: list[Sample], images: np.ndarray, labels: np.ndarray, *, rounds: int
-) -> tuple[dict[str, str], list[dict[str, Any]]]:
-    """Choose the Grad-CAM layer and method on *validation* Cheng slices (pointing game, then IoU)."""
+) -> tuple[CamConfig, list[dict[str, Any]]]:
+    """Choose the Grad-CAM layer, method and à trous factor on *validation* Cheng slices (pointing game, then IoU).
+
+    Ties keep the earlier, cheaper candidate (plain before denser grids).
+    """
     rows = _cheng_rows(val, 96)
     if not rows:
-        return dict(predictor.cam_config), []
+        return predictor.cam_config, []
     masks = _cheng_masks(data_root, val, rows, predictor.spec.preprocessing.input_size)
     x = torch.from_numpy(images[rows].astype(np.float32))
     table = []
-    for layer in cam_layer_candidates(predictor.spec.arch):
+    for layer, atrous in cam_layer_candidates(predictor.spec.arch):
         for method in ("gradcam", "gradcampp"):
-            rep, _ = score_cams(predictor.model, x, labels[rows].tolist(), masks, layer, method=method, rounds=rounds)
+            rep, _ = score_cams(
+                predictor.model, x, labels[rows].tolist(), masks, layer, method=method, atrous=atrous, rounds=rounds
+            )
             table.append(
                 {
                     "target_layer": layer,
                     "method": method,
+                    "atrous": atrous,
                     "pointing_game": rep["pointing_game"]["value"],
                     "mean_iou": rep["mean_iou"]["value"],
                     "n": rep["n"],
                 }
             )
     best = max(table, key=lambda r: (r["pointing_game"], r["mean_iou"]))
-    return {"target_layer": best["target_layer"], "method": best["method"]}, table
+    return CamConfig(best["target_layer"], best["method"], best["atrous"]), table
 
 
 def _cam_report(
@@ -304,17 +316,24 @@ def _cam_report(
     rows = _cheng_rows(test, options.cam_limit)
     mask_arr = _cheng_masks(data_root, test, rows, predictor.spec.preprocessing.input_size)
     x = torch.from_numpy(images[rows].astype(np.float32))
-    layer = predictor.cam_layer
+    choice = predictor.cam_config
     report: dict[str, Any] = {}
     cams: dict[str, np.ndarray] = {}
     for method in ("gradcam", "gradcampp"):
         report[method], cams[method] = score_cams(
-            predictor.model, x, labels[rows].tolist(), mask_arr, layer, method=method, rounds=options.rounds
+            predictor.model,
+            x,
+            labels[rows].tolist(),
+            mask_arr,
+            choice.target_layer,
+            method=method,
+            atrous=choice.atrous,
+            rounds=options.rounds,
         )
-        report[method]["target_layer"] = layer
+        report[method]["target_layer"] = choice.target_layer
     examples = {
         "images": images[rows][:, 0].astype(np.float32),
-        "cams": cams[predictor.cam_method],
+        "cams": cams[choice.method],
         "masks": mask_arr,
         "labels": labels[rows],
         "paths": [test[i].path for i in rows],

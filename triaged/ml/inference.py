@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from triaged.ml.aggregate import aggregate_series, brain_fraction, in_brain_mask
-from triaged.ml.cam import cam_to_slice, compute_cams
+from triaged.ml.cam import CamConfig, cam_to_slice, compute_cams
 from triaged.ml.device import Placement, choose_placement, torch_threads
 from triaged.ml.gate import gate_reason
 from triaged.ml.networks import cam_target_layer
@@ -42,11 +42,7 @@ class Predictor:
     ) -> None:
         self.spec = spec
         self.ood = ood
-        cam = dict(spec.extra.get("cam", {}))
-        self.cam_config = {
-            "target_layer": str(cam.get("target_layer", cam_target_layer(spec.arch))),
-            "method": str(cam.get("method", "gradcam")),
-        }
+        self.cam_config = CamConfig.from_dict(spec.extra.get("cam", {}), cam_target_layer(spec.arch))
         self.placement = placement
         self.batch_size = batch_size
         self.model = model.to(placement.device).eval()
@@ -85,17 +81,10 @@ class Predictor:
         """Temperature-scaled softmax probabilities (N, C) float32."""
         return softmax(logits / self.spec.temperature)
 
-    @property
-    def cam_layer(self) -> str:
-        return self.cam_config["target_layer"]
-
-    @property
-    def cam_method(self) -> str:
-        return self.cam_config["method"]
-
     def cams(self, x: torch.Tensor, class_index: int) -> np.ndarray:
-        """Grad-CAM maps (N, S, S) in [0, 1] with the layer and method chosen on validation."""
-        return compute_cams(self.model, x, class_index, self.cam_layer, method=self.cam_method)
+        """Grad-CAM maps (N, S, S) in [0, 1] with the layer, method and density chosen on validation."""
+        c = self.cam_config
+        return compute_cams(self.model, x, class_index, c.target_layer, method=c.method, atrous=c.atrous)
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

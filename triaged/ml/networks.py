@@ -63,11 +63,16 @@ def cam_target_layer(arch: str) -> str:
     return {"densenet121": "class_layers.relu", "resnet50": "layer4", "smallcnn": "features.13"}[arch]
 
 
-def cam_layer_candidates(arch: str) -> list[str]:
-    """Layers whose Grad-CAM localisation is compared on validation (finer maps than the last one for DenseNet)."""
+def cam_layer_candidates(arch: str) -> list[tuple[str, int]]:
+    """(layer, atrous factor) pairs whose Grad-CAM localisation is compared on validation.
+
+    For DenseNet121 the last layer on 2x and 4x denser à trous grids (see :mod:`triaged.ml.dense_cam`) and two
+    earlier, finer layers; other architectures only have their last layer at its own resolution.
+    """
     if arch == "densenet121":
-        return ["class_layers.relu", "features.transition3.conv", "features.denseblock3"]
-    return [cam_target_layer(arch)]
+        last = cam_target_layer(arch)
+        return [(last, 1), (last, 2), (last, 4), ("features.transition3.conv", 1), ("features.denseblock3", 1)]
+    return [(cam_target_layer(arch), 1)]
 
 
 def load_torchvision_densenet121(model: nn.Module, path: Path) -> None:
