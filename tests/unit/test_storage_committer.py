@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import sqlite3
 import threading
+import time
 from datetime import UTC, datetime
 
 import pytest
@@ -85,3 +87,45 @@ def test_unstarted_committer_commits_on_the_callers_thread(session_factory):
         committer.record(
             _facts(2), file_path="a/3", size_bytes=1, sha256="2" * 64, calling_ae_title="", association_id=5, now=now
         )
+
+
+def _submit(committer: GroupCommitter, i: int, now: datetime):
+    return committer.submit(
+        _facts(i),
+        file_path=f"b/{i}",
+        size_bytes=1,
+        sha256=f"{i:064x}",
+        calling_ae_title="",
+        association_id=None,
+        now=now,
+    )
+
+
+def _instance_numbers(session_factory) -> list[int]:
+    """Committed rows, read without waiting for the write lock the committer may hold (SQLite: plain reader)."""
+    engine = session_factory.kw["bind"]
+    if engine.dialect.name == "sqlite":
+        with sqlite3.connect(engine.url.database) as conn:
+            return sorted(n or 0 for (n,) in conn.execute("SELECT instance_number FROM instances"))
+    with session_factory() as session:
+        return sorted(n or 0 for n in session.scalars(select(Instance.instance_number)).all())
+
+
+def test_pipelined_rows_commit_only_after_the_file_is_durable_and_withdrawn_ones_never(session_factory):
+    """The design's order: file durable, then row committed. The committer may prepare a batch early,
+    but nothing of it is visible until every file in it is settled; a withdrawn file's row never appears."""
+    committer = GroupCommitter(session_factory)
+    committer.start()
+    now = datetime.now(UTC)
+    try:
+        kept, dropped = _submit(committer, 1, now), _submit(committer, 2, now)
+        time.sleep(0.3)  # the committer has had every chance to commit early
+        assert _instance_numbers(session_factory) == []
+        dropped.withdraw()
+        assert kept.file_durable().kind == "new"
+        assert _instance_numbers(session_factory) == [1]
+        late = _submit(committer, 3, now)
+        assert late.file_durable().kind == "new"
+        assert _instance_numbers(session_factory) == [1, 3]
+    finally:
+        committer.stop()

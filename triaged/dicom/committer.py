@@ -10,6 +10,8 @@ Pipelined (:meth:`GroupCommitter.submit`): the committer runs a batch's statemen
 still fsyncing their files, and issues COMMIT only once every file of the batch is durable, so the order the
 design requires (file durable, then row committed, then success) holds while the statements' cost hides
 behind the fsyncs. An item whose file could not be written is withdrawn and the rest of its batch retried.
+On SQLite the batch holds the write lock while it waits, so only small files are pipelined (the caller
+decides; see :data:`triaged.dicom.ingest.PIPELINE_MAX_BYTES`) and the wait is bounded by ``settle_timeout``.
 """
 
 from __future__ import annotations
@@ -79,9 +81,12 @@ class PendingRecord:
 class GroupCommitter:
     """Commit instance rows in batches on one thread; :meth:`record` blocks until its batch committed."""
 
-    def __init__(self, session_factory: sessionmaker[Session], *, max_batch: int = 64) -> None:
+    def __init__(
+        self, session_factory: sessionmaker[Session], *, max_batch: int = 64, settle_timeout: float = 30.0
+    ) -> None:
         self.session_factory = session_factory
         self.max_batch = max_batch
+        self.settle_timeout = settle_timeout
         self._queue: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         # (series id, association id) links already committed: skips one INSERT per instance.
@@ -179,7 +184,10 @@ class GroupCommitter:
                     for p in batch
                 ]
                 for pending in batch:  # COMMIT only once every file of the batch is durable
-                    pending.file_settled.wait()
+                    if not pending.file_settled.wait(self.settle_timeout):
+                        log.error("group_commit_file_never_settled", timeout_s=self.settle_timeout)
+                        pending.error = TimeoutError("the instance file was not settled in time")
+                        pending.withdrawn = True
                     if pending.withdrawn:
                         raise _WithdrawnError
         except _WithdrawnError:

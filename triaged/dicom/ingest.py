@@ -7,6 +7,7 @@ exactly as received; :meth:`Ingestor.store` returns the DIMSE status to answer. 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import threading
 from dataclasses import dataclass
@@ -29,6 +30,9 @@ from triaged.log import uid_hash
 log = structlog.get_logger()
 
 _LOCK_STRIPES = 64
+#: Instances up to this size have their rows prepared while the file is written (pipelined commit); larger
+#: ones are written first, so a long write never holds the database write lock.
+PIPELINE_MAX_BYTES = 8 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -147,8 +151,8 @@ class Ingestor:
         size = len(meta) + len(request.dataset)
         lock = self._locks[hash(facts.sop_instance_uid) % _LOCK_STRIPES]
         with lock:
-            # Rows are prepared while the file is written (see committer), committed once it is durable.
-            record = self.committer.submit(
+            submit = functools.partial(
+                self.committer.submit,
                 facts,
                 file_path=relative,
                 size_bytes=size,
@@ -157,11 +161,16 @@ class Ingestor:
                 association_id=request.association_id,
                 now=now,
             )
+            # Small files: rows are prepared while the file is written (see committer), committed once durable.
+            record = submit() if size <= PIPELINE_MAX_BYTES else None
             try:
                 created = self._write(relative, meta, request.dataset, size)
             except BaseException:
-                record.withdraw()
+                if record is not None:
+                    record.withdraw()
                 raise
+            if record is None:
+                record = submit()
             try:
                 outcome = record.file_durable()
             except Exception as exc:

@@ -40,7 +40,7 @@ from pynetdicom.pdu import A_ABORT_RQ
 log = structlog.get_logger()
 
 #: Longest a loop blocks without being woken; bounds how late timers and peer-gone checks run.
-MAX_WAIT_S = 0.05
+MAX_WAIT_S = 0.1
 #: The pynetdicom releases whose loop bodies the replacements below copy.
 SUPPORTED_VERSIONS = ("3.0.",)
 
@@ -282,13 +282,22 @@ def _association_run_reactor(self: Association) -> None:
             return
 
 
+def is_supported(version: str) -> bool:
+    """Whether ``version`` is a pynetdicom release whose loop bodies the replacements copy."""
+    return version.startswith(SUPPORTED_VERSIONS)
+
+
+def is_installed() -> bool:
+    return bool(_state["installed"])
+
+
 def install() -> bool:
     """Replace pynetdicom's polling loops process-wide (idempotent); return whether they are in place."""
     with _install_lock:
         if _state["installed"]:
             return True
         version = pynetdicom.__version__
-        if not version.startswith(SUPPORTED_VERSIONS):
+        if not is_supported(version):
             log.warning("pynetdicom_reactor_not_replaced", version=version, supported=list(SUPPORTED_VERSIONS))
             return False
         DULServiceProvider.__init__ = _dul_init  # type: ignore[method-assign]
