@@ -84,3 +84,48 @@ def test_wall_clock_schedule_warms_up_then_decays_to_one_percent() -> None:
     assert _time_lr_factor(10, 10, 0.0) == pytest.approx(1.0)
     assert _time_lr_factor(50, 10, 0.5) == pytest.approx(0.505)
     assert _time_lr_factor(99, 10, 1.7) == pytest.approx(0.01)
+
+
+def test_init_from_a_model_directory_starts_from_its_weights_and_sums_compute(
+    tiny_data_root: Path, tmp_path: Path
+) -> None:
+    base = {
+        "data_root": tiny_data_root,
+        "arch": "smallcnn",
+        "input_size": 32,
+        "batch_size": 8,
+        "threads": 1,
+        "workers": 0,
+        "precision": "fp32",
+        "epochs": 1,
+        "max_steps": 1,
+    }
+    train(TrainConfig(**base, out_dir=tmp_path / "first"))  # type: ignore[arg-type]
+    first_spec, first_model = load_model(tmp_path / "first" / "model")
+    cfg = TrainConfig(
+        **base,  # type: ignore[arg-type]
+        out_dir=tmp_path / "second",
+        init=f"model:{tmp_path / 'first' / 'model'}",
+        lr=0.0,  # no update: the continued run must hold exactly the first run's parameters
+        weight_decay=0.0,
+    )
+    train(cfg)
+    spec, model = load_model(tmp_path / "second" / "model")
+    first_params = dict(first_model.named_parameters())  # (batch-norm running statistics do move)
+    assert all(torch.equal(first_params[k], p) for k, p in model.named_parameters())
+    training = spec.extra["training"]
+    assert training["init_from"]["weights_sha256"] == first_spec.weights_sha256
+    first_compute = first_spec.extra["training"]["compute"]
+    assert training["total_compute"]["images_seen"] == first_compute["images_seen"] + training["compute"]["images_seen"]
+    assert training["total_compute"]["epochs"] == 2
+
+
+def test_init_from_a_model_of_another_input_size_is_refused(tiny_data_root: Path, tmp_path: Path) -> None:
+    base = {"data_root": tiny_data_root, "arch": "smallcnn", "batch_size": 8, "threads": 1, "workers": 0}
+    train(TrainConfig(**base, out_dir=tmp_path / "first", input_size=32, epochs=1, max_steps=1))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="at 32 px"):
+        train(
+            TrainConfig(  # type: ignore[arg-type]
+                **base, out_dir=tmp_path / "second", input_size=48, init=f"model:{tmp_path / 'first' / 'model'}"
+            )
+        )

@@ -30,7 +30,14 @@ from triaged.ml.data import assign_splits, build_samples, read_manifest, split_s
 from triaged.ml.dataset import CachedImages, preprocess_files, sample_labels, sample_paths
 from triaged.ml.device import Placement, choose_placement
 from triaged.ml.networks import build_network, count_parameters, load_torchvision_densenet121
-from triaged.ml.registry import DEFAULT_CLASSES, ModelSpec, default_aggregation, load_model, save_model_dir
+from triaged.ml.registry import (
+    DEFAULT_CLASSES,
+    ModelSpec,
+    default_aggregation,
+    load_model,
+    read_spec,
+    save_model_dir,
+)
 from triaged.ml.transforms import PreprocessingConfig
 
 log = structlog.get_logger()
@@ -145,10 +152,51 @@ def _build_model(cfg: TrainConfig) -> nn.Module:
     return model
 
 
-def export_checkpoint(checkpoint: Path, model_dir: Path, *, provisional: bool = True, half: bool = False) -> ModelSpec:
-    """Write a model directory from a training checkpoint (uncalibrated until :mod:`evaluate` updates it)."""
+def init_record(spec: ModelSpec) -> dict[str, Any]:
+    """What a run continued from a model directory records about it (its weights and all compute behind it)."""
+    training = dict(spec.extra.get("training", {}))
+    return {
+        "name": spec.name,
+        "version": spec.version,
+        "weights_sha256": spec.weights_sha256,
+        "total_compute": dict(training.get("total_compute") or training.get("compute") or {}),
+    }
+
+
+def add_compute(earlier: dict[str, Any], later: dict[str, Any]) -> dict[str, Any]:
+    """Total compute of a model trained in several runs (the model card reports the sum)."""
+    total = {key: earlier.get(key, 0) + later.get(key, 0) for key in ("wall_seconds", "images_seen", "epochs")}
+    for key in ("device", "precision", "threads"):
+        values = [str(v) for v in (earlier.get(key), later.get(key)) if v is not None]
+        total[key] = values[0] if len(set(values)) == 1 else "; then ".join(values)
+    return total
+
+
+def export_checkpoint(
+    checkpoint: Path,
+    model_dir: Path,
+    *,
+    provisional: bool = True,
+    half: bool = False,
+    init_from: ModelSpec | None = None,
+) -> ModelSpec:
+    """Write a model directory from a training checkpoint (uncalibrated until :mod:`evaluate` updates it).
+
+    ``init_from`` (or the record a ``--init model:DIR`` run kept in its checkpoint) adds the earlier model's
+    compute to ``training.total_compute``, so the card states everything spent on the weights.
+    """
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     cfg = state["config"]
+    training: dict[str, Any] = {
+        "config": cfg,
+        "epoch": state["epoch"],
+        "history": state["history"],
+        "compute": state["compute"],
+    }
+    prior = init_record(init_from) if init_from is not None else state.get("init_from")
+    if prior:
+        training["init_from"] = prior
+        training["total_compute"] = add_compute(prior["total_compute"], state["compute"])
     model = build_network(cfg["arch"], num_classes=len(state["classes"]))
     model.load_state_dict(state["model"])
     spec = ModelSpec(
@@ -165,12 +213,7 @@ def export_checkpoint(checkpoint: Path, model_dir: Path, *, provisional: bool = 
         provisional=provisional,
         extra={
             "data_manifest_sha256": state["manifest_sha256"],
-            "training": {
-                "config": cfg,
-                "epoch": state["epoch"],
-                "history": state["history"],
-                "compute": state["compute"],
-            },
+            "training": training,
         },
     )
     written = save_model_dir(model_dir, model, spec, half=half)
@@ -206,6 +249,8 @@ def train(cfg: TrainConfig) -> Path:
     )
     val_loader = DataLoader(CachedImages(*arrays["val"]), batch_size=64, shuffle=False)
     model = _build_model(cfg).to(placement.device)
+    init_kind, _, init_path = (cfg.init or "").partition(":")
+    init_from = init_record(read_spec(Path(init_path))) if init_kind == "model" else None
     model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = len(train_loader)
@@ -313,6 +358,7 @@ def train(cfg: TrainConfig) -> Path:
             "classes": list(DEFAULT_CLASSES),
             "preprocessing": prep.to_dict(),
             "manifest_sha256": manifest_sha,
+            "init_from": init_from,
         }
         _atomic_save(state, last_path)
         if improved:
