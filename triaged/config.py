@@ -76,6 +76,7 @@ class DicomSettings(_Section):
     bind_address: str = "0.0.0.0"
     port: int = Field(default=11112, ge=1, le=65535)
     max_associations: int = Field(default=16, ge=1)
+    receiver_processes: int = Field(default=1, ge=1, description=">1: processes sharing the port (SO_REUSEPORT)")
     max_pdu_size: int = Field(default=0, ge=0, description="0 = unlimited")
     acse_timeout: float = Field(default=30, gt=0)
     dimse_timeout: float = Field(default=60, gt=0)

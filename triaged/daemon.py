@@ -95,9 +95,15 @@ class Daemon:
         workers = settings.worker.count
         self.runtime = runtime = build_runtime(settings, load_model=workers > 0)
         if self.receive:
-            from triaged.dicom.scp import Receiver
+            receiver: ReceiverLike
+            if settings.dicom.receiver_processes > 1:
+                from triaged.dicom.pool import ReceiverPool
 
-            receiver: ReceiverLike = Receiver(settings, runtime.session_factory, runtime.store)
+                receiver = ReceiverPool(settings, runtime.session_factory)
+            else:
+                from triaged.dicom.scp import Receiver
+
+                receiver = Receiver(settings, runtime.session_factory, runtime.store)
             receiver.start()
             self.receiver = receiver
         if settings.http.enabled:

@@ -51,6 +51,27 @@ class _AssociationState:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
+class _ReusePortServer(ThreadedAssociationServer):
+    """Sets ``SO_REUSEPORT`` before binding, so several processes can listen on one port.
+
+    pynetdicom's ``server_bind`` sets only ``SO_REUSEADDR`` and ignores socketserver's ``allow_reuse_port``.
+    """
+
+    def server_bind(self) -> None:
+        assert self.socket is not None
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
+
+
+class _ReusePortAE(AE):
+    """An AE whose ``start_server`` builds :class:`_ReusePortServer` (it hard-codes its server class)."""
+
+    def make_server(self, address: Any, *args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("server_class") is ThreadedAssociationServer:
+            kwargs["server_class"] = _ReusePortServer
+        return super().make_server(address, *args, **kwargs)
+
+
 class Receiver:
     """Storage SCP bound to ``settings.dicom``; :meth:`start` returns at once, :meth:`stop` drains."""
 
@@ -62,6 +83,7 @@ class Receiver:
         *,
         receiver_id: str | None = None,
         port: int | None = None,
+        reuse_port: bool = False,
     ) -> None:
         self.settings = settings
         self.session_factory = session_factory
@@ -69,6 +91,7 @@ class Receiver:
         self.ingestor = Ingestor(store, session_factory)
         # ``port`` overrides settings (0 = an ephemeral port, handy for tests and several receivers).
         self._bind_port = settings.dicom.port if port is None else port
+        self._reuse_port = reuse_port  # SO_REUSEPORT: share the port with sibling processes (ReceiverPool)
         self.receiver_id = receiver_id or f"{socket.gethostname()}:{settings.dicom.ae_title}:{self._bind_port}"
         self._server: ThreadedAssociationServer | None = None
         self._ae: AE | None = None
@@ -93,7 +116,7 @@ class Receiver:
         self.store.cleanup_stale_temp_files()
         self._close_stale_associations()
         dicom = self.settings.dicom
-        ae = AE(ae_title=dicom.ae_title)
+        ae = (_ReusePortAE if self._reuse_port else AE)(ae_title=dicom.ae_title)
         ae.supported_contexts = scp_contexts(dicom.extra_storage_sop_classes)
         ae.maximum_associations = dicom.max_associations
         ae.maximum_pdu_size = dicom.max_pdu_size
