@@ -331,6 +331,7 @@ def _cam_report(
             rounds=options.rounds,
         )
         report[method]["target_layer"] = choice.target_layer
+        report[method]["atrous"] = choice.atrous
     examples = {
         "images": images[rows][:, 0].astype(np.float32),
         "cams": cams[choice.method],

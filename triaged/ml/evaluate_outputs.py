@@ -76,11 +76,14 @@ def markdown(report: dict[str, Any], classes: tuple[str, ...]) -> str:
         "",
         "## Grad-CAM localisation on test Cheng slices (true class, map ≥ 0.5 vs tumour mask)",
         "",
-        "| method | n | pointing game | mean IoU |",
-        "|---|---|---|---|",
+        "| method | layer | à trous | n | pointing game | mean IoU |",
+        "|---|---|---|---|---|---|",
     ]
     for method, g in report["gradcam"].items():
-        lines.append(f"| {method} | {g['n']} | {ci(g['pointing_game'])} | {ci(g['mean_iou'], False)} |")
+        lines.append(
+            f"| {method} | {g.get('target_layer', '?')} | ×{g.get('atrous', 1)} | {g['n']} | {ci(g['pointing_game'])} "
+            f"| {ci(g['mean_iou'], False)} |"
+        )
     if "release" in report:
         lines += [
             "",

@@ -167,14 +167,18 @@ def write_model_card(model_dir: Path, report: dict[str, Any], compare: Sequence[
         "Grad-CAM localisation on test Cheng slices (true class; pointing game = map maximum within 15 px at 224 px,"
         " i.e. 9 px here, of the tumour mask; layer and method chosen on validation Cheng slices):",
         "",
-        "| method | n | pointing game | mean IoU (map ≥ 0.5) |",
-        "|---|---|---|---|",
+        "| method | layer (map density) | n | pointing game | mean IoU (map ≥ 0.5) |",
+        "|---|---|---|---|---|",
     ]
     for method, g in report["gradcam"].items():
         by_class = ", ".join(
             f"{spec.classes[int(k)]} {v * 100:.0f} %" for k, v in g.get("pointing_game_by_class_index", {}).items()
         )
-        lines.append(f"| {method} | {g['n']} | {ci(g['pointing_game'])} ({by_class}) | {ci(g['mean_iou'], False)} |")
+        density = f"à trous ×{g['atrous']}" if int(g.get("atrous", 1)) > 1 else "as trained"
+        lines.append(
+            f"| {method} | {g.get('target_layer', '?')} ({density}) | {g['n']} | {ci(g['pointing_game'])} ({by_class}) "
+            f"| {ci(g['mean_iou'], False)} |"
+        )
     lines += [
         "",
         "## Comparison (same split and evaluation; each trained from scratch on the shared CPU)",
