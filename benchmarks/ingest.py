@@ -3,11 +3,14 @@ dcmtk ``storescp`` and Orthanc, with one association and with four at once; prin
 
     python benchmarks/ingest.py                 # N = 2000 (~132 KB each), all three receivers
     python benchmarks/ingest.py -n 500 --targets triaged,orthanc
+    python benchmarks/ingest.py -n 1000 --targets triaged,orthanc --processes 1,2   # triaged with 1 and 2 processes
 
 Every receiver gets a fresh storage directory per run and ``TCP_NODELAY=1`` in its environment (dcmtk and
 Orthanc disable Nagle's algorithm only then). triaged runs as its own process (the real
 :class:`triaged.dicom.scp.Receiver` on a migrated SQLite database, fsync on every instance); after each run
-its instance rows are counted as a correctness check. Not a test: run on demand.
+its instance rows are counted as a correctness check. ``--processes 1,2`` runs triaged once per count
+(``dicom.receiver_processes``: above 1, a :class:`triaged.dicom.pool.ReceiverPool` on one port). Not a test: run
+on demand.
 """
 
 from __future__ import annotations
@@ -25,7 +28,9 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -85,9 +90,14 @@ def timed_send(port: int, called: str, groups: list[list[Path]]) -> float:
 
 # ---------------------------------------------------------------------- receivers
 @contextmanager
-def triaged_receiver(workdir: Path) -> Iterator[tuple[int, str, Callable[[], int]]]:
+def triaged_receiver(workdir: Path, processes: int = 1) -> Iterator[tuple[int, str, Callable[[], int]]]:
     port_file = workdir / "port"
-    settings = {"data_dir": str(workdir / "data"), "storage": {"min_free_bytes": 0}}
+    settings = {
+        "data_dir": str(workdir / "data"),
+        "log_level": "warning",
+        "storage": {"min_free_bytes": 0},
+        "dicom": {"receiver_processes": processes},
+    }
     proc = subprocess.Popen(
         [sys.executable, __file__, "--serve-triaged", json.dumps(settings), str(port_file)],
         env={**ENV, "PYTHONPATH": str(REPO_ROOT)},
@@ -165,10 +175,12 @@ RECEIVERS = {"triaged": triaged_receiver, "storescp": storescp_receiver, "orthan
 
 
 def serve_triaged(settings_json: str, port_file: Path) -> None:
-    """Child mode: run the real receiver until SIGTERM."""
+    """Child mode: run the real receiver (a pool of them for ``dicom.receiver_processes`` > 1) until SIGTERM."""
     from triaged.config import load_settings
+    from triaged.daemon import ReceiverLike
     from triaged.db.engine import make_engine, make_session_factory
     from triaged.db.schema import upgrade
+    from triaged.dicom.pool import ReceiverPool
     from triaged.dicom.scp import Receiver
     from triaged.dicom.storage import InstanceStore
     from triaged.log import configure_logging
@@ -177,9 +189,16 @@ def serve_triaged(settings_json: str, port_file: Path) -> None:
     configure_logging("warning", "console")
     engine = make_engine(settings.database_url)
     upgrade(engine)
-    store = InstanceStore(settings.storage_dir, settings.storage.min_free_bytes)
-    receiver = Receiver(settings, make_session_factory(engine), store, port=0)
+    session_factory = make_session_factory(engine)
+    receiver: ReceiverLike
+    if settings.dicom.receiver_processes > 1:
+        receiver = ReceiverPool(settings, session_factory, port=0)
+    else:
+        store = InstanceStore(settings.storage_dir, settings.storage.min_free_bytes)
+        receiver = Receiver(settings, session_factory, store, port=0)
     receiver.start()
+    # multiprocessing's resource tracker (started with the pool's first child) unblocks SIGTERM/SIGINT.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
     port_file.with_suffix(".tmp").write_text(str(receiver.port))
     port_file.with_suffix(".tmp").rename(port_file)
     signal.sigwait({signal.SIGTERM, signal.SIGINT})
@@ -196,8 +215,19 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=256, help="rows = columns (256 gives ~132 KB)")
     parser.add_argument("--targets", default="triaged,storescp,orthanc")
     parser.add_argument("--repeat", type=int, default=1, help="runs per configuration; the median is printed")
+    parser.add_argument(
+        "--processes", default="1", help="triaged receiver processes, comma-separated to compare (e.g. 1,2)"
+    )
     args = parser.parse_args()
-    targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+    counts = [int(n) for n in args.processes.split(",") if n.strip()]
+    receivers: dict[str, Callable[[Path], Any]] = {}
+    for target in (t.strip() for t in args.targets.split(",") if t.strip()):
+        if target != "triaged":
+            receivers[target] = RECEIVERS[target]
+            continue
+        for n in counts:
+            receivers["triaged" if n == 1 else f"triaged-x{n}"] = partial(triaged_receiver, processes=n)
+    targets = list(receivers)
     for tool in ["storescu"] + (["storescp"] if "storescp" in targets else []):
         if shutil.which(tool) is None:
             sys.exit(f"{tool} not found: apt-get install dcmtk")
@@ -214,7 +244,7 @@ def main() -> None:
                 for attempt in range(args.repeat):
                     workdir = root / f"{target}-{groups}-{attempt}"
                     workdir.mkdir()
-                    with RECEIVERS[target](workdir) as (port, called, count):
+                    with receivers[target](workdir) as (port, called, count):
                         rate = timed_send(port, called, data[groups])
                         stored = count()
                     if stored not in (-1, sum(len(g) for g in data[groups])):
@@ -222,16 +252,17 @@ def main() -> None:
                     runs.append(rate)
                     shutil.rmtree(workdir, ignore_errors=True)
                 rates[target, groups] = statistics.median(runs)
-                print(f"  {target:9s} {groups} association(s): {rates[target, groups]:7.1f} instances/s", flush=True)
+                print(f"  {target:11s} {groups} association(s): {rates[target, groups]:7.1f} instances/s", flush=True)
         print()
-        print(f"{'receiver':10s} {'1 assoc':>10s} {'4 assoc':>10s}   (instances/s, N={args.n})")
+        print(f"{'receiver':12s} {'1 assoc':>10s} {'4 assoc':>10s}   (instances/s, N={args.n})")
         for target in targets:
-            print(f"{target:10s} {rates[target, 1]:10.1f} {rates[target, 4]:10.1f}")
+            print(f"{target:12s} {rates[target, 1]:10.1f} {rates[target, 4]:10.1f}")
         for baseline in ("orthanc", "storescp"):
-            if "triaged" in targets and baseline in targets:
-                ratio_1 = rates["triaged", 1] / rates[baseline, 1]
-                ratio_4 = rates["triaged", 4] / rates[baseline, 4]
-                print(f"triaged / {baseline}: {ratio_1:.2f}x (1 association), {ratio_4:.2f}x (4 associations)")
+            for mine in (t for t in targets if t.startswith("triaged")):
+                if baseline in targets:
+                    ratio_1 = rates[mine, 1] / rates[baseline, 1]
+                    ratio_4 = rates[mine, 4] / rates[baseline, 4]
+                    print(f"{mine} / {baseline}: {ratio_1:.2f}x (1 association), {ratio_4:.2f}x (4 associations)")
 
 
 if __name__ == "__main__":

@@ -315,6 +315,7 @@ def _child_main(spec: _ChildSpec, conn: Connection) -> None:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent decides
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})  # a parent waiting in sigwait() blocks it
     settings = Settings.model_validate(spec.settings_data)
     dicom = settings.dicom.model_copy(update={"max_associations": spec.max_associations})
     settings = settings.model_copy(update={"dicom": dicom})
