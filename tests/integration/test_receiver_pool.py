@@ -27,10 +27,11 @@ from tests.support.receiver import (
     synthetic_series,
     wait_for,
 )
+from triaged import metrics
 from triaged.config import Settings, load_settings
 from triaged.daemon import Daemon
-from triaged.db.engine import make_engine
-from triaged.db.models import Association
+from triaged.db.engine import make_engine, make_session_factory
+from triaged.db.models import Association, utcnow
 from triaged.db.schema import upgrade
 from triaged.dicom.pool import ReceiverPool, ReceiverStartError
 from triaged.dicom.send import SendResult, close_socket, read_dicom_file
@@ -65,6 +66,10 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+def _received_count() -> float:
+    return metrics.REGISTRY.get_sample_value("triaged_instances_received_total") or 0.0
 
 
 def _associations(session_factory: sessionmaker[Session]) -> list[Association]:
@@ -102,6 +107,7 @@ def test_two_processes_store_16_concurrent_associations(tmp_path, make_settings,
     settings = _settings(make_settings, db_url)
     series = [synthetic_series(tmp_path / f"s{i}", PER_ASSOCIATION, seed=300 + i) for i in range(N_ASSOCIATIONS)]
     source = {read_dicom_file(p).sop_instance_uid: p for paths in series for p in paths}
+    received_before = _received_count()
     with running_pool(settings, session_factory) as pool:
         pids = pool.pids
         assert len(pids) == 2 and all(_alive(pid) for pid in pids)
@@ -113,6 +119,7 @@ def test_two_processes_store_16_concurrent_associations(tmp_path, make_settings,
         port = pool.port
     # stop() leaves no child behind, and nothing listens on the port any more.
     assert not any(_alive(pid) for pid in pids)
+    assert _received_count() - received_before == len(source)  # the children's counters reach our /metrics
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", port), timeout=2).close()
 
@@ -159,6 +166,25 @@ def test_killed_child_is_restarted_and_closes_its_stale_associations(tmp_path, m
     later = _associations(session_factory)[8:]
     assert {a.receiver_id for a in later} == {f"{pool.receiver_id}:0", f"{pool.receiver_id}:1"}
     assert len(instance_rows(session_factory)) == N_ASSOCIATIONS
+
+
+def test_start_closes_associations_an_earlier_run_left_open(make_settings, sqlite_url, tmp_path):
+    """Whatever the earlier process count was: ``base`` (1 process) and ``base:<i>`` rows, but not others'."""
+    engine = make_engine(sqlite_url)
+    upgrade(engine)
+    session_factory = make_session_factory(engine)
+    ids = ["pool-test", "pool-test:0", "pool-test:7", "pool-test-other:0", "other:pool-test:0"]
+    with session_factory.begin() as session:
+        for receiver_id in ids:
+            session.add(
+                Association(calling_ae_title="X", peer_address="p", receiver_id=receiver_id, opened_at=utcnow())
+            )
+    pool = ReceiverPool(_settings(make_settings, sqlite_url), session_factory, receiver_id="pool-test", port=0)
+    pool.start()
+    pool.stop()
+    engine.dispose()
+    closed = {a.receiver_id: a.closed_at is not None for a in _associations(session_factory)}
+    assert closed == dict(zip(ids, [True, True, True, False, False], strict=True))
 
 
 def test_start_raises_when_the_port_is_taken(make_settings, sqlite_url):

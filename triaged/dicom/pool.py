@@ -7,11 +7,13 @@ with its own engine, session factory, store and ``Receiver``, all listening on t
 with ``SO_REUSEPORT`` (Linux), so the kernel spreads new connections over them. Each child has its own
 ``receiver_id`` (``<base>:<index>``): the associations table and the stale-association clean-up at start
 stay per process. The parent supervises: a child that dies is logged and started again after a short
-back-off; :meth:`ReceiverPool.stop` sends SIGTERM, and each child drains like ``Receiver.stop``.
+back-off; :meth:`ReceiverPool.stop` sends SIGTERM, and each child drains like ``Receiver.stop``. Children
+forward their instance counters to the parent, whose ``/metrics`` serves them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import multiprocessing
 import signal
@@ -28,6 +30,7 @@ import structlog
 from sqlalchemy import Table, or_, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from triaged import metrics
 from triaged.config import Settings
 from triaged.db.engine import make_engine, make_session_factory
 from triaged.db.models import Association
@@ -160,16 +163,17 @@ class ReceiverPool:
         """SIGTERM every child (each drains for up to ``stop_timeout`` s), then SIGKILL what is left."""
         if self._stopping.is_set():
             return
-        self._stopping.set()
+        with self._lock:
+            self._stopping.set()
+            children = list(self._children)
         if self._wake is not None:
             self._wake[1].send(b"x")
-        with self._lock:
-            children = list(self._children)
         # A child the supervisor is restarting right now is in the list too, and gets the SIGTERM.
         killed = self._terminate(children, timeout=self.stop_timeout + KILL_GRACE_SECONDS)
         if self._supervisor is not None:
             self._supervisor.join(timeout=START_TIMEOUT_SECONDS)
         for child in children:
+            _apply_counts(child.conn)  # what each child counted while draining
             child.conn.close()
         if self._wake is not None:
             for end in self._wake:
@@ -189,10 +193,14 @@ class ReceiverPool:
             name=f"triaged-receiver-{index}",
             daemon=True,  # multiprocessing terminates daemonic children if the parent exits without stop()
         )
-        process.start()
-        child_conn.close()
-        child = _Child(index, receiver_id, process, parent_conn, time.monotonic(), backoff_step)
-        with self._lock:
+        with self._lock:  # stop() lists the children under this lock: each one it misses never starts
+            if self._stopping.is_set():
+                parent_conn.close()
+                child_conn.close()
+                raise ReceiverStartError("receiver pool is stopping")
+            process.start()
+            child_conn.close()
+            child = _Child(index, receiver_id, process, parent_conn, time.monotonic(), backoff_step)
             if index < len(self._children):
                 self._children[index] = child
             else:
@@ -225,7 +233,11 @@ class ReceiverPool:
             with self._lock:
                 children = list(self._children)
             assert self._wake is not None
-            wait([c.process.sentinel for c in children] + [self._wake[0]])
+            conns = [c.conn for c in children if not c.conn.closed]
+            ready = wait([c.process.sentinel for c in children] + conns + [self._wake[0]])
+            for child in children:
+                if child.conn in ready:
+                    _apply_counts(child.conn)
             for child in children:
                 if self._stopping.is_set():
                     return
@@ -247,9 +259,12 @@ class ReceiverPool:
         )
         if self._stopping.wait(delay):
             return
+        _apply_counts(dead.conn)
         dead.conn.close()
         try:
             child = self._spawn(dead.index, self.port, step + 1)
+        except ReceiverStartError:  # stop() has begun
+            return
         except OSError as exc:  # e.g. out of processes: try again after a longer back-off
             log.error("receiver_process_restart_failed", index=dead.index, error=f"{type(exc).__name__}: {exc}")
             dead.backoff_step, dead.started_at = step + 1, time.monotonic()
@@ -302,6 +317,41 @@ class ReceiverPool:
             log.warning("stale_associations_closed", count=count, receiver_id=self.receiver_id)
 
 
+def _counts() -> dict[str, float]:
+    """This process's instance counters: ``""`` for received, else the rejection reason."""
+    values = {
+        "": sum(s.value for m in metrics.INSTANCES_RECEIVED.collect() for s in m.samples if s.name.endswith("_total"))
+    }
+    for family in metrics.INSTANCES_REJECTED.collect():
+        values.update({s.labels["reason"]: s.value for s in family.samples if s.name.endswith("_total")})
+    return values
+
+
+def _send_counts(conn: Connection, sent: dict[str, float]) -> None:
+    """Send what the counters gained since ``sent`` (updated in place); nothing when they did not move."""
+    now = _counts()
+    deltas = {key: value - sent.get(key, 0.0) for key, value in now.items() if value != sent.get(key, 0.0)}
+    if deltas:
+        conn.send(("counts", deltas))
+        sent.update(now)
+
+
+def _apply_counts(conn: Connection) -> None:
+    """Add the counter deltas waiting on ``conn`` to this (the parent's) registry."""
+    try:
+        while not conn.closed and conn.poll(0):
+            message = conn.recv()
+            if message[0] != "counts":
+                continue
+            for key, delta in message[1].items():
+                if key:
+                    metrics.INSTANCES_REJECTED.labels(reason=key).inc(delta)
+                else:
+                    metrics.INSTANCES_RECEIVED.inc(delta)
+    except (EOFError, OSError):  # the child is gone; the supervisor deals with that
+        return
+
+
 def _check_port_free(address: str, port: int) -> None:
     """Raise ``OSError`` (address in use) if anything listens on the port, even with ``SO_REUSEPORT``."""
     family = socket.AF_INET6 if ":" in address else socket.AF_INET
@@ -334,9 +384,13 @@ def _child_main(spec: _ChildSpec, conn: Connection) -> None:
         engine.dispose()
         raise SystemExit(1) from None
     conn.send(("started", receiver.port))
+    sent: dict[str, float] = {}
     while not stop.is_set():
         if conn.poll(PARENT_CHECK_SECONDS):  # the parent never writes: readable means it is gone
             log.warning("receiver_parent_gone", receiver_id=spec.receiver_id)
             break
+        _send_counts(conn, sent)
     receiver.stop(timeout=spec.stop_timeout)
     engine.dispose()
+    with contextlib.suppress(OSError):  # the parent may be gone
+        _send_counts(conn, sent)
