@@ -34,7 +34,9 @@ from triaged.db.engine import make_engine, make_session_factory
 from triaged.db.models import Association, utcnow
 from triaged.db.schema import upgrade
 from triaged.dicom.pool import ReceiverPool, ReceiverStartError
+from triaged.dicom.scp import Receiver
 from triaged.dicom.send import SendResult, close_socket, read_dicom_file
+from triaged.dicom.storage import InstanceStore
 from triaged.errors import ConfigError
 
 N_ASSOCIATIONS = 16
@@ -168,8 +170,10 @@ def test_killed_child_is_restarted_and_closes_its_stale_associations(tmp_path, m
     assert len(instance_rows(session_factory)) == N_ASSOCIATIONS
 
 
-def test_start_closes_associations_an_earlier_run_left_open(make_settings, sqlite_url, tmp_path):
-    """Whatever the earlier process count was: ``base`` (1 process) and ``base:<i>`` rows, but not others'."""
+@pytest.mark.parametrize("processes", [1, 2])
+def test_start_closes_associations_an_earlier_run_left_open(make_settings, sqlite_url, tmp_path, processes):
+    """Whatever the earlier process count was: ``base`` (1 process) and ``base:<i>`` rows, but not others';
+    the same whether this start is one in-process receiver or a pool."""
     engine = make_engine(sqlite_url)
     upgrade(engine)
     session_factory = make_session_factory(engine)
@@ -179,9 +183,15 @@ def test_start_closes_associations_an_earlier_run_left_open(make_settings, sqlit
             session.add(
                 Association(calling_ae_title="X", peer_address="p", receiver_id=receiver_id, opened_at=utcnow())
             )
-    pool = ReceiverPool(_settings(make_settings, sqlite_url), session_factory, receiver_id="pool-test", port=0)
-    pool.start()
-    pool.stop()
+    settings = _settings(make_settings, sqlite_url, processes)
+    if processes == 1:
+        receiver: Receiver | ReceiverPool = Receiver(
+            settings, session_factory, InstanceStore(settings.storage_dir, 0), receiver_id="pool-test", port=0
+        )
+    else:
+        receiver = ReceiverPool(settings, session_factory, receiver_id="pool-test", port=0)
+    receiver.start()
+    receiver.stop()
     engine.dispose()
     closed = {a.receiver_id: a.closed_at is not None for a in _associations(session_factory)}
     assert closed == dict(zip(ids, [True, True, True, False, False], strict=True))

@@ -21,27 +21,23 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 from typing import Any
 
 import structlog
-from sqlalchemy import Table, or_, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from triaged import metrics
 from triaged.config import Settings
 from triaged.db.engine import make_engine, make_session_factory
-from triaged.db.models import Association
-from triaged.dicom.scp import Receiver
+from triaged.dicom.scp import Receiver, close_stale_associations
 from triaged.dicom.storage import InstanceStore
 from triaged.errors import TriagedError
 from triaged.log import configure_logging
 
 log = structlog.get_logger()
 
-ASSOCIATIONS: Table = Association.__table__  # type: ignore[assignment]
 
 START_TIMEOUT_SECONDS = 60.0  # spawn, imports and the first database round trip on a busy machine
 KILL_GRACE_SECONDS = 10.0  # after the drain timeout, before SIGKILL
@@ -300,21 +296,8 @@ class ReceiverPool:
     # ------------------------------------------------------------------ associations table
     def _close_stale_associations(self) -> None:
         """Close rows left open by an earlier run under this base id, e.g. one with more processes."""
-        if self.session_factory is None:
-            return
-        ids = ASSOCIATIONS.c.receiver_id
-        with self.session_factory.begin() as session:
-            result = session.execute(
-                update(ASSOCIATIONS)
-                .where(
-                    or_(ids == self.receiver_id, ids.startswith(f"{self.receiver_id}:", autoescape=True)),
-                    ASSOCIATIONS.c.closed_at.is_(None),
-                )
-                .values(closed_at=datetime.now(UTC))
-            )
-        count = int(getattr(result, "rowcount", 0) or 0)
-        if count:
-            log.warning("stale_associations_closed", count=count, receiver_id=self.receiver_id)
+        if self.session_factory is not None:
+            close_stale_associations(self.session_factory, self.receiver_id)
 
 
 def _counts() -> dict[str, float]:

@@ -21,7 +21,7 @@ from pydicom.dataset import Dataset
 from pynetdicom import AE, evt
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.transport import ThreadedAssociationServer
-from sqlalchemy import Table, update
+from sqlalchemy import Table, or_, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -70,6 +70,28 @@ class _ReusePortAE(AE):
         if kwargs.get("server_class") is ThreadedAssociationServer:
             kwargs["server_class"] = _ReusePortServer
         return super().make_server(address, *args, **kwargs)
+
+
+def close_stale_associations(session_factory: sessionmaker[Session], receiver_id: str) -> int:
+    """Close rows a crashed predecessor left open under ``receiver_id`` or its processes' ``receiver_id:N``.
+
+    Open rows hold back series completion; whatever ran before (one process or a pool of any size) is gone
+    once this receiver id binds its port again.
+    """
+    ids = ASSOCIATIONS.c.receiver_id
+    with session_factory.begin() as session:
+        result = session.execute(
+            update(ASSOCIATIONS)
+            .where(
+                or_(ids == receiver_id, ids.startswith(f"{receiver_id}:", autoescape=True)),
+                ASSOCIATIONS.c.closed_at.is_(None),
+            )
+            .values(closed_at=utcnow())
+        )
+    count = int(getattr(result, "rowcount", 0) or 0)
+    if count:
+        log.warning("stale_associations_closed", count=count, receiver_id=receiver_id)
+    return count
 
 
 class Receiver:
@@ -204,16 +226,7 @@ class Receiver:
 
     # ------------------------------------------------------------------ associations table
     def _close_stale_associations(self) -> None:
-        now = utcnow()
-        with self.session_factory.begin() as session:
-            result = session.execute(
-                update(ASSOCIATIONS)
-                .where(ASSOCIATIONS.c.receiver_id == self.receiver_id, ASSOCIATIONS.c.closed_at.is_(None))
-                .values(closed_at=now)
-            )
-        count = int(getattr(result, "rowcount", 0) or 0)
-        if count:
-            log.warning("stale_associations_closed", count=count, receiver_id=self.receiver_id)
+        close_stale_associations(self.session_factory, self.receiver_id)
 
     def _state(self, assoc: Any) -> _AssociationState:
         with self._lock:
