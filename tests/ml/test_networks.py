@@ -15,6 +15,17 @@ def test_networks_classify_one_channel_slices(arch: str) -> None:
     assert build_network(arch, 4).eval()(torch.zeros(2, 1, 64, 64)).shape == (2, 4)
 
 
+@pytest.mark.parametrize("arch", ["densenet121", "resnet50"])
+def test_last_feature_map_has_the_standard_stride_32(arch: str) -> None:
+    """Both comparison networks see the same spatial detail: 128 px in, a 4x4 map before pooling."""
+    model = build_network(arch, 4).eval()
+    layer = dict(model.named_modules())["class_layers.relu" if arch == "densenet121" else "layer4"]
+    shapes: list[tuple[int, ...]] = []
+    layer.register_forward_hook(lambda _m, _i, out: shapes.append(tuple(out.shape)))
+    model(torch.zeros(1, 1, 128, 128))
+    assert shapes[0][-2:] == (4, 4)
+
+
 def test_imagenet_init_maps_torchvision_keys(tmp_path: Path) -> None:
     source = build_network("densenet121", 1000, in_channels=3)
     tv_state = {

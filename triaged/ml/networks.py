@@ -51,6 +51,9 @@ def build_network(arch: str, num_classes: int, in_channels: int = 1) -> nn.Modul
             spatial_dims=2,
             n_input_channels=in_channels,
             num_classes=num_classes,
+            # The standard ResNet stem (7x7 stride 2, then max-pool): MONAI's default stride 1 keeps 4x the
+            # activations through every stage (5x slower here, measured) for a model meant to be compared as-is.
+            conv1_t_stride=2,
         )
         return net
     if arch == "smallcnn":
