@@ -14,6 +14,8 @@ from triaged.ml.registry import load_model
 from triaged.ml.results import SeriesMeta
 from triaged.ml.train import TrainConfig, train
 
+#: A training run small enough for a unit test (one CPU thread, no workers, fp32 for exact comparisons).
+TINY = {"arch": "smallcnn", "input_size": 32, "batch_size": 8, "threads": 1, "workers": 0, "precision": "fp32"}
 META = SeriesMeta("MR", "", "t2 ax", "", ("ORIGINAL", "PRIMARY"), ("SE",), (), (), 1)
 
 
@@ -61,16 +63,7 @@ def test_tiny_training_run_writes_a_loadable_model(tiny_data_root: Path, tmp_pat
 
 
 def test_resume_continues_from_last_checkpoint(tiny_data_root: Path, tmp_path: Path) -> None:
-    base = {
-        "data_root": tiny_data_root,
-        "out_dir": tmp_path / "run",
-        "arch": "smallcnn",
-        "input_size": 32,
-        "batch_size": 8,
-        "threads": 1,
-        "workers": 0,
-        "precision": "fp32",
-    }
+    base = {"data_root": tiny_data_root, "out_dir": tmp_path / "run", **TINY}
     train(TrainConfig(**base, epochs=1))  # type: ignore[arg-type]
     train(TrainConfig(**base, epochs=2, resume=True))  # type: ignore[arg-type]
     state = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
@@ -89,17 +82,7 @@ def test_wall_clock_schedule_warms_up_then_decays_to_one_percent() -> None:
 def test_init_from_a_model_directory_starts_from_its_weights_and_sums_compute(
     tiny_data_root: Path, tmp_path: Path
 ) -> None:
-    base = {
-        "data_root": tiny_data_root,
-        "arch": "smallcnn",
-        "input_size": 32,
-        "batch_size": 8,
-        "threads": 1,
-        "workers": 0,
-        "precision": "fp32",
-        "epochs": 1,
-        "max_steps": 1,
-    }
+    base = {"data_root": tiny_data_root, **TINY, "epochs": 1, "max_steps": 1}
     train(TrainConfig(**base, out_dir=tmp_path / "first"))  # type: ignore[arg-type]
     first_spec, first_model = load_model(tmp_path / "first" / "model")
     cfg = TrainConfig(

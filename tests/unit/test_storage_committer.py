@@ -43,7 +43,7 @@ def test_concurrent_records_commit_and_a_bad_one_fails_alone(session_factory):
     def record(i: int) -> None:
         barrier.wait()
         try:
-            outcomes[i] = committer.record(
+            outcomes[i] = committer.submit(
                 _facts(i),
                 file_path=f"aa/{i}.dcm",
                 size_bytes=10,
@@ -51,7 +51,7 @@ def test_concurrent_records_commit_and_a_bad_one_fails_alone(session_factory):
                 calling_ae_title="A",
                 association_id=999_999 if i == 7 else association_id,  # 7 violates the foreign key
                 now=now,
-            )
+            ).file_durable()
         except IntegrityError as exc:
             outcomes[i] = exc
 
@@ -73,20 +73,20 @@ def test_concurrent_records_commit_and_a_bad_one_fails_alone(session_factory):
 def test_unstarted_committer_commits_on_the_callers_thread(session_factory):
     committer = GroupCommitter(session_factory)
     now = datetime.now(UTC)
-    first = committer.record(
+    first = committer.submit(
         _facts(1), file_path="a/1", size_bytes=1, sha256="0" * 64, calling_ae_title="", association_id=None, now=now
-    )
-    again = committer.record(
+    ).file_durable()
+    again = committer.submit(
         _facts(1), file_path="a/1", size_bytes=1, sha256="0" * 64, calling_ae_title="", association_id=None, now=now
-    )
-    changed = committer.record(
+    ).file_durable()
+    changed = committer.submit(
         _facts(1), file_path="a/2", size_bytes=1, sha256="1" * 64, calling_ae_title="", association_id=None, now=now
-    )
+    ).file_durable()
     assert (first.kind, again.kind, changed.kind) == ("new", "duplicate", "replaced")
     with pytest.raises(IntegrityError):
-        committer.record(
+        committer.submit(
             _facts(2), file_path="a/3", size_bytes=1, sha256="2" * 64, calling_ae_title="", association_id=5, now=now
-        )
+        ).file_durable()
 
 
 def _submit(committer: GroupCommitter, i: int, now: datetime):

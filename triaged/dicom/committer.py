@@ -80,7 +80,7 @@ class PendingRecord:
 
 
 class GroupCommitter:
-    """Commit instance rows in batches on one thread; :meth:`record` blocks until its batch committed."""
+    """Commit instance rows in batches on one thread; :meth:`PendingRecord.file_durable` waits for its batch."""
 
     def __init__(
         self, session_factory: sessionmaker[Session], *, max_batch: int = 64, settle_timeout: float = 30.0
@@ -109,28 +109,6 @@ class GroupCommitter:
             self._queue.put(None)
             self._thread.join(30)
             self._thread = None
-
-    def record(
-        self,
-        facts: InstanceFacts,
-        *,
-        file_path: str,
-        size_bytes: int,
-        sha256: str,
-        calling_ae_title: str,
-        association_id: int | None,
-        now: datetime,
-    ) -> RecordOutcome:
-        """Commit the rows for one file already stored durably; raise what the commit raised."""
-        return self.submit(
-            facts,
-            file_path=file_path,
-            size_bytes=size_bytes,
-            sha256=sha256,
-            calling_ae_title=calling_ae_title,
-            association_id=association_id,
-            now=now,
-        ).file_durable()
 
     def submit(
         self,
