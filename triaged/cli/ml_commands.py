@@ -102,7 +102,13 @@ def evaluate_command(  # noqa: PLR0917 (one parameter per CLI option)
     calibrate: Annotated[
         bool, typer.Option("--calibrate/--no-calibrate", help="Write temperature, thresholds, OOD into model.json.")
     ] = False,
-    tta: Annotated[bool, typer.Option("--tta", help="Average with horizontally flipped inputs.")] = False,
+    tta: Annotated[
+        bool,
+        typer.Option(
+            "--tta",
+            help="Average with horizontally flipped inputs (--calibrate records it for the daemon).",
+        ),
+    ] = False,
     cam_limit: Annotated[int, typer.Option(help="Test Cheng slices scored for Grad-CAM localisation.")] = 240,
     bootstrap: Annotated[int, typer.Option(help="Bootstrap rounds for 95 % CIs.")] = 1000,
     release: Annotated[

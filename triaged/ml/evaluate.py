@@ -52,12 +52,8 @@ class EvalOptions:
     compare: tuple[Path, ...] = ()
 
 
-def _logits(predictor: Predictor, images: np.ndarray, tta: bool) -> tuple[np.ndarray, np.ndarray]:
-    x = torch.from_numpy(images.astype(np.float32))
-    logits, features = predictor.logits_and_features(x)
-    if tta:
-        logits = (logits + predictor.logits(torch.flip(x, dims=[-1]))) / 2.0
-    return logits, features
+def _logits(predictor: Predictor, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return predictor.logits_and_features(torch.from_numpy(images.astype(np.float32)))
 
 
 def _fit_ood(
@@ -107,6 +103,7 @@ def evaluate_model(model_dir: Path, data_root: Path, out_dir: Path, options: Eva
         raise ModelError(f"{manifest_path} does not match data_manifest_sha256 in model.json")
     samples = read_manifest(manifest_path)
     predictor = Predictor(spec, model, choose_placement(options.device, options.precision))
+    predictor.flip_tta = options.tta  # evaluated as asked; --calibrate records it so the daemon does the same
     log.info(
         "evaluate_start",
         model=spec.name,
@@ -130,7 +127,7 @@ def evaluate_model(model_dir: Path, data_root: Path, out_dir: Path, options: Eva
             images[name] = preprocess_files(
                 sample_paths(data_root, sets[name]), spec.preprocessing, cache_dir=options.cache_dir
             )
-            logits[name], features[name] = _logits(predictor, images[name], options.tta)
+            logits[name], features[name] = _logits(predictor, images[name])
             labels[name] = np.asarray(sample_labels(sets[name], classes))
     index = {s.path: i for i, s in enumerate(sets["test"])}
     for name in ("clean_test", "clean_test_not_cheng"):
@@ -195,6 +192,7 @@ def evaluate_model(model_dir: Path, data_root: Path, out_dir: Path, options: Eva
                 "metrics": _headline(report),
                 "data_split": split_summary(samples),
                 "cam": cam_choice.to_dict(),
+                "inference": {**dict(spec.extra.get("inference", {})), "flip_tta": options.tta},
             },
         )
         write_spec(model_dir, new_spec)

@@ -43,6 +43,8 @@ class Predictor:
         self.spec = spec
         self.ood = ood
         self.cam_config = CamConfig.from_dict(spec.extra.get("cam", {}), cam_target_layer(spec.arch))
+        # Left-right flip averaging, when the model was evaluated and calibrated that way (model.json).
+        self.flip_tta = bool(dict(spec.extra.get("inference", {})).get("flip_tta", False))
         self.placement = placement
         self.batch_size = batch_size
         self.model = model.to(placement.device).eval()
@@ -72,10 +74,17 @@ class Predictor:
         return torch.cat(out).numpy().astype(np.float32)
 
     def logits_and_features(self, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        """Logits (N, C) and penultimate features (N, D), both float32."""
+        """Logits (N, C) and penultimate features (N, D), both float32.
+
+        With ``flip_tta`` the logits are the mean over the slice and its left-right mirror (brains are roughly
+        symmetric and tumours occur on either side); the features, used for the OOD score, are the slice's own.
+        """
         with FeatureTap(self.model) as tap:
             logits = self.logits(x)
-        return logits, tap.array()
+        features = tap.array()
+        if self.flip_tta:
+            logits = (logits + self.logits(torch.flip(x, dims=[-1]))) / 2.0
+        return logits, features
 
     def calibrated(self, logits: np.ndarray) -> np.ndarray:
         """Temperature-scaled softmax probabilities (N, C) float32."""
