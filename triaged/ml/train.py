@@ -193,10 +193,17 @@ def export_checkpoint(
         "history": state["history"],
         "compute": state["compute"],
     }
+    # The best checkpoint may be an earlier epoch than the run's last: the run's compute is the last one's.
+    last = checkpoint.with_name("last.pt")
+    run_compute = (
+        torch.load(last, map_location="cpu", weights_only=True)["compute"] if last.is_file() else state["compute"]
+    )
     prior = init_record(init_from) if init_from is not None else state.get("init_from")
     if prior:
         training["init_from"] = prior
-        training["total_compute"] = add_compute(prior["total_compute"], state["compute"])
+        training["total_compute"] = add_compute(prior["total_compute"], run_compute)
+    elif run_compute != state["compute"]:
+        training["total_compute"] = run_compute
     model = build_network(cfg["arch"], num_classes=len(state["classes"]))
     model.load_state_dict(state["model"])
     spec = ModelSpec(
