@@ -48,7 +48,8 @@ def test_model_json_describes_the_product() -> None:
 def test_predicts_expected_labels_on_unseen_images(data_root: Path) -> None:
     predictor = Predictor.from_dir(MODEL_DIR, device="cpu")
     x = predictor.preprocess_slices([load_image(data_root / path) for path in EXPECTED])
-    probs = predictor.calibrated(predictor.logits(x))
+    logits, _ = predictor.logits_and_features(x)  # the daemon's path (flip TTA as model.json says)
+    probs = predictor.calibrated(logits)
     predicted = [predictor.spec.classes[int(i)] for i in probs.argmax(axis=1)]
     assert predicted == list(EXPECTED.values())
     assert np.allclose(probs.sum(axis=1), 1.0, atol=1e-5)

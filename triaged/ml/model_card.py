@@ -13,7 +13,7 @@ from triaged.ml.registry import read_spec
 
 REPRODUCE = """\
 ```bash
-# 1. train (leak-free split, manifest written to the run folder). The shipped run was two invocations:
+# 1.0.0 - train from scratch (leak-free split, manifest written to the run folder), two invocations:
 #    epochs 1-2 (then stopped: 2 threads thrashed on the shared CPU)
 python -m triaged.ml.train --out-dir RUN --cache-dir CACHE --arch densenet121 --input-size 128 --epochs 28 \\
     --batch-size 32 --lr 1e-3 --weight-decay 0.05 --warmup-epochs 1 --label-smoothing 0.1 --workers 1 --threads 2 \\
@@ -22,10 +22,24 @@ python -m triaged.ml.train --out-dir RUN --cache-dir CACHE --arch densenet121 --
 OMP_WAIT_POLICY=PASSIVE python -m triaged.ml.train --out-dir RUN --cache-dir CACHE --arch densenet121 \\
     --input-size 128 --epochs 200 --batch-size 32 --lr 1e-3 --weight-decay 0.05 --warmup-epochs 1 \\
     --label-smoothing 0.1 --workers 1 --threads 1 --resume --time-budget-minutes 86
-# 2. export the best checkpoint as a model directory
 python -m triaged.ml.export RUN/best.pt models/densenet121-brainmri-v1 --final
-# 3. calibrate on validation, evaluate on test / clean_test / real DICOM, write this card
-triaged evaluate models/densenet121-brainmri-v1 --data-root ../shared/data --calibrate --cache-dir CACHE
+# 1.1.0 - continue from 1.0.0 (git history of models/densenet121-brainmri-v1) with a second, lower cosine cycle
+python -m triaged.ml.train --out-dir RUN2 --cache-dir CACHE --arch densenet121 --input-size 128 --epochs 200 \\
+    --batch-size 32 --lr 3e-4 --weight-decay 0.05 --warmup-epochs 0.3 --label-smoothing 0.1 --workers 1 \\
+    --threads 1 --time-budget-minutes 95 --init model:models/densenet121-brainmri-v1 \\
+    --manifest models/densenet121-brainmri-v1/manifest.csv --model-version 1.1.0 --seed 20261
+python -m triaged.ml.export RUN2/best.pt models/densenet121-brainmri-v1 --final
+# calibrate on validation (with flip TTA, recorded in model.json for the daemon), evaluate, write this card
+triaged evaluate models/densenet121-brainmri-v1 --data-root ../shared/data --calibrate --tta --cache-dir CACHE
+# comparison models (same split, manifest and evaluation; budgets in the table)
+python -m triaged.ml.train --out-dir R50 --cache-dir CACHE --arch resnet50 --input-size 128 --epochs 200 \\
+    --lr 1e-3 --warmup-epochs 1 --workers 1 --threads 1 --time-budget-minutes 30 \\
+    --manifest models/densenet121-brainmri-v1/manifest.csv --model-name resnet50-brainmri
+python -m triaged.ml.train --out-dir SMALL --cache-dir CACHE --arch smallcnn --input-size 128 --epochs 200 \\
+    --lr 3e-3 --warmup-epochs 1 --workers 1 --threads 1 --time-budget-minutes 20 \\
+    --manifest models/densenet121-brainmri-v1/manifest.csv --model-name smallcnn-brainmri
+triaged evaluate R50/model --no-release --cache-dir CACHE
+triaged evaluate SMALL/model --no-release --cache-dir CACHE
 ```"""
 
 
@@ -122,7 +136,13 @@ def write_model_card(model_dir: Path, report: dict[str, Any], compare: Sequence[
         "- Inference: device/precision `auto` (CUDA AMP, bf16 autocast on CPUs with native bf16, else fp32),"
         f" channels-last, batched. Measured {parity.get('precision')} vs fp32 on {parity.get('n')} test images:"
         f" argmax agreement {parity.get('argmax_agreement', float('nan')):.4f}, max |Δp|"
-        f" {parity.get('max_abs_probability_difference', float('nan')):.4f}.",
+        f" {parity.get('max_abs_probability_difference', float('nan')):.4f}."
+        + (
+            " Left-right flip averaging (TTA) is on: evaluated, calibrated and used by the daemon alike."
+            if dict(spec.extra.get("inference", {})).get("flip_tta")
+            else ""
+        ),
+        *[f"- {note}" for note in spec.extra.get("card_notes", [])],
         "",
         "## Training data",
         "",
@@ -230,9 +250,10 @@ def write_model_card(model_dir: Path, report: dict[str, Any], compare: Sequence[
         "  (no such data here). Real-scan evidence is thin: two normal T1 volumes and five DWI/EPI series.",
         "- The urgency threshold is high (the calibrated model is very confident on these sources); confidence on",
         "  unfamiliar scanners or sequences can shift, so the threshold needs checking on local data before use.",
-        "- Grad-CAM localisation is poor (target: pointing game ≥ 85 %). On many glioma and pituitary slices the maps",
-        "  highlight context (skull base, scalp, slice level) rather than the lesion: the classifier partly relies on",
-        "  shortcuts, and the maps must not be read as lesion segmentations.",
+        "- Grad-CAM localisation is poor (target: pointing game ≥ 85 %), also with denser (à trous) maps: on",
+        "  most meningiomas the map peaks on the lesion, but on most axial pituitary slices and many gliomas on",
+        "  the midline, brainstem or ventricles. The classifier partly relies on anatomy and context, so sharper",
+        "  maps cannot fix it; they show where the model looked and must not be read as lesion segmentations.",
         "- Training images are 8-bit JPEG exports of mixed sequences and planes; the no-tumour class comes mostly from",
         "  Br35H, whose acquisition differs from the tumour sources, so the model can learn source shortcuts.",
         "- Cheng has no patient ids: blocks of consecutive slices approximate patients, so some leakage may remain and",
