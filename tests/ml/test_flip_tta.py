@@ -31,3 +31,4 @@ def test_flip_tta_averages_the_mirror_and_keeps_the_slice_features(random_model_
     tta_logits, tta_features = tta.logits_and_features(x)
     np.testing.assert_allclose(tta_logits, (logits + mirrored) / 2.0, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(tta_features, features, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(tta.features(x), features, rtol=1e-5, atol=1e-5)

@@ -64,7 +64,7 @@ def _fit_ood(
     images = preprocess_files(
         sample_paths(data_root, train), predictor.spec.preprocessing, cache_dir=options.cache_dir
     )[::2]
-    _, features = predictor.logits_and_features(torch.from_numpy(images.astype(np.float32)))
+    features = predictor.features(torch.from_numpy(images.astype(np.float32)))
     ood = FeatureOOD.fit(features, np.asarray(sample_labels(train, predictor.spec.classes))[::2])
     val_scores = ood.score(val_features)
     info = {

@@ -86,6 +86,12 @@ class Predictor:
             logits = (logits + self.logits(torch.flip(x, dims=[-1]))) / 2.0
         return logits, features
 
+    def features(self, x: torch.Tensor) -> np.ndarray:
+        """Penultimate features (N, D) float32 only (one pass, no TTA: the OOD model needs nothing else)."""
+        with FeatureTap(self.model) as tap:
+            self.logits(x)
+        return tap.array()
+
     def calibrated(self, logits: np.ndarray) -> np.ndarray:
         """Temperature-scaled softmax probabilities (N, C) float32."""
         return softmax(logits / self.spec.temperature)
