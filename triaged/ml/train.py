@@ -35,7 +35,6 @@ from triaged.ml.registry import (
     ModelSpec,
     default_aggregation,
     load_model,
-    read_spec,
     save_model_dir,
 )
 from triaged.ml.transforms import PreprocessingConfig
@@ -129,8 +128,10 @@ def _validate(model: nn.Module, loader: DataLoader[Any], placement: Placement) -
     }
 
 
-def _build_model(cfg: TrainConfig) -> nn.Module:
+def _build_model(cfg: TrainConfig) -> tuple[nn.Module, dict[str, Any] | None]:
+    """The network, initialised as ``--init`` says, and the record of the model directory it continues from."""
     model = build_network(cfg.arch, num_classes=len(DEFAULT_CLASSES))
+    init_from = None
     if cfg.init:
         kind, _, path = cfg.init.partition(":")
         if kind == "imagenet" and cfg.arch == "densenet121":
@@ -145,11 +146,12 @@ def _build_model(cfg: TrainConfig) -> nn.Module:
                     f" this run is {cfg.arch} at {cfg.input_size} px"
                 )
             model.load_state_dict(shipped.float().state_dict())
+            init_from = init_record(spec)
         else:
             raise ValueError(
                 f"--init must be imagenet:PATH (densenet121 only), checkpoint:PATH or model:DIR, got {cfg.init!r}"
             )
-    return model
+    return model, init_from
 
 
 def init_record(spec: ModelSpec) -> dict[str, Any]:
@@ -255,9 +257,8 @@ def train(cfg: TrainConfig) -> Path:
         worker_init_fn=_worker_init,
     )
     val_loader = DataLoader(CachedImages(*arrays["val"]), batch_size=64, shuffle=False)
-    model = _build_model(cfg).to(placement.device)
-    init_kind, _, init_path = (cfg.init or "").partition(":")
-    init_from = init_record(read_spec(Path(init_path))) if init_kind == "model" else None
+    model, init_from = _build_model(cfg)
+    model = model.to(placement.device)
     model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = len(train_loader)
