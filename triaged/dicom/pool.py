@@ -31,7 +31,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from triaged import metrics
 from triaged.config import Settings
 from triaged.db.engine import make_engine, make_session_factory
-from triaged.dicom.scp import Receiver, close_stale_associations
+from triaged.dicom.scp import Receiver, close_stale_associations, default_receiver_id
 from triaged.dicom.storage import InstanceStore
 from triaged.errors import TriagedError
 from triaged.log import configure_logging
@@ -95,7 +95,7 @@ class ReceiverPool:
         self.settings = settings
         self.session_factory = session_factory
         self._bind_port = dicom.port if port is None else port
-        self.receiver_id = receiver_id or f"{socket.gethostname()}:{dicom.ae_title}:{self._bind_port}"
+        self.receiver_id = receiver_id or default_receiver_id(dicom.ae_title, self._bind_port)
         # dicom.max_associations is the total: each process gets its share, rounded up.
         self.max_associations_each = math.ceil(dicom.max_associations / self.processes)
         self.stop_timeout = stop_timeout

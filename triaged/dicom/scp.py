@@ -72,6 +72,11 @@ class _ReusePortAE(AE):
         return super().make_server(address, *args, **kwargs)
 
 
+def default_receiver_id(ae_title: str, port: int) -> str:
+    """Stable across restarts of the same listener, so a restart can close what its predecessor left open."""
+    return f"{socket.gethostname()}:{ae_title}:{port}"
+
+
 def close_stale_associations(session_factory: sessionmaker[Session], receiver_id: str) -> int:
     """Close rows a crashed predecessor left open under ``receiver_id`` or its processes' ``receiver_id:N``.
 
@@ -114,7 +119,7 @@ class Receiver:
         # ``port`` overrides settings (0 = an ephemeral port, handy for tests and several receivers).
         self._bind_port = settings.dicom.port if port is None else port
         self._reuse_port = reuse_port  # SO_REUSEPORT: share the port with sibling processes (ReceiverPool)
-        self.receiver_id = receiver_id or f"{socket.gethostname()}:{settings.dicom.ae_title}:{self._bind_port}"
+        self.receiver_id = receiver_id or default_receiver_id(settings.dicom.ae_title, self._bind_port)
         self._server: ThreadedAssociationServer | None = None
         self._ae: AE | None = None
         self._associations: dict[int, _AssociationState] = {}
