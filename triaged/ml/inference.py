@@ -79,18 +79,19 @@ class Predictor:
         With ``flip_tta`` the logits are the mean over the slice and its left-right mirror (brains are roughly
         symmetric and tumours occur on either side); the features, used for the OOD score, are the slice's own.
         """
-        with FeatureTap(self.model) as tap:
-            logits = self.logits(x)
-        features = tap.array()
+        logits, features = self._one_pass(x)
         if self.flip_tta:
             logits = (logits + self.logits(torch.flip(x, dims=[-1]))) / 2.0
         return logits, features
 
     def features(self, x: torch.Tensor) -> np.ndarray:
         """Penultimate features (N, D) float32 only (one pass, no TTA: the OOD model needs nothing else)."""
+        return self._one_pass(x)[1]
+
+    def _one_pass(self, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         with FeatureTap(self.model) as tap:
-            self.logits(x)
-        return tap.array()
+            logits = self.logits(x)
+        return logits, tap.array()
 
     def calibrated(self, logits: np.ndarray) -> np.ndarray:
         """Temperature-scaled softmax probabilities (N, C) float32."""
