@@ -54,6 +54,9 @@ def train_command(  # noqa: PLR0917 (one parameter per CLI option)
         str | None, typer.Option(help="imagenet:PATH, checkpoint:PATH or model:DIR (continue from a model directory).")
     ] = None,
     cache_dir: Annotated[Path | None, typer.Option(help="Cache of preprocessed images.")] = None,
+    cam_loss_weight: Annotated[
+        float, typer.Option(help="Weight of the mask-guided attention loss on Cheng slices (0 = labels only).")
+    ] = 0.0,
 ) -> None:
     """Train a classifier on the leak-free split and export OUT_DIR/model."""
     from triaged.ml.networks import ARCHITECTURES
@@ -64,6 +67,8 @@ def train_command(  # noqa: PLR0917 (one parameter per CLI option)
         _fail(f"unknown --arch {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
     if init is not None and not Path(init.partition(":")[2]).exists():
         _fail(f"--init path {init.partition(':')[2]!r} does not exist")
+    if cam_loss_weight < 0 or (cam_loss_weight > 0 and arch != "densenet121"):
+        _fail("--cam-loss-weight must be >= 0 and needs --arch densenet121")
     if epochs < 1 or batch_size < 1 or input_size < 32:
         _fail("--epochs and --batch-size must be >= 1 and --input-size >= 32")
     cfg = TrainConfig(
@@ -87,6 +92,7 @@ def train_command(  # noqa: PLR0917 (one parameter per CLI option)
         resume=resume,
         init=init,
         cache_dir=cache_dir,
+        cam_loss_weight=cam_loss_weight,
     )
     try:
         best = train(cfg)

@@ -8,7 +8,9 @@ intensities from many vendors; geometric augmentation covers crops, zoom and hea
 from __future__ import annotations
 
 import math
+from typing import Any
 
+import torch
 from monai.transforms import (
     Compose,
     RandAdjustContrast,
@@ -23,28 +25,56 @@ from monai.transforms import (
 )
 
 
+def _geometric(input_size: int) -> list[Any]:
+    shift = input_size // 12
+    return [
+        RandAffine(
+            prob=0.8,
+            rotate_range=(math.pi / 12,),
+            scale_range=(0.15, 0.15),
+            translate_range=(shift, shift),
+            mode="bilinear",
+            padding_mode="zeros",
+        ),
+        RandFlip(prob=0.5, spatial_axis=1),
+    ]
+
+
+def _intensity() -> list[Any]:
+    return [
+        RandSimulateLowResolution(prob=0.15, zoom_range=(0.5, 0.9)),
+        RandGaussianSmooth(prob=0.15, sigma_x=(0.25, 1.0), sigma_y=(0.25, 1.0)),
+        RandBiasField(prob=0.3, degree=3, coeff_range=(0.0, 0.25)),
+        RandAdjustContrast(prob=0.4, gamma=(0.6, 1.6)),
+        RandHistogramShift(prob=0.2, num_control_points=(5, 10)),
+        RandScaleIntensity(prob=0.3, factors=0.2),
+        RandGaussianNoise(prob=0.25, mean=0.0, std=0.03),
+    ]
+
+
 def build_train_augment(input_size: int, *, seed: int = 0) -> Compose:
     """Return the random augmentation ``Compose`` for training (seeded via ``set_random_state``)."""
-    shift = input_size // 12
-    aug = Compose(
-        [
-            RandAffine(
-                prob=0.8,
-                rotate_range=(math.pi / 12,),
-                scale_range=(0.15, 0.15),
-                translate_range=(shift, shift),
-                mode="bilinear",
-                padding_mode="zeros",
-            ),
-            RandFlip(prob=0.5, spatial_axis=1),
-            RandSimulateLowResolution(prob=0.15, zoom_range=(0.5, 0.9)),
-            RandGaussianSmooth(prob=0.15, sigma_x=(0.25, 1.0), sigma_y=(0.25, 1.0)),
-            RandBiasField(prob=0.3, degree=3, coeff_range=(0.0, 0.25)),
-            RandAdjustContrast(prob=0.4, gamma=(0.6, 1.6)),
-            RandHistogramShift(prob=0.2, num_control_points=(5, 10)),
-            RandScaleIntensity(prob=0.3, factors=0.2),
-            RandGaussianNoise(prob=0.25, mean=0.0, std=0.03),
-        ]
-    )
+    aug = Compose([*_geometric(input_size), *_intensity()])
     aug.set_random_state(seed=seed)
     return aug
+
+
+class PairedAugment:
+    """Augment an image and its tumour mask together: the same geometry for both, intensity changes for the image.
+
+    Input and output are (2, S, S): channel 0 the image, channel 1 the mask (bilinear-resampled, so soft at edges).
+    """
+
+    def __init__(self, input_size: int, *, seed: int = 0) -> None:
+        self.geometric = Compose(_geometric(input_size))
+        self.intensity = Compose(_intensity())
+        self.set_random_state(seed)
+
+    def set_random_state(self, seed: int) -> None:
+        self.geometric.set_random_state(seed=seed)
+        self.intensity.set_random_state(seed=(seed + 1) % 2**31)
+
+    def __call__(self, pair: torch.Tensor) -> torch.Tensor:
+        moved = torch.as_tensor(self.geometric(pair)).as_subclass(torch.Tensor)
+        image = torch.as_tensor(self.intensity(moved[:1])).as_subclass(torch.Tensor).clamp(0.0, 1.0)
+        return torch.cat([image, moved[1:].clamp(0.0, 1.0)])

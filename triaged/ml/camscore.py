@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 
 from triaged.ml.cam import compute_cams
@@ -22,6 +24,20 @@ def mask_to_model_space(mask: np.ndarray, size: int) -> np.ndarray:
     out = np.zeros((size, size), dtype=bool)
     out[top : top + h, left : left + w] = resized >= 0.5
     return out
+
+
+def load_masks(mask_paths: Sequence[Path], size: int) -> np.ndarray:
+    """(N, size, size) bool tumour masks from PNG files, in the model's input geometry."""
+    masks = []
+    for path in mask_paths:
+        with Image.open(path) as m:
+            masks.append(mask_to_model_space(np.asarray(m.convert("L")) > 127, size))
+    return np.stack(masks) if masks else np.zeros((0, size, size), dtype=bool)
+
+
+def cheng_mask_path(data_root: Path, image_path: str) -> Path:
+    """Where the Cheng figshare mask of an image (manifest path) lies."""
+    return data_root / image_path.replace("/images/", "/masks/").replace(".jpg", "_mask.png")
 
 
 def _dilate(mask: np.ndarray, radius: int) -> np.ndarray:

@@ -74,6 +74,40 @@ class CachedImages(Dataset[tuple[torch.Tensor, int]]):
         return x, self.labels[index]
 
 
+class MaskedImages(Dataset[tuple[torch.Tensor, int, torch.Tensor, bool]]):
+    """Like :class:`CachedImages`, plus a tumour mask per image (all zeros and ``has_mask`` False where none exists).
+
+    Image and mask are augmented together (:class:`triaged.ml.augment.PairedAugment`) so the mask stays on the
+    tumour after every rotation, zoom and flip.
+    """
+
+    def __init__(
+        self,
+        images: np.ndarray,
+        labels: Sequence[int],
+        masks: np.ndarray,
+        has_mask: np.ndarray,
+        augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> None:
+        if not len(images) == len(labels) == len(masks) == len(has_mask):
+            raise ValueError("images, labels and masks differ in length")
+        self.images = images
+        self.labels = [int(x) for x in labels]
+        self.masks = masks
+        self.has_mask = has_mask.astype(bool)
+        self.augment = augment
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, torch.Tensor, bool]:
+        image = torch.from_numpy(self.images[index].astype(np.float32))
+        pair = torch.cat([image, torch.from_numpy(self.masks[index].astype(np.float32))[None]])
+        if self.augment is not None:
+            pair = self.augment(pair)
+        return pair[:1], self.labels[index], pair[1], bool(self.has_mask[index])
+
+
 def sample_paths(data_root: Path, samples: Sequence[Sample]) -> list[Path]:
     return [data_root / s.path for s in samples]
 

@@ -20,7 +20,7 @@ import torch
 from triaged.errors import ModelError
 from triaged.ml.aggregate import brain_fraction
 from triaged.ml.cam import CamConfig
-from triaged.ml.camscore import mask_to_model_space, score_cams
+from triaged.ml.camscore import cheng_mask_path, load_masks, score_cams
 from triaged.ml.data import Sample, evaluation_samples, read_manifest, split_summary, training_samples
 from triaged.ml.dataset import preprocess_files, sample_labels, sample_paths
 from triaged.ml.device import Placement, choose_placement, torch_threads
@@ -255,14 +255,7 @@ def _roc_curves(probs: np.ndarray, labels: np.ndarray, classes: tuple[str, ...])
 
 
 def _cheng_masks(data_root: Path, samples: list[Sample], rows: list[int], size: int) -> np.ndarray:
-    from PIL import Image
-
-    masks = []
-    for i in rows:
-        mask_path = data_root / samples[i].path.replace("/images/", "/masks/").replace(".jpg", "_mask.png")
-        with Image.open(mask_path) as m:
-            masks.append(mask_to_model_space(np.asarray(m.convert("L")) > 127, size))
-    return np.stack(masks) if masks else np.zeros((0, size, size), dtype=bool)
+    return load_masks([cheng_mask_path(data_root, samples[i].path) for i in rows], size)
 
 
 def _cheng_rows(samples: list[Sample], limit: int) -> list[int]:

@@ -25,9 +25,19 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from triaged.ml.augment import build_train_augment
-from triaged.ml.data import assign_splits, build_samples, read_manifest, split_summary, training_samples, write_manifest
-from triaged.ml.dataset import CachedImages, preprocess_files, sample_labels, sample_paths
+from triaged.ml.attention import attention_loss, cell_hits, logits_and_cams
+from triaged.ml.augment import PairedAugment, build_train_augment
+from triaged.ml.camscore import cheng_mask_path, load_masks
+from triaged.ml.data import (
+    Sample,
+    assign_splits,
+    build_samples,
+    read_manifest,
+    split_summary,
+    training_samples,
+    write_manifest,
+)
+from triaged.ml.dataset import CachedImages, MaskedImages, preprocess_files, sample_labels, sample_paths
 from triaged.ml.device import Placement, choose_placement
 from triaged.ml.networks import build_network, count_parameters, load_torchvision_densenet121
 from triaged.ml.registry import (
@@ -72,6 +82,7 @@ class TrainConfig:
     cache_dir: Path | None = None
     model_name: str = "densenet121-brainmri"
     model_version: str = "1.0.0"
+    cam_loss_weight: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
@@ -107,25 +118,49 @@ def _load_arrays(cfg: TrainConfig, prep: PreprocessingConfig) -> tuple[dict[str,
             chosen = random.Random(cfg.seed).sample(chosen, min(cfg.limit, len(chosen)))
         images = preprocess_files(sample_paths(cfg.data_root, chosen), prep, cache_dir=cfg.cache_dir)
         arrays[split] = (images, sample_labels(chosen, DEFAULT_CLASSES))
+        if cfg.cam_loss_weight > 0:
+            arrays[split] += _tumour_masks(cfg.data_root, chosen, prep.input_size)
     return arrays, manifest_sha
+
+
+def _tumour_masks(data_root: Path, samples: Sequence[Sample], size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(N, S, S) uint8 masks and an (N,) has-mask flag: Cheng figshare slices have masks, Kaggle images none."""
+    has_mask = np.array([s.source == "cheng" for s in samples], dtype=bool)
+    masks = np.zeros((len(samples), size, size), dtype=np.uint8)
+    rows = np.flatnonzero(has_mask)
+    masks[rows] = load_masks([cheng_mask_path(data_root, samples[int(i)].path) for i in rows], size)
+    log.info("tumour_masks", images=len(samples), with_mask=int(rows.size))
+    return masks, has_mask
 
 
 @torch.inference_mode()
 def _validate(model: nn.Module, loader: DataLoader[Any], placement: Placement) -> dict[str, float]:
+    """Loss, accuracy and balanced accuracy; with masks also the share of masked slices whose CAM peaks on tumour."""
     model.eval()
-    logits_all, labels_all = [], []
-    for x, y in loader:
+    logits_all, labels_all, hits_all = [], [], []
+    for batch in loader:
+        x, y = batch[0].to(placement.device).contiguous(memory_format=torch.channels_last), batch[1]
         with placement.autocast():
-            logits_all.append(model(x.to(placement.device).contiguous(memory_format=torch.channels_last)).float().cpu())
+            if len(batch) == 4:
+                logits, cams = logits_and_cams(model, x, y.to(placement.device))
+                masks, has_mask = batch[2].to(placement.device), batch[3].to(placement.device)
+                hits_all.append(cell_hits(cams.float(), masks)[has_mask].cpu())
+            else:
+                logits = model(x)
+        logits_all.append(logits.float().cpu())
         labels_all.append(y)
     logits, labels = torch.cat(logits_all), torch.cat(labels_all)
     pred = logits.argmax(1)
     recalls = [float((pred[labels == c] == c).float().mean()) for c in range(logits.shape[1]) if (labels == c).any()]
-    return {
+    metrics = {
         "val_loss": float(nn.functional.cross_entropy(logits, labels)),
         "val_acc": float((pred == labels).float().mean()),
         "val_balanced_acc": float(np.mean(recalls)),
     }
+    hits = torch.cat(hits_all) if hits_all else torch.zeros(0, dtype=torch.bool)
+    if hits.numel():
+        metrics["val_cam_cell_hit"] = float(hits.float().mean())
+    return metrics
 
 
 def _build_model(cfg: TrainConfig) -> tuple[nn.Module, dict[str, Any] | None]:
@@ -242,12 +277,19 @@ def train(cfg: TrainConfig) -> Path:
     log.info("train_start", device=placement.device, precision=placement.precision, arch=cfg.arch, config=cfg.to_json())
     prep = PreprocessingConfig(input_size=cfg.input_size)
     arrays, manifest_sha = _load_arrays(cfg, prep)
-    train_x, train_y = arrays["train"]
+    train_x, train_y = arrays["train"][:2]
     counts = np.bincount(train_y, minlength=len(DEFAULT_CLASSES)).astype(np.float64)
     class_weight = torch.tensor(counts.sum() / (len(counts) * np.maximum(counts, 1)), dtype=torch.float32)
     gen = torch.Generator().manual_seed(cfg.seed)
+    train_set: CachedImages | MaskedImages = (
+        MaskedImages(
+            train_x, train_y, arrays["train"][2], arrays["train"][3], PairedAugment(cfg.input_size, seed=cfg.seed)
+        )
+        if cfg.cam_loss_weight > 0
+        else CachedImages(train_x, train_y, build_train_augment(cfg.input_size, seed=cfg.seed))
+    )
     train_loader = DataLoader(
-        CachedImages(train_x, train_y, build_train_augment(cfg.input_size, seed=cfg.seed)),
+        train_set,
         batch_size=cfg.batch_size,
         shuffle=True,
         drop_last=True,
@@ -256,7 +298,8 @@ def train(cfg: TrainConfig) -> Path:
         persistent_workers=cfg.workers > 0,
         worker_init_fn=_worker_init,
     )
-    val_loader = DataLoader(CachedImages(*arrays["val"]), batch_size=64, shuffle=False)
+    val_set = MaskedImages(*arrays["val"]) if cfg.cam_loss_weight > 0 else CachedImages(*arrays["val"])
+    val_loader = DataLoader(val_set, batch_size=64, shuffle=False)
     model, init_from = _build_model(cfg)
     model = model.to(placement.device)
     model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
@@ -305,12 +348,18 @@ def train(cfg: TrainConfig) -> Path:
         model.train()
         run_loss, run_correct, run_n = 0.0, 0, 0
         bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", mininterval=20.0)
-        for x_cpu, y_cpu in bar:
-            x = x_cpu.to(placement.device).contiguous(memory_format=torch.channels_last)
-            y = y_cpu.to(placement.device)
+        for batch in bar:
+            x = batch[0].to(placement.device).contiguous(memory_format=torch.channels_last)
+            y = batch[1].to(placement.device)
             with placement.autocast():
-                logits = model(x)
+                if cfg.cam_loss_weight > 0:
+                    logits, cams = logits_and_cams(model, x, y)
+                else:
+                    logits = model(x)
             loss = loss_fn(logits.float(), y)
+            if cfg.cam_loss_weight > 0:
+                masks, has_mask = batch[2].to(placement.device), batch[3].to(placement.device)
+                loss = loss + cfg.cam_loss_weight * attention_loss(cams, masks, has_mask)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if budget_s is not None:
@@ -402,7 +451,7 @@ def _time_lr_factor(global_step: int, warmup_steps: int, progress: float) -> flo
 def _worker_init(worker_id: int) -> None:
     torch.set_num_threads(1)
     info = torch.utils.data.get_worker_info()
-    if info is not None and isinstance(info.dataset, CachedImages) and info.dataset.augment is not None:
+    if info is not None and isinstance(info.dataset, CachedImages | MaskedImages) and info.dataset.augment is not None:
         augment = info.dataset.augment
         if hasattr(augment, "set_random_state"):
             augment.set_random_state(seed=int(info.seed % 2**31))
@@ -424,7 +473,15 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
         p.add_argument("--" + name.replace("_", "-"), default=defaults[name])
     for name in ("input_size", "epochs", "batch_size", "threads", "workers", "max_steps", "patience", "limit", "seed"):
         p.add_argument("--" + name.replace("_", "-"), type=int, default=defaults[name])
-    for name in ("lr", "weight_decay", "warmup_epochs", "label_smoothing", "max_minutes", "time_budget_minutes"):
+    for name in (
+        "lr",
+        "weight_decay",
+        "warmup_epochs",
+        "label_smoothing",
+        "max_minutes",
+        "time_budget_minutes",
+        "cam_loss_weight",
+    ):
         p.add_argument("--" + name.replace("_", "-"), type=float, default=defaults[name])
     p.add_argument("--manifest", type=Path, default=None)
     p.add_argument("--cache-dir", type=Path, default=None)
