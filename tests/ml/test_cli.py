@@ -37,3 +37,10 @@ def test_unknown_arch_is_rejected(tiny_data_root: Path, tmp_path: Path) -> None:
         app, ["train", "--out-dir", str(tmp_path / "o"), "--data-root", str(tiny_data_root), "--arch", "vgg"]
     )
     assert result.exit_code == 2 and "unknown --arch" in result.output
+
+
+def test_attention_loss_needs_densenet(tiny_data_root: Path, tmp_path: Path) -> None:
+    args = ["train", "--out-dir", str(tmp_path / "o"), "--data-root", str(tiny_data_root), "--arch", "smallcnn"]
+    result = runner.invoke(app, [*args, "--cam-loss-weight", "0.3"])
+    assert result.exit_code == 2 and "--cam-loss-weight" in result.output
+    assert "Traceback" not in result.output

@@ -54,27 +54,55 @@ def _split_table(spec_extra: dict[str, Any]) -> list[str]:
     return lines
 
 
+COMPARISON_FILE = "comparison.json"
+
+
+def _comparison_row(path: Path, rep: dict[str, Any]) -> dict[str, Any]:
+    spec = read_spec(path)
+    training = dict(spec.extra.get("training", {}))
+    compute = dict(training.get("total_compute") or training.get("compute") or {})
+    t, c = rep["sets"]["test"], rep["sets"].get("clean_test")
+    return {
+        "arch": spec.arch,
+        "name": spec.name,
+        "version": spec.version,
+        "params": count_parameters(build_network(spec.arch, len(spec.classes))),
+        "input_size": spec.preprocessing.input_size,
+        "epochs": compute.get("epochs"),
+        "train_minutes": float(compute.get("wall_seconds", 0)) / 60,
+        "test_accuracy": t["accuracy"],
+        "test_macro_auc": t["macro_auc"],
+        "tumour_auc": t["tumour_vs_notumour"]["auc"],
+        "clean_test_accuracy": c["accuracy"] if c else None,
+    }
+
+
 def comparison_rows(model_dir: Path, report: dict[str, Any], others: Sequence[Path]) -> list[str]:
-    """Markdown rows comparing this model with other evaluated model directories (their evaluation.json)."""
-    rows = [
+    """Markdown rows comparing this model with other evaluated model directories (their evaluation.json).
+
+    The other models' rows are kept in ``evaluation/comparison.json``: re-evaluating the product model without
+    ``--compare`` keeps the comparison from the last time the other models were evaluated instead of dropping it.
+    """
+    stored = model_dir / "evaluation" / COMPARISON_FILE
+    if others:
+        rows = [_comparison_row(o, json.loads((o / "evaluation" / "evaluation.json").read_text())) for o in others]
+        stored.parent.mkdir(parents=True, exist_ok=True)
+        stored.write_text(json.dumps({"models": rows}, indent=1) + "\n")
+    else:
+        rows = json.loads(stored.read_text())["models"] if stored.is_file() else []
+    lines = [
         "| model | params | input | epochs | train minutes | test accuracy | test macro AUC | tumour AUC | "
         "clean_test accuracy |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for path, rep in [(model_dir, report)] + [
-        (o, json.loads((o / "evaluation" / "evaluation.json").read_text())) for o in others
-    ]:
-        spec = read_spec(path)
-        training = dict(spec.extra.get("training", {}))
-        compute = dict(training.get("total_compute") or training.get("compute") or {})
-        t, c = rep["sets"]["test"], rep["sets"].get("clean_test")
-        rows.append(
-            f"| {spec.arch} | {count_parameters(build_network(spec.arch, len(spec.classes))) / 1e6:.2f} M | "
-            f"{spec.preprocessing.input_size} | {compute.get('epochs')} | "
-            f"{float(compute.get('wall_seconds', 0)) / 60:.0f} | {ci(t['accuracy'])} | {ci(t['macro_auc'], False)} | "
-            f"{ci(t['tumour_vs_notumour']['auc'], False)} | {ci(c['accuracy']) if c else '–'} |"
+    for row in [_comparison_row(model_dir, report), *rows]:
+        clean = row["clean_test_accuracy"]
+        lines.append(
+            f"| {row['arch']} | {row['params'] / 1e6:.2f} M | {row['input_size']} | {row['epochs']} | "
+            f"{row['train_minutes']:.0f} | {ci(row['test_accuracy'])} | {ci(row['test_macro_auc'], False)} | "
+            f"{ci(row['tumour_auc'], False)} | {ci(clean) if clean else '–'} |"
         )
-    return rows
+    return lines
 
 
 def _continued_from(training: dict[str, Any], cfg: dict[str, Any], compute: dict[str, Any]) -> list[str]:
