@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy.orm import Session, sessionmaker
 
+from tests.support.pipeline_support import wait_for
 from triaged.config import Settings
 from triaged.db import queue
 from triaged.db.models import Job, JobKind, JobState
@@ -122,8 +123,8 @@ def test_worker_threads_drain_queue_and_shutdown_releases_overrunning_job(runtim
         time.sleep(0.05)
     assert all(_job(runtime, j).state == JobState.DONE for j in quick)
     stuck = _add(runtime, "stuck")
-    while _job(runtime, stuck).state != JobState.RUNNING and time.monotonic() < deadline:
-        time.sleep(0.05)
+    # stop_workers releases the job a worker holds in memory; that is set just after the claim commits RUNNING.
+    wait_for(lambda: any(worker.current_job_id == stuck for worker, _ in workers), timeout=30, what="stuck job held")
     stop.set()
     stop_workers(runtime, workers, grace_seconds=0.5)
     released = _job(runtime, stuck)
