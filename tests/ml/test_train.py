@@ -70,6 +70,21 @@ def test_resume_continues_from_last_checkpoint(tiny_data_root: Path, tmp_path: P
     assert state["epoch"] == 2 and len(state["history"]) == 2
 
 
+def test_resumed_wall_clock_schedule_continues_where_it_stopped(tiny_data_root: Path, tmp_path: Path) -> None:
+    base = {"data_root": tiny_data_root, "out_dir": tmp_path / "run", **TINY, "lr": 1e-2, "warmup_epochs": 0.01}
+    train(TrainConfig(**base, epochs=1, time_budget_minutes=1.0))  # type: ignore[arg-type]
+    last = tmp_path / "run" / "last.pt"
+    state = torch.load(last, weights_only=True)
+    state["compute"]["wall_seconds"] = 54.0  # as if 90 % of the one-minute budget had been spent before the stop
+    torch.save(state, last)
+    resumed = {**base, "threads": 2}
+    train(TrainConfig(**resumed, epochs=2, time_budget_minutes=1.0, resume=True, max_steps=1))  # type: ignore[arg-type]
+    state = torch.load(last, weights_only=True)
+    # cosine at >= 90 % of the budget: at most 3.4 % of the peak (a restarted clock would give ~100 %)
+    assert state["optimizer"]["param_groups"][0]["lr"] < 0.04 * 1e-2
+    assert state["compute"]["threads"] == "1; then 2"
+
+
 def test_wall_clock_schedule_warms_up_then_decays_to_one_percent() -> None:
     from triaged.ml.train import _time_lr_factor
 

@@ -327,6 +327,8 @@ def train(cfg: TrainConfig) -> Path:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start_epoch, history, compute = state["epoch"], state["history"], state["compute"]
+        if str(compute.get("threads")).rpartition(" ")[2] != str(cfg.threads):
+            compute["threads"] = f"{compute.get('threads')}; then {cfg.threads}"
         best, stale = tuple(state["best"]), int(state["stale"])
         gen.set_state(state["generator"])
         log.info("train_resumed", epoch=start_epoch)
@@ -339,6 +341,8 @@ def train(cfg: TrainConfig) -> Path:
         class_weight=class_weight.tolist(),
     )
     t_run = time.monotonic()
+    # A resumed run's wall-clock budget counts the epochs already done, so its cosine continues where it stopped.
+    t_budget = t_run - float(compute["wall_seconds"])
     step = 0
     warmup_steps = max(1, int(cfg.warmup_epochs * steps_per_epoch))
     budget_s = cfg.time_budget_minutes * 60 if cfg.time_budget_minutes else None
@@ -364,7 +368,7 @@ def train(cfg: TrainConfig) -> Path:
             loss.backward()
             if budget_s is not None:
                 global_step = epoch * steps_per_epoch + bar.n
-                factor = _time_lr_factor(global_step, warmup_steps, (time.monotonic() - t_run) / budget_s)
+                factor = _time_lr_factor(global_step, warmup_steps, (time.monotonic() - t_budget) / budget_s)
                 for group in optimizer.param_groups:
                     group["lr"] = cfg.lr * factor
             optimizer.step()
@@ -382,7 +386,7 @@ def train(cfg: TrainConfig) -> Path:
             step += 1
             if cfg.max_steps is not None and step >= cfg.max_steps:
                 break
-            if budget_s is not None and time.monotonic() - t_run >= budget_s:
+            if budget_s is not None and time.monotonic() - t_budget >= budget_s:
                 out_of_time = True
                 break
         bar.close()
