@@ -116,6 +116,40 @@ def _continued_from(training: dict[str, Any], cfg: dict[str, Any], compute: dict
     ]
 
 
+def _attention_lines(cfg: dict[str, Any]) -> list[str]:
+    weight = float(cfg.get("cam_loss_weight") or 0.0)
+    if weight <= 0:
+        return []
+    return [
+        f"- Mask-guided attention (`--cam-loss-weight {weight:g}`): on Cheng training slices (the only ones with tumour"
+        " masks, about a third of the training images) the loss adds the cross-entropy between the share of tumour "
+        "area in each cell of the final 4×4 feature grid and the softmax of the true class's activation map over "
+        "those cells, so the map that Grad-CAM shows is trained to sit on the lesion; masks follow every geometric "
+        "augmentation of their image.",
+    ]
+
+
+def _localisation_limits(classes: Sequence[str], report: dict[str, Any]) -> list[str]:
+    scores = {m: g["pointing_game"]["value"] for m, g in report.get("gradcam", {}).items()}
+    if not scores:
+        return []
+    best = max(scores, key=lambda m: scores[m])
+    by_class = report["gradcam"][best].get("pointing_game_by_class_index", {})
+    weakest = min(by_class, key=lambda k: by_class[k]) if by_class else None
+    if scores[best] >= 0.85:
+        return [
+            f"- Grad-CAM pointing game {scores[best] * 100:.1f} % on test Cheng slices (T1 post-contrast). Maps show"
+            " where the model looked; they are not lesion segmentations, and on other sequences they are unmeasured.",
+        ]
+    weak = f" (weakest: {classes[int(weakest)]} {by_class[weakest] * 100:.0f} %)" if weakest is not None else ""
+    return [
+        f"- Grad-CAM localisation is below target: pointing game {scores[best] * 100:.1f} % vs ≥ 85 %{weak}. Where"
+        " the map misses, it peaks on anatomy typical of the class (midline, sella, ventricles) rather than on the",
+        "  lesion: the classifier partly relies on anatomy and context. Maps show where the model looked and must",
+        "  not be read as lesion segmentations.",
+    ]
+
+
 def write_model_card(model_dir: Path, report: dict[str, Any], compare: Sequence[Path] = ()) -> Path:
     """Render the card; every number comes from ``report`` (evaluation.json) or ``model.json``."""
     spec = read_spec(model_dir)
@@ -194,6 +228,7 @@ def write_model_card(model_dir: Path, report: dict[str, Any], compare: Sequence[
         "shared, so the schedule was tied to time, not epochs).",
         "- MONAI augmentation: affine (±15°, ±15 % zoom, shifts), left-right flip, resolution loss, blur, bias field,",
         "  gamma, histogram shift, intensity scaling, Gaussian noise.",
+        *_attention_lines(cfg),
         f"- Compute (every run behind these weights): {total.get('epochs')} epochs, "
         f"{total.get('images_seen')} training images seen, {float(total.get('wall_seconds', 0)) / 60:.1f} min wall "
         "clock on a shared 2-core AMD EPYC CPU "
@@ -278,10 +313,7 @@ def write_model_card(model_dir: Path, report: dict[str, Any], compare: Sequence[
         "  (no such data here). Real-scan evidence is thin: two normal T1 volumes and five DWI/EPI series.",
         "- The urgency threshold is high (the calibrated model is very confident on these sources); confidence on",
         "  unfamiliar scanners or sequences can shift, so the threshold needs checking on local data before use.",
-        "- Grad-CAM localisation is poor (target: pointing game ≥ 85 %), also with denser (à trous) maps: on",
-        "  most meningiomas the map peaks on the lesion, but on most axial pituitary slices and many gliomas on",
-        "  the midline, brainstem or ventricles. The classifier partly relies on anatomy and context, so sharper",
-        "  maps cannot fix it; they show where the model looked and must not be read as lesion segmentations.",
+        *_localisation_limits(spec.classes, report),
         "- Training images are 8-bit JPEG exports of mixed sequences and planes; the no-tumour class comes mostly from",
         "  Br35H, whose acquisition differs from the tumour sources, so the model can learn source shortcuts.",
         "- Cheng has no patient ids: blocks of consecutive slices approximate patients, so some leakage may remain and",
