@@ -29,6 +29,13 @@ python -m triaged.ml.train --out-dir RUN2 --cache-dir CACHE --arch densenet121 -
     --threads 1 --time-budget-minutes 95 --init model:models/densenet121-brainmri-v1 \\
     --manifest models/densenet121-brainmri-v1/manifest.csv --model-version 1.1.0 --seed 20261
 python -m triaged.ml.export RUN2/best.pt models/densenet121-brainmri-v1 --final
+# 1.2.0 - continue from 1.1.0 with the mask-guided attention loss; epochs 1-3 with --threads 1, then stopped and
+#    resumed (same command plus --resume, --threads 2; the wall-clock cosine continues where it stopped)
+python -m triaged.ml.train --out-dir RUN3 --cache-dir CACHE --arch densenet121 --input-size 128 --epochs 100 \\
+    --batch-size 32 --lr 2e-4 --weight-decay 0.05 --warmup-epochs 0.3 --label-smoothing 0.1 --workers 1 \\
+    --threads 1 --time-budget-minutes 85 --init model:models/densenet121-brainmri-v1 --cam-loss-weight 0.3 \\
+    --manifest models/densenet121-brainmri-v1/manifest.csv --model-version 1.2.0 --seed 20262
+python -m triaged.ml.export RUN3/best.pt models/densenet121-brainmri-v1 --final
 # calibrate on validation (with flip TTA, recorded in model.json for the daemon), evaluate, write this card
 triaged evaluate models/densenet121-brainmri-v1 --data-root ../shared/data --calibrate --tta --cache-dir CACHE
 # comparison models (same split, manifest and evaluation; budgets in the table)
@@ -136,12 +143,13 @@ def _localisation_limits(classes: Sequence[str], report: dict[str, Any]) -> list
     best = max(scores, key=lambda m: scores[m])
     by_class = report["gradcam"][best].get("pointing_game_by_class_index", {})
     weakest = min(by_class, key=lambda k: by_class[k]) if by_class else None
+    weak = f" (weakest: {classes[int(weakest)]} {by_class[weakest] * 100:.0f} %)" if weakest is not None else ""
     if scores[best] >= 0.85:
         return [
-            f"- Grad-CAM pointing game {scores[best] * 100:.1f} % on test Cheng slices (T1 post-contrast). Maps show"
-            " where the model looked; they are not lesion segmentations, and on other sequences they are unmeasured.",
+            f"- Grad-CAM pointing game {scores[best] * 100:.1f} % on test Cheng slices (T1 post-contrast){weak}. Maps"
+            " show where the model looked; they are not lesion segmentations, and on other sequences and on"
+            " real volumes they are unmeasured.",
         ]
-    weak = f" (weakest: {classes[int(weakest)]} {by_class[weakest] * 100:.0f} %)" if weakest is not None else ""
     return [
         f"- Grad-CAM localisation is below target: pointing game {scores[best] * 100:.1f} % vs ≥ 85 %{weak}. Where"
         " the map misses, it peaks on anatomy typical of the class (midline, sella, ventricles) rather than on the",
@@ -231,8 +239,8 @@ def write_model_card(model_dir: Path, report: dict[str, Any], compare: Sequence[
         *_attention_lines(cfg),
         f"- Compute (every run behind these weights): {total.get('epochs')} epochs, "
         f"{total.get('images_seen')} training images seen, {float(total.get('wall_seconds', 0)) / 60:.1f} min wall "
-        "clock on a shared 2-core AMD EPYC CPU "
-        f"(AVX-512 BF16), precision {total.get('precision')}, threads {total.get('threads')}; epoch fragments "
+        "clock on shared 2-core CPUs with AVX-512 BF16 (which ones: the notes under Model), "
+        f"precision {total.get('precision')}, threads {total.get('threads')}; epoch fragments "
         "interrupted to change settings are not counted. No GPU.",
         *_continued_from(training, cfg, compute),
         f"- Best checkpoint by validation accuracy: epoch {training.get('epoch')}"
