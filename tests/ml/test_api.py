@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from structlog.testing import capture_logs
 
 from triaged.ml.api import SeriesMeta, Triage
@@ -67,3 +68,27 @@ def test_bad_input_raises(random_model_dir: Path) -> None:
         triage.assess([np.full((8, 8), np.nan, np.float32)], META)
     with pytest.raises(ValueError, match="precision"):
         Triage(random_model_dir, precision="int4")
+
+
+def test_bf16_is_chosen_only_when_clearly_faster() -> None:
+    from triaged.ml.device import faster_precision
+
+    assert faster_precision({"fp32": 1.0, "bf16": 0.5}) == "bf16"
+    assert faster_precision({"fp32": 1.0, "bf16": 0.95}) == "fp32"  # a tie is not worth bf16's rounding
+    assert faster_precision({"fp32": 1.0, "bf16": 1.3}) == "fp32"
+
+
+def test_cpu_precisions_are_timed_on_the_model_itself(random_model_dir: Path) -> None:
+    from triaged.ml.device import time_cpu_precisions
+    from triaged.ml.registry import load_model
+
+    _, model = load_model(random_model_dir)
+    seen: list[torch.dtype] = []
+
+    def record_dtype(_module: torch.nn.Module, _args: object) -> None:
+        seen.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else torch.float32)
+
+    model.register_forward_pre_hook(record_dtype)
+    timings = time_cpu_precisions(model.eval(), (2, 1, 64, 64), repeats=2)
+    assert set(timings) == {"fp32", "bf16"} and all(t > 0 for t in timings.values())
+    assert seen == [torch.float32] * 3 + [torch.bfloat16] * 3  # one warm-up pass + 2 timed, per precision

@@ -17,7 +17,7 @@ from torch import nn
 
 from triaged.ml.aggregate import aggregate_series, brain_fraction, in_brain_mask
 from triaged.ml.cam import CamConfig, cam_to_slice, compute_cams
-from triaged.ml.device import Placement, choose_placement, torch_threads
+from triaged.ml.device import Placement, choose_placement, faster_precision, time_cpu_precisions, torch_threads
 from triaged.ml.gate import gate_reason
 from triaged.ml.networks import cam_target_layer
 from triaged.ml.ood import FeatureOOD, FeatureTap
@@ -54,7 +54,19 @@ class Predictor:
     @classmethod
     def from_dir(cls, model_dir: Path, *, device: str = "auto", precision: str = "auto") -> Predictor:
         spec, model = load_model(model_dir)
-        return cls(spec, model, choose_placement(device, precision), ood=load_ood(model_dir, spec))
+        placement = choose_placement(device, precision)
+        predictor = cls(spec, model, placement, ood=load_ood(model_dir, spec))
+        if precision == "auto" and placement == Placement("cpu", "bf16"):
+            size = spec.preprocessing.input_size
+            timings = time_cpu_precisions(predictor.model, (8, 1, size, size))
+            predictor.placement = Placement("cpu", faster_precision(timings))
+            log.info(
+                "cpu_precision_measured",
+                chosen=predictor.placement.precision,
+                fp32_ms=round(timings["fp32"] * 1000, 1),
+                bf16_ms=round(timings["bf16"] * 1000, 1),
+            )
+        return predictor
 
     def preprocess_slices(self, slices: Sequence[np.ndarray]) -> torch.Tensor:
         """Stack preprocessed slices into an (N, 1, S, S) float32 CPU tensor."""
