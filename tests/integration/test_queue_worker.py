@@ -24,7 +24,7 @@ from triaged.worker import Worker, start_worker_threads, stop_workers
 def runtime(make_settings: Callable[..., Settings], session_factory: sessionmaker[Session], tmp_path: Path) -> Runtime:
     settings = make_settings(
         worker={
-            "lease_seconds": 1.0,
+            "lease_seconds": 2.0,
             "heartbeat_seconds": 0.2,
             "poll_seconds": 0.05,
             "backoff_base_seconds": 0.01,
@@ -65,7 +65,7 @@ def test_heartbeat_keeps_a_job_longer_than_its_lease(runtime: Runtime) -> None:
         target=lambda: [queue.reap_expired_leases(runtime.session_factory) or stop.wait(0.1) for _ in range(40)]
     )
     reaping.start()
-    job = queue.claim(runtime.session_factory, worker_id="w", kinds=[JobKind.INFER], lease_seconds=1.0)
+    job = queue.claim(runtime.session_factory, worker_id="w", kinds=[JobKind.INFER], lease_seconds=2.0)
     assert job is not None
     state = Worker(runtime, worker_id="w", stop=stop, kinds=[JobKind.INFER], handler=_completing(3.0)).run_job(job)
     stop.set()
