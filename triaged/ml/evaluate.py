@@ -23,7 +23,7 @@ from triaged.ml.cam import CamConfig
 from triaged.ml.camscore import cheng_mask_path, load_masks, score_cams
 from triaged.ml.data import Sample, evaluation_samples, read_manifest, split_summary, training_samples
 from triaged.ml.dataset import preprocess_files, sample_labels, sample_paths
-from triaged.ml.device import Placement, choose_placement, torch_threads
+from triaged.ml.device import Placement, torch_threads
 from triaged.ml.inference import Predictor, Triage, energy_score, softmax
 from triaged.ml.metrics import fit_temperature, roc_curve, sensitivity_threshold, youden_threshold
 from triaged.ml.networks import cam_layer_candidates
@@ -102,7 +102,8 @@ def evaluate_model(model_dir: Path, data_root: Path, out_dir: Path, options: Eva
     if spec.extra.get("data_manifest_sha256") not in (None, manifest_sha):
         raise ModelError(f"{manifest_path} does not match data_manifest_sha256 in model.json")
     samples = read_manifest(manifest_path)
-    predictor = Predictor(spec, model, choose_placement(options.device, options.precision))
+    with torch_threads(options.threads):
+        predictor = Predictor.build(spec, model, device=options.device, precision=options.precision)
     predictor.flip_tta = options.tta  # evaluated as asked; --calibrate records it so the daemon does the same
     log.info(
         "evaluate_start",

@@ -54,8 +54,18 @@ class Predictor:
     @classmethod
     def from_dir(cls, model_dir: Path, *, device: str = "auto", precision: str = "auto") -> Predictor:
         spec, model = load_model(model_dir)
+        return cls.build(spec, model, device=device, precision=precision, ood=load_ood(model_dir, spec))
+
+    @classmethod
+    def build(
+        cls, spec: ModelSpec, model: nn.Module, *, device: str, precision: str, ood: FeatureOOD | None = None
+    ) -> Predictor:
+        """A predictor whose ``auto`` precision on a bf16-capable CPU is settled by timing this model both ways.
+
+        The daemon and ``triaged evaluate`` both come through here, so "auto" means the same in each.
+        """
         placement = choose_placement(device, precision)
-        predictor = cls(spec, model, placement, ood=load_ood(model_dir, spec))
+        predictor = cls(spec, model, placement, ood=ood)
         if precision == "auto" and placement == Placement("cpu", "bf16"):
             size = spec.preprocessing.input_size
             timings = time_cpu_precisions(predictor.model, (8, 1, size, size))

@@ -203,7 +203,8 @@ def write_model_card(model_dir: Path, report: dict[str, Any], compare: Sequence[
         f"- OOD: {spec.ood.get('method')} distance in the penultimate feature space, threshold "
         f"{float(spec.ood.get('threshold', float('nan'))):.3f} (validation quantile {spec.ood.get('quantile')}).",
         f"- Weights sha256 `{spec.weights_sha256}`; data manifest sha256 `{spec.extra.get('data_manifest_sha256')}`.",
-        "- Inference: device/precision `auto` (CUDA AMP, bf16 autocast on CPUs with native bf16, else fp32),"
+        "- Inference: device/precision `auto` (CUDA AMP; on CPUs with native bf16, bf16 autocast only where timing the"
+        " model at load shows it faster than fp32; else fp32),"
         f" channels-last, batched. Measured {parity.get('precision')} vs fp32 on {parity.get('n')} test images:"
         f" argmax agreement {parity.get('argmax_agreement', float('nan')):.4f}, max |Δp|"
         f" {parity.get('max_abs_probability_difference', float('nan')):.4f}."
