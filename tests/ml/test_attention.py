@@ -11,12 +11,12 @@ import pytest
 import torch
 from PIL import Image
 
-from triaged.ml.attention import attention_loss, cell_hits, logits_and_cams, mask_distribution
-from triaged.ml.augment import PairedAugment
-from triaged.ml.data import assign_splits, build_samples, write_manifest
-from triaged.ml.dataset import MaskedImages
 from triaged.ml.networks import build_network
-from triaged.ml.train import TrainConfig, train
+from triaged.training.attention import attention_loss, cell_hits, logits_and_cams, mask_distribution
+from triaged.training.augment import PairedAugment
+from triaged.training.data import assign_splits, build_samples, write_manifest
+from triaged.training.dataset import MaskedImages
+from triaged.training.train import TrainConfig, train
 
 
 def _densenet() -> torch.nn.Module:

@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from triaged.ml.camscore import localisation_scores, mask_to_model_space
-from triaged.ml.evaluate import EvalOptions, evaluate_model
 from triaged.ml.registry import read_spec
-from triaged.ml.train import TrainConfig, train
+from triaged.training.camscore import localisation_scores, mask_to_model_space
+from triaged.training.evaluate import EvalOptions, evaluate_model
+from triaged.training.train import TrainConfig, train
 
 
 def test_localisation_scores_by_hand() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from triaged.ml.metrics import (
+from triaged.training.metrics import (
     bootstrap_ci,
     confusion_matrix,
     expected_calibration_error,

@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from triaged.ml.model_card import COMPARISON_FILE, comparison_rows
+from triaged.training.model_card import COMPARISON_FILE, comparison_rows
 
 
 def _report(accuracy: float) -> dict[str, Any]:

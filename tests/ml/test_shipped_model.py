@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from triaged.ml.dataset import load_image
 from triaged.ml.inference import Predictor, Triage
 from triaged.ml.registry import read_spec
+from triaged.training.dataset import load_image
 
 REPO = Path(__file__).resolve().parents[2]
 MODEL_DIR = REPO / "models" / "densenet121-brainmri-v1"
@@ -56,7 +56,7 @@ def test_predicts_expected_labels_on_unseen_images(data_root: Path) -> None:
 
 
 def test_diffusion_series_from_dicom_is_not_assessable(data_root: Path) -> None:
-    from triaged.ml.release import read_series
+    from triaged.training.release import read_series
 
     slices, meta = read_series(data_root / "dicom" / "neurolabusc_dcm_qa_philips/In/Vanderbilt_2018/601_WIP_dti_ax")
     result = Triage(MODEL_DIR, device="cpu", threads=1).assess(slices, meta)

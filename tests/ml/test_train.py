@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from triaged.ml.data import assign_splits, build_samples, read_manifest
 from triaged.ml.networks import build_network
 from triaged.ml.registry import load_model
 from triaged.ml.results import SeriesMeta
-from triaged.ml.train import TrainConfig, train
+from triaged.training.data import assign_splits, build_samples, read_manifest
+from triaged.training.train import TrainConfig, train
 
 #: A training run small enough for a unit test (one CPU thread, no workers, fp32 for exact comparisons).
 TINY = {"arch": "smallcnn", "input_size": 32, "batch_size": 8, "threads": 1, "workers": 0, "precision": "fp32"}
@@ -86,7 +86,7 @@ def test_resumed_wall_clock_schedule_continues_where_it_stopped(tiny_data_root: 
 
 
 def test_wall_clock_schedule_warms_up_then_decays_to_one_percent() -> None:
-    from triaged.ml.train import _time_lr_factor
+    from triaged.training.train import _time_lr_factor
 
     assert _time_lr_factor(0, 10, 0.0) == pytest.approx(0.1)
     assert _time_lr_factor(10, 10, 0.0) == pytest.approx(1.0)

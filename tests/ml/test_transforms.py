@@ -11,8 +11,8 @@ from PIL import Image
 from pydicom.pixels.processing import apply_modality_lut
 
 from tests.support.dicom_files import write_mr_slice
-from triaged.ml.dataset import load_image
 from triaged.ml.transforms import PreprocessingConfig, build_preprocess, content_box, preprocess_slice
+from triaged.training.dataset import load_image
 
 
 def _png_pixels(shape: tuple[int, int] = (70, 90)) -> np.ndarray:

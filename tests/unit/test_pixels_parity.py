@@ -23,8 +23,8 @@ from triaged.dicom.pixels import decode_series
 def test_png_and_decoded_dicom_give_the_same_tensor(  # noqa: PLR0917 - pytest parameters
     tmp_path: Path, bits: int, scale: int, slope: float, intercept: float, photometric: str
 ) -> None:
-    from triaged.ml.dataset import load_image
     from triaged.ml.transforms import PreprocessingConfig, build_preprocess, preprocess_slice
+    from triaged.training.dataset import load_image
 
     yy, xx = np.mgrid[:70, :90]
     png = ((np.sin(yy / 7.0) * np.cos(xx / 5.0) + 1) * 120 + (xx % 13)).astype(np.uint8)

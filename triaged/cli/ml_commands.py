@@ -60,7 +60,7 @@ def train_command(  # noqa: PLR0917 (one parameter per CLI option)
 ) -> None:
     """Train a classifier on the leak-free split and export OUT_DIR/model."""
     from triaged.ml.networks import ARCHITECTURES
-    from triaged.ml.train import TrainConfig, train
+    from triaged.training.train import TrainConfig, train
 
     _check_data_root(data_root)
     if arch not in ARCHITECTURES:
@@ -129,7 +129,7 @@ def evaluate_command(  # noqa: PLR0917 (one parameter per CLI option)
     ] = None,
 ) -> None:
     """Evaluate a model directory; writes evaluation.json/.md and PNG plots (and MODEL_CARD.md with --calibrate)."""
-    from triaged.ml.evaluate import EvalOptions, evaluate_model
+    from triaged.training.evaluate import EvalOptions, evaluate_model
 
     _check_data_root(data_root)
     if not (model_dir / "model.json").is_file():

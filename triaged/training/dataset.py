@@ -13,8 +13,8 @@ from PIL import Image
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from triaged.ml.data import Sample
 from triaged.ml.transforms import PreprocessingConfig, build_preprocess, preprocess_slice
+from triaged.training.data import Sample
 
 
 def load_image(path: Path) -> np.ndarray:
@@ -77,7 +77,7 @@ class CachedImages(Dataset[tuple[torch.Tensor, int]]):
 class MaskedImages(Dataset[tuple[torch.Tensor, int, torch.Tensor, bool]]):
     """Like :class:`CachedImages`, plus a tumour mask per image (all zeros and ``has_mask`` False where none exists).
 
-    Image and mask are augmented together (:class:`triaged.ml.augment.PairedAugment`) so the mask stays on the
+    Image and mask are augmented together (:class:`triaged.training.augment.PairedAugment`) so the mask stays on the
     tumour after every rotation, zoom and flip.
     """
 

@@ -12,8 +12,8 @@ from PIL import Image
 from torch import nn
 
 from triaged.ml.cam import compute_cams
-from triaged.ml.metrics import bootstrap_ci, with_ci
 from triaged.ml.transforms import content_box
+from triaged.training.metrics import bootstrap_ci, with_ci
 
 
 def mask_to_model_space(mask: np.ndarray, size: int) -> np.ndarray:

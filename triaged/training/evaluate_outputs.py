@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from triaged.ml.inference import Predictor
-from triaged.ml.plots import confusion_plot, image_grid, line_plot, overlay
+from triaged.training.plots import confusion_plot, image_grid, line_plot, overlay
 
 SET_TITLES = {
     "val": "validation split (used for calibration and thresholds)",

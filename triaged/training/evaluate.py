@@ -20,16 +20,16 @@ import torch
 from triaged.errors import ModelError
 from triaged.ml.aggregate import brain_fraction
 from triaged.ml.cam import CamConfig
-from triaged.ml.camscore import cheng_mask_path, load_masks, score_cams
-from triaged.ml.data import Sample, evaluation_samples, read_manifest, split_summary, training_samples
-from triaged.ml.dataset import preprocess_files, sample_labels, sample_paths
 from triaged.ml.device import Placement, torch_threads
 from triaged.ml.inference import Predictor, Triage, energy_score, softmax
-from triaged.ml.metrics import fit_temperature, roc_curve, sensitivity_threshold, youden_threshold
 from triaged.ml.networks import cam_layer_candidates
 from triaged.ml.ood import OOD_FILE, FeatureOOD
 from triaged.ml.registry import load_model, sha256_file, write_spec
-from triaged.ml.report import set_report
+from triaged.training.camscore import cheng_mask_path, load_masks, score_cams
+from triaged.training.data import Sample, evaluation_samples, read_manifest, split_summary, training_samples
+from triaged.training.dataset import preprocess_files, sample_labels, sample_paths
+from triaged.training.metrics import fit_temperature, roc_curve, sensitivity_threshold, youden_threshold
+from triaged.training.report import set_report
 
 log = structlog.get_logger()
 
@@ -91,7 +91,7 @@ def _write_predictions(path: Path, samples: list[Sample], probs: np.ndarray, cla
 
 def evaluate_model(model_dir: Path, data_root: Path, out_dir: Path, options: EvalOptions) -> dict[str, Any]:
     """Evaluate ``model_dir``; writes JSON, Markdown, CSV and PNGs to ``out_dir`` and returns the report."""
-    from triaged.ml.evaluate_outputs import example_grid, write_outputs  # plots/markdown only needed here
+    from triaged.training.evaluate_outputs import example_grid, write_outputs  # plots/markdown only needed here
 
     out_dir.mkdir(parents=True, exist_ok=True)
     spec, model = load_model(model_dir)
@@ -199,7 +199,7 @@ def evaluate_model(model_dir: Path, data_root: Path, out_dir: Path, options: Eva
         write_spec(model_dir, new_spec)
     if options.release and (data_root / "dicom").is_dir():
         triage = Triage(model_dir, device=options.device, precision=options.precision, threads=options.threads)
-        from triaged.ml.release import evaluate_release  # reads DICOM with pydicom: evaluation only
+        from triaged.training.release import evaluate_release  # reads DICOM with pydicom: evaluation only
 
         report["release"] = evaluate_release(triage, data_root / "dicom")
     report["ood_check"] = {
@@ -211,7 +211,7 @@ def evaluate_model(model_dir: Path, data_root: Path, out_dir: Path, options: Eva
     write_outputs(out_dir, report, classes, cam_examples, tiles)
     (out_dir / "evaluation.json").write_text(json.dumps(report, indent=1, default=float) + "\n")
     if options.calibrate:
-        from triaged.ml.model_card import write_model_card
+        from triaged.training.model_card import write_model_card
 
         write_model_card(model_dir, report, options.compare)
     log.info("evaluate_done", out_dir=str(out_dir), **_headline(report))

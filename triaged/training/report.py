@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from triaged.ml.metrics import (
+from triaged.training.metrics import (
     bootstrap_ci,
     confusion_matrix,
     expected_calibration_error,

@@ -1,4 +1,4 @@
-"""Export a training checkpoint as a model directory: ``python -m triaged.ml.export CHECKPOINT MODEL_DIR``.
+"""Export a training checkpoint as a model directory: ``python -m triaged.training.export CHECKPOINT MODEL_DIR``.
 
 Used to ship a provisional model as soon as the first epoch exists; ``triaged evaluate --calibrate`` then
 fits temperature, thresholds and the OOD threshold into its ``model.json`` and writes the model card.
@@ -10,7 +10,7 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-from triaged.ml.train import export_checkpoint
+from triaged.training.train import export_checkpoint
 
 PROVISIONAL_CARD = """# {name} {version} — PROVISIONAL
 
@@ -27,7 +27,7 @@ The final model card replaces this file after `triaged evaluate --calibrate`.
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m triaged.ml.export", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m triaged.training.export", description=__doc__)
     parser.add_argument("checkpoint", type=Path)
     parser.add_argument("model_dir", type=Path)
     parser.add_argument("--final", action="store_true", help="clear the provisional flag")

@@ -1,4 +1,4 @@
-"""Training loop: ``python -m triaged.ml.train`` or ``triaged train``.
+"""Training loop: ``python -m triaged.training.train`` or ``triaged train``.
 
 Fixed-length warm-up + cosine schedule, AdamW, label smoothing, class-balanced loss, channels-last, bf16 autocast
 where fast. A checkpoint is written after every epoch (``last.pt`` and ``best.pt``) so a run can be resumed or
@@ -25,19 +25,6 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from triaged.ml.attention import attention_loss, cell_hits, logits_and_cams
-from triaged.ml.augment import PairedAugment, build_train_augment
-from triaged.ml.camscore import cheng_mask_path, load_masks
-from triaged.ml.data import (
-    Sample,
-    assign_splits,
-    build_samples,
-    read_manifest,
-    split_summary,
-    training_samples,
-    write_manifest,
-)
-from triaged.ml.dataset import CachedImages, MaskedImages, preprocess_files, sample_labels, sample_paths
 from triaged.ml.device import Placement, choose_placement
 from triaged.ml.networks import build_network, count_parameters, load_torchvision_densenet121
 from triaged.ml.registry import (
@@ -48,6 +35,19 @@ from triaged.ml.registry import (
     save_model_dir,
 )
 from triaged.ml.transforms import PreprocessingConfig
+from triaged.training.attention import attention_loss, cell_hits, logits_and_cams
+from triaged.training.augment import PairedAugment, build_train_augment
+from triaged.training.camscore import cheng_mask_path, load_masks
+from triaged.training.data import (
+    Sample,
+    assign_splits,
+    build_samples,
+    read_manifest,
+    split_summary,
+    training_samples,
+    write_manifest,
+)
+from triaged.training.dataset import CachedImages, MaskedImages, preprocess_files, sample_labels, sample_paths
 
 log = structlog.get_logger()
 
@@ -468,8 +468,8 @@ def _atomic_save(state: dict[str, Any], path: Path) -> None:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
-    """Command-line interface for ``python -m triaged.ml.train`` (same options as ``triaged train``)."""
-    p = argparse.ArgumentParser(prog="python -m triaged.ml.train", description=__doc__)
+    """Command-line interface for ``python -m triaged.training.train`` (same options as ``triaged train``)."""
+    p = argparse.ArgumentParser(prog="python -m triaged.training.train", description=__doc__)
     defaults = {f.name: f.default for f in fields(TrainConfig)}
     p.add_argument("--data-root", type=Path, default=Path(__file__).resolve().parents[3] / "shared" / "data")
     p.add_argument("--out-dir", type=Path, required=True)

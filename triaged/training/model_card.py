@@ -7,42 +7,42 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from triaged.ml.evaluate_outputs import ci
 from triaged.ml.networks import build_network, count_parameters
 from triaged.ml.registry import read_spec
+from triaged.training.evaluate_outputs import ci
 
 REPRODUCE = """\
 ```bash
 # 1.0.0 - train from scratch (leak-free split, manifest written to the run folder), two invocations:
 #    epochs 1-2 (then stopped: 2 threads thrashed on the shared CPU)
-python -m triaged.ml.train --out-dir RUN --cache-dir CACHE --arch densenet121 --input-size 128 --epochs 28 \\
+python -m triaged.training.train --out-dir RUN --cache-dir CACHE --arch densenet121 --input-size 128 --epochs 28 \\
     --batch-size 32 --lr 1e-3 --weight-decay 0.05 --warmup-epochs 1 --label-smoothing 0.1 --workers 1 --threads 2 \\
     --max-minutes 118
 #    epochs 3-22: resumed from RUN/last.pt with a wall-clock cosine schedule
-OMP_WAIT_POLICY=PASSIVE python -m triaged.ml.train --out-dir RUN --cache-dir CACHE --arch densenet121 \\
+OMP_WAIT_POLICY=PASSIVE python -m triaged.training.train --out-dir RUN --cache-dir CACHE --arch densenet121 \\
     --input-size 128 --epochs 200 --batch-size 32 --lr 1e-3 --weight-decay 0.05 --warmup-epochs 1 \\
     --label-smoothing 0.1 --workers 1 --threads 1 --resume --time-budget-minutes 86
-python -m triaged.ml.export RUN/best.pt models/densenet121-brainmri-v1 --final
+python -m triaged.training.export RUN/best.pt models/densenet121-brainmri-v1 --final
 # 1.1.0 - continue from 1.0.0 (git history of models/densenet121-brainmri-v1) with a second, lower cosine cycle
-python -m triaged.ml.train --out-dir RUN2 --cache-dir CACHE --arch densenet121 --input-size 128 --epochs 200 \\
+python -m triaged.training.train --out-dir RUN2 --cache-dir CACHE --arch densenet121 --input-size 128 --epochs 200 \\
     --batch-size 32 --lr 3e-4 --weight-decay 0.05 --warmup-epochs 0.3 --label-smoothing 0.1 --workers 1 \\
     --threads 1 --time-budget-minutes 95 --init model:models/densenet121-brainmri-v1 \\
     --manifest models/densenet121-brainmri-v1/manifest.csv --model-version 1.1.0 --seed 20261
-python -m triaged.ml.export RUN2/best.pt models/densenet121-brainmri-v1 --final
+python -m triaged.training.export RUN2/best.pt models/densenet121-brainmri-v1 --final
 # 1.2.0 - continue from 1.1.0 with the mask-guided attention loss; epochs 1-3 with --threads 1, then stopped and
 #    resumed (same command plus --resume, --threads 2; the wall-clock cosine continues where it stopped)
-python -m triaged.ml.train --out-dir RUN3 --cache-dir CACHE --arch densenet121 --input-size 128 --epochs 100 \\
+python -m triaged.training.train --out-dir RUN3 --cache-dir CACHE --arch densenet121 --input-size 128 --epochs 100 \\
     --batch-size 32 --lr 2e-4 --weight-decay 0.05 --warmup-epochs 0.3 --label-smoothing 0.1 --workers 1 \\
     --threads 1 --time-budget-minutes 85 --init model:models/densenet121-brainmri-v1 --cam-loss-weight 0.3 \\
     --manifest models/densenet121-brainmri-v1/manifest.csv --model-version 1.2.0 --seed 20262
-python -m triaged.ml.export RUN3/best.pt models/densenet121-brainmri-v1 --final
+python -m triaged.training.export RUN3/best.pt models/densenet121-brainmri-v1 --final
 # calibrate on validation (with flip TTA, recorded in model.json for the daemon), evaluate, write this card
 triaged evaluate models/densenet121-brainmri-v1 --data-root ../shared/data --calibrate --tta --cache-dir CACHE
 # comparison models (same split, manifest and evaluation; budgets in the table)
-python -m triaged.ml.train --out-dir R50 --cache-dir CACHE --arch resnet50 --input-size 128 --epochs 200 \\
+python -m triaged.training.train --out-dir R50 --cache-dir CACHE --arch resnet50 --input-size 128 --epochs 200 \\
     --lr 1e-3 --warmup-epochs 1 --workers 1 --threads 1 --time-budget-minutes 30 \\
     --manifest models/densenet121-brainmri-v1/manifest.csv --model-name resnet50-brainmri
-python -m triaged.ml.train --out-dir SMALL --cache-dir CACHE --arch smallcnn --input-size 128 --epochs 200 \\
+python -m triaged.training.train --out-dir SMALL --cache-dir CACHE --arch smallcnn --input-size 128 --epochs 200 \\
     --lr 3e-3 --warmup-epochs 1 --workers 1 --threads 1 --time-budget-minutes 20 \\
     --manifest models/densenet121-brainmri-v1/manifest.csv --model-name smallcnn-brainmri
 triaged evaluate R50/model --no-release --cache-dir CACHE
