@@ -70,6 +70,9 @@ def series_meta(header: SeriesHeader, number_of_slices: int) -> SeriesMeta:
         sequence_variant=header.sequence_variant,
         diffusion_b_values=header.diffusion_b_values,
         number_of_slices=number_of_slices,
+        echo_time=header.echo_time,
+        repetition_time=header.repetition_time,
+        inversion_time=header.inversion_time,
     )
 
 

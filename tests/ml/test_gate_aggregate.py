@@ -7,7 +7,8 @@ import dataclasses
 import numpy as np
 import pytest
 
-from triaged.ml.aggregate import aggregate_series, brain_fraction, in_brain_mask, neighbour_supported
+from triaged.ml.aggregate import aggregate_series, brain_measures, in_brain_mask, neighbour_supported, relative_signal
+from triaged.ml.registry import default_aggregation
 from triaged.ml.gate import gate_reason
 from triaged.ml.results import SeriesMeta
 
@@ -64,14 +65,45 @@ def test_refused_series_carry_a_reason(change: dict[str, object], reason: str) -
     assert got is not None and reason.lower() in got.lower()
 
 
+def _disc(size: int, radius: float, value: float = 0.6) -> np.ndarray:
+    yy, xx = np.mgrid[:size, :size]
+    return (((yy - size / 2) ** 2 + (xx - size / 2) ** 2) < radius**2).astype(np.float32) * value
+
+
 def test_in_brain_mask_drops_edge_slices() -> None:
-    images = np.zeros((4, 1, 10, 10), np.float32)
-    images[1, 0, 2:8, 2:8] = 1.0  # 36 %
-    images[2, 0, 1:9, 1:9] = 1.0  # 64 %
-    images[3, 0, 4:7, 4:7] = 1.0  # 9 %: skull edge
-    fractions = brain_fraction(images)
-    mask = in_brain_mask(fractions, {"min_brain_fraction": 0.15, "relative_brain_fraction": 0.5})
-    assert mask.tolist() == [False, True, True, False]
+    size = 64
+    images = np.stack([_disc(size, r)[None] for r in (3, 18, 24, 24, 22, 8)])
+    raw = [img[0] * 1000 for img in images]
+    mask = in_brain_mask(brain_measures(images, relative_signal(raw)), default_aggregation())
+    assert mask.tolist() == [False, True, True, True, True, False]  # the small vertex and skull-base discs drop
+
+
+def test_in_brain_mask_holds_for_a_small_skull_stripped_brain() -> None:
+    """A brain that fills a fifth of the square (large field of view, skull stripped) is still brain."""
+    size = 64
+    images = np.stack([_disc(size, 14)[None] for _ in range(5)])  # ~15 % of the square each
+    mask = in_brain_mask(brain_measures(images, relative_signal([i[0] for i in images])), default_aggregation())
+    assert mask.all()
+
+
+def test_in_brain_mask_refuses_noise_and_filled_fields() -> None:
+    """Slices above the head (dark noise, rescaled bright by preprocessing) and fields filled to the corners."""
+    size, rng = 64, np.random.default_rng(0)
+    brain = [_disc(size, 22) for _ in range(6)]
+    noise = rng.uniform(0.0, 1.0, (size, size)).astype(np.float32)
+    images = np.stack([*(b[None] for b in brain), noise[None], np.full((1, size, size), 0.8, np.float32)])
+    raw = [b * 1000 for b in brain] + [noise * 30, np.full((size, size), 900.0, np.float32)]
+    mask = in_brain_mask(brain_measures(images, relative_signal(raw)), default_aggregation())
+    assert mask.tolist() == [True] * 6 + [False, False]
+
+
+def test_in_brain_mask_ignores_one_odd_slice_when_judging_head_size() -> None:
+    """One full-field artefact slice must not make every real slice look small (the TCGA_DU_7018 failure)."""
+    size = 64
+    images = np.stack([np.full((1, size, size), 0.9, np.float32), *(_disc(size, 20)[None] for _ in range(8))])
+    raw = [np.full((size, size), 800.0, np.float32)] + [_disc(size, 20) * 1000 for _ in range(8)]
+    mask = in_brain_mask(brain_measures(images, relative_signal(raw)), default_aggregation())
+    assert mask.tolist() == [False] + [True] * 8
 
 
 def test_neighbour_support_caps_isolated_peaks() -> None:
@@ -94,3 +126,68 @@ def test_aggregate_series_label_and_urgency() -> None:
     assert score.class_probabilities.sum() == pytest.approx(1.0)
     with pytest.raises(ValueError, match="no in-brain"):
         aggregate_series(probs, np.zeros(4, bool), CLASSES, {})
+
+
+@pytest.mark.parametrize(
+    "description",
+    [
+        "Ax T2 FLAIR ASSET",
+        "AX T1 FSE ASSET",
+        "Sag T1 FLAIR ARC",
+        "AX T2 PROPELLER",
+        "t2_tse_tra_BLADE",
+        "t1_fl2d_tra BLADE",
+        "T1W_SE SENSE",
+        "T1W_3D_TFE CS",
+        "AX T1 BRAVO ARC +C",
+        "sT1W_3D_TFE SENSE",
+        "Ax T2 FRFSE",
+        "T2W_TSE",
+    ],
+)
+def test_vendor_option_names_do_not_refuse_anatomical_series(description: str) -> None:
+    meta = dataclasses.replace(T1, series_description=description, protocol_name=description)
+    assert gate_reason(meta) is None
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ({"series_description": "ASSET calibration"}, "calibration"),
+        ({"series_description": "Ax PD FSE"}, "proton density"),
+        ({"series_description": "AX T2* GRE"}, "T2*"),
+        ({"series_description": "SWI_Images"}, "susceptibility"),
+        ({"series_description": "Ax DWI ASSET"}, "diffusion"),
+        ({"series_description": "SURVEY"}, "localizer"),
+        (
+            {
+                "scanning_sequence": ("SE",),
+                "series_description": "AX FSE",
+                "repetition_time": 3000.0,
+                "echo_time": 20.0,
+            },
+            "proton-density",
+        ),
+        (
+            {"scanning_sequence": ("GR",), "series_description": "AX GRE", "repetition_time": 600.0, "echo_time": 20.0},
+            "gradient echo",
+        ),
+    ],
+)
+def test_contrasts_the_model_never_learned_are_refused(change: dict[str, object], reason: str) -> None:
+    got = gate_reason(dataclasses.replace(T1, **change))  # type: ignore[arg-type]
+    assert got is not None and reason.lower() in got.lower()
+
+
+@pytest.mark.parametrize(
+    "timing",
+    [
+        {"scanning_sequence": ("SE",), "repetition_time": 550.0, "echo_time": 12.0},  # T1 spin echo
+        {"scanning_sequence": ("SE",), "repetition_time": 4000.0, "echo_time": 100.0},  # T2 turbo spin echo
+        {"scanning_sequence": ("SE", "IR"), "repetition_time": 9000.0, "echo_time": 120.0, "inversion_time": 2500.0},
+        {"scanning_sequence": ("GR", "IR"), "repetition_time": 2300.0, "echo_time": 2.3},  # MPRAGE
+        {"scanning_sequence": ("GR",), "repetition_time": 8.0, "echo_time": 3.1},  # SPGR / BRAVO
+    ],
+)
+def test_anatomical_timings_pass(timing: dict[str, object]) -> None:
+    assert gate_reason(dataclasses.replace(T1, series_description="AX", **timing)) is None  # type: ignore[arg-type]

@@ -58,6 +58,9 @@ class SeriesHeader:
     scanning_sequence: tuple[str, ...]
     sequence_variant: tuple[str, ...]
     diffusion_b_values: tuple[float, ...]
+    echo_time: float | None = None
+    repetition_time: float | None = None
+    inversion_time: float | None = None
 
 
 @dataclass(frozen=True)
@@ -224,7 +227,25 @@ def read_header(ds: Dataset, b_values: set[float]) -> SeriesHeader:
         scanning_sequence=_strings(ds.get("ScanningSequence")),
         sequence_variant=_strings(ds.get("SequenceVariant")),
         diffusion_b_values=tuple(sorted(b_values)),
+        echo_time=_timing(ds, "EchoTime", "EffectiveEchoTime", "MREchoSequence"),
+        repetition_time=_timing(ds, "RepetitionTime", "RepetitionTime", "MRTimingAndRelatedParametersSequence"),
+        inversion_time=_timing(ds, "InversionTime", "InversionTimes", "MRModifierSequence"),
     )
+
+
+def _timing(ds: Dataset, keyword: str, enhanced_keyword: str, sequence: str) -> float | None:
+    """A sequence timing in ms from the classic attribute or, for enhanced MR, the first frame's functional group."""
+    values = _floats([ds.get(keyword)]) if ds.get(keyword) not in (None, "") else None
+    if values:
+        return values[0]
+    for groups in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"):
+        item = _functional(_first_item(ds, groups), None, sequence)
+        if item is not None and item.get(enhanced_keyword) not in (None, ""):
+            raw = item.get(enhanced_keyword)
+            found = _floats(raw if isinstance(raw, list | tuple) else [raw])
+            if found:
+                return found[0]
+    return None
 
 
 def read_dataset(path: Path) -> Dataset:

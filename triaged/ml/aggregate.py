@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 BRAIN_INTENSITY = 0.1
+CORNER_RADIUS = 1.45  # |u| + |v| > 1.45 in [-1, 1]² coordinates: four corner triangles, ~15 % of the square
 
 
 @dataclass(frozen=True)
@@ -20,6 +21,76 @@ class SeriesScore:
     slice_scores: np.ndarray
 
 
+@dataclass(frozen=True)
+class BrainMeasures:
+    """Per-slice measures of how much head, and how much tissue within it, each preprocessed slice shows.
+
+    ``head``: the head's area as a fraction of the square — pixels inside both the row span and the column span of
+    the tissue (so dark skull, ventricles or a resection cavity inside the head count as head). ``tissue_of_head``:
+    the share of that area that is tissue. ``corner``: tissue share in the four corners of the square, where a head
+    never reaches (a round object) but a field filled by noise or a registration artefact does. ``signal``: each
+    slice's raw 99th-percentile intensity over the series' median of it — preprocessing rescales every slice to
+    [0, 1], so a slice of noise above the head looks as bright as brain after it; before it, it is far darker.
+    """
+
+    head: np.ndarray
+    tissue_of_head: np.ndarray
+    corner: np.ndarray
+    signal: np.ndarray
+
+
+def relative_signal(raw_slices: Sequence[np.ndarray]) -> np.ndarray:
+    """Each raw slice's 99th-percentile intensity divided by the series' median of those (1.0 for a lone slice)."""
+    if not raw_slices:
+        return np.zeros(0, dtype=np.float32)
+    level = np.array([float(np.percentile(np.asarray(s, dtype=np.float32), 99)) for s in raw_slices])
+    level = level - min(0.0, float(level.min()))  # signed data: measure from the lowest level, not from zero
+    reference = float(np.median(level))
+    if reference <= 0:
+        return np.ones(len(level), dtype=np.float32)
+    result: np.ndarray = (level / reference).astype(np.float32)
+    return result
+
+
+def _span(t: np.ndarray, axis: int) -> np.ndarray:
+    """Mask of the pixels between the first and last tissue pixel of each row (axis 2) or column (axis 1)."""
+    size = t.shape[axis]
+    first = np.argmax(t, axis=axis)
+    last = size - 1 - np.argmax(np.flip(t, axis=axis), axis=axis)
+    present: np.ndarray = np.asarray(t.any(axis=axis))
+    pos = np.arange(size)
+    span: np.ndarray
+    if axis == 2:
+        span = (
+            (pos[None, None, :] >= first[:, :, None]) & (pos[None, None, :] <= last[:, :, None]) & present[:, :, None]
+        )
+    else:
+        span = (
+            (pos[None, :, None] >= first[:, None, :]) & (pos[None, :, None] <= last[:, None, :]) & present[:, None, :]
+        )
+    return span
+
+
+def brain_measures(images: np.ndarray, signal: np.ndarray | None = None) -> BrainMeasures:
+    """:class:`BrainMeasures` of preprocessed images (N, 1, S, S); tissue is brighter than :data:`BRAIN_INTENSITY`.
+
+    ``signal`` is :func:`relative_signal` of the raw slices (all ones when unknown, e.g. single training images).
+    """
+    t = images.reshape(images.shape[0], images.shape[-2], images.shape[-1]) > BRAIN_INTENSITY
+    head = _span(t, 2) & _span(t, 1)
+    head_px = head.reshape(len(t), -1).sum(axis=1)
+    size = t.shape[-1]
+    yy, xx = np.mgrid[0:size, 0:size]
+    u, v = (xx - (size - 1) / 2) / (size / 2), (yy - (size - 1) / 2) / (size / 2)
+    corner = (np.abs(u) + np.abs(v)) > CORNER_RADIUS
+    return BrainMeasures(
+        head=(head_px / float(size * size)).astype(np.float32),
+        tissue_of_head=(t.reshape(len(t), -1).sum(axis=1) / np.maximum(head_px, 1)).astype(np.float32),
+        corner=t[:, corner].mean(axis=1).astype(np.float32),
+        signal=np.ones(len(t), dtype=np.float32) if signal is None else np.asarray(signal, dtype=np.float32),
+    )
+
+
 def brain_fraction(images: np.ndarray) -> np.ndarray:
     """Fraction of each preprocessed image (N, 1, S, S) brighter than :data:`BRAIN_INTENSITY` (tissue, not air)."""
     flat = images.reshape(images.shape[0], -1)
@@ -27,17 +98,29 @@ def brain_fraction(images: np.ndarray) -> np.ndarray:
     return result
 
 
-def in_brain_mask(fractions: np.ndarray, aggregation: Mapping[str, Any]) -> np.ndarray:
-    """Slices with enough tissue: above an absolute floor and a fraction of the series' fullest slice.
+def in_brain_mask(measures: BrainMeasures, aggregation: Mapping[str, Any]) -> np.ndarray:
+    """Slices that show brain, judged relative to the head so any field of view and skull-stripped volumes pass.
 
-    The relative rule drops the skull-and-air edge slices of whole-head volumes; the absolute one drops empty
-    slices even in a single-slice series.
+    A slice counts when (0) its raw signal is at least ``min_relative_signal`` of the series' typical slice (not
+    noise above or below the head), (1) its field is not filled to the corners (noise, artefact:
+    ``max_corner_fraction``),
+    (2) it shows some head at all (``min_head_fraction`` of the square, for single-slice series), (3) its head is at
+    least ``relative_head_fraction`` of the series' typical head size (the 90th percentile over valid slices, not
+    the maximum, so one odd slice cannot push every real one out): this drops the small vertex and skull-base
+    edge slices of a whole-head volume, and (4) tissue fills at least ``min_tissue_of_head`` of the head (slices
+    through sinuses, orbits and airways are mostly cavity).
     """
-    if fractions.size == 0:
+    if measures.head.size == 0:
         return np.zeros(0, dtype=bool)
-    absolute = float(aggregation.get("min_brain_fraction", 0.15))
-    relative = float(aggregation.get("relative_brain_fraction", 0.5))
-    mask: np.ndarray = (fractions >= absolute) & (fractions >= relative * float(fractions.max()))
+    valid = (measures.corner <= float(aggregation.get("max_corner_fraction", 0.7))) & (
+        measures.head >= float(aggregation.get("min_head_fraction", 0.05))
+    )
+    valid &= measures.tissue_of_head >= float(aggregation.get("min_tissue_of_head", 0.5))
+    valid &= measures.signal >= float(aggregation.get("min_relative_signal", 0.3))
+    if not valid.any():
+        return valid
+    typical = float(np.quantile(measures.head[valid], 0.9))
+    mask: np.ndarray = valid & (measures.head >= float(aggregation.get("relative_head_fraction", 0.5)) * typical)
     return mask
 
 

@@ -3,6 +3,12 @@
 The model was trained on 2-D anatomical brain slices (T1, T1 post-contrast, T2, FLAIR). Diffusion, EPI (fMRI,
 perfusion), localizers, derived parameter maps and non-brain series look nothing like that, and a classifier
 would still produce confident scores for them, so they are refused before any inference, with the reason.
+
+Contrasts the model never learned (proton density, T2*/susceptibility-weighted gradient echo) are refused too: a
+normal proton-density series once scored 0.999 "meningioma". They are recognised by name and, because names vary by
+site, by their timing (PS3.3 C.8.3.1: EchoTime, RepetitionTime, InversionTime in ms) together with the
+ScanningSequence. Vendor option names (GE ASSET/ARC/PROPELLER, Siemens BLADE, Philips SENSE/CS) name how an
+anatomical series was accelerated or motion-corrected, not what it is, and never refuse one.
 """
 
 from __future__ import annotations
@@ -17,7 +23,11 @@ _REFUSED_DESCRIPTION = {
     "EPI / functional": r"epi|ep2d|ep3d|bold|fmri|f_mri|resting|\brest\b|task",
     "perfusion": r"perf|dsc|dce|asl|pcasl|\bpwi\b|cbf|cbv|\bmtt\b|\btt?p\b",
     "localizer": r"locali[sz]er|scout|survey|\bloc\b|3.?plane|tracker|aahead|aascout",
-    "field map / calibration": r"field.?map|fmap|b1.?map|calib|shim|asset",
+    "field map / calibration": (
+        r"field.?map|fmap|b1.?map|calibration|\bcal\b|shim|asset.?cal|sense.?ref|coil.?survey|\bref.?scan"
+    ),
+    "proton density": r"\bpd\b|\bpdw|proton.?dens|\bpd.?t2\b|\bdp\b",
+    "T2* gradient echo": r"t2\*|t2.?star|\bmerge\b|hemo|\bgre.?t2|t2.?gre|\bt2.?ffe|\bffe.?t2",
     "angiography": r"\btof\b|angio|\bmra\b|\bmip\b",
     "susceptibility / phase": r"\bswi\b|\bswan\b|phase|\bpha\b",
     "spectroscopy": r"\bsvs\b|\bcsi\b|spectro|\bmrs\b",
@@ -48,6 +58,27 @@ _REFUSED_IMAGE_TYPE = {
 }
 
 
+# Timing rules (ms). Spin echo without inversion, long TR and short TE is proton density; T1 spin echo has a short
+# TR and T2 a long TE. Gradient echo with a long TE is T2*/susceptibility weighted; T1 gradient echo (SPGR, MPRAGE,
+# FLASH, TFE, BRAVO) has TE below ~6 ms even at 3 T.
+PD_MIN_TR = 1500.0
+PD_MAX_TE = 45.0
+T2STAR_MIN_TE = 12.0
+
+
+def _timing_reason(meta: SeriesMeta) -> str | None:
+    scanning = {s.strip().upper() for s in meta.scanning_sequence}
+    te, tr = meta.echo_time, meta.repetition_time
+    inverted = "IR" in scanning or (meta.inversion_time or 0.0) > 0.0
+    if te is None or inverted:
+        return None
+    if "SE" in scanning and tr is not None and tr >= PD_MIN_TR and te <= PD_MAX_TE:
+        return f"proton-density series (spin echo, TR {tr:g} ms, TE {te:g} ms)"
+    if "GR" in scanning and "SE" not in scanning and te >= T2STAR_MIN_TE:
+        return f"T2*/susceptibility-weighted gradient echo (TE {te:g} ms)"
+    return None
+
+
 def gate_reason(meta: SeriesMeta) -> str | None:
     """Return why ``meta`` describes a series the model must not score, or ``None`` if it may be assessed."""
     if meta.modality.strip().upper() != "MR":
@@ -73,4 +104,4 @@ def gate_reason(meta: SeriesMeta) -> str | None:
     for kind, pattern in _REFUSED_DESCRIPTION.items():
         if re.search(pattern, text) or re.search(pattern, spaced):
             return f"{kind} series (description {meta.series_description or meta.protocol_name!r})"
-    return None
+    return _timing_reason(meta)

@@ -15,7 +15,7 @@ import structlog
 import torch
 from torch import nn
 
-from triaged.ml.aggregate import aggregate_series, brain_fraction, in_brain_mask
+from triaged.ml.aggregate import aggregate_series, brain_measures, in_brain_mask, relative_signal
 from triaged.ml.cam import CamConfig, cam_to_slice, compute_cams
 from triaged.ml.device import Placement, choose_placement, faster_precision, time_cpu_precisions, torch_threads
 from triaged.ml.gate import gate_reason
@@ -195,14 +195,17 @@ class Triage:
         with self._lock, torch_threads(self._threads):
             return self._assess(slices, cam_top_k)
 
+    def refused(self, reason: str, n_slices: int) -> SeriesAssessment:
+        """The ``not_assessable`` result for a series refused before its pixels were read (e.g. undecodable)."""
+        return self._not_assessable(reason, n_slices, {})
+
     def _assess(self, slices: Sequence[np.ndarray], cam_top_k: int) -> SeriesAssessment:
         p = self._predictor
         spec = p.spec
         timings: dict[str, float] = {}
         t = time.perf_counter()
         x = p.preprocess_slices(slices)
-        fractions = brain_fraction(x.numpy())
-        in_brain = in_brain_mask(fractions, spec.aggregation)
+        in_brain = in_brain_mask(brain_measures(x.numpy(), relative_signal(slices)), spec.aggregation)
         timings["preprocess"] = time.perf_counter() - t
         t = time.perf_counter()
         logits, features = p.logits_and_features(x)

@@ -181,7 +181,15 @@ def write_spec(model_dir: Path, spec: ModelSpec) -> None:
 
 def default_aggregation() -> dict[str, Any]:
     """Series-aggregation parameters used until evaluation tunes them (see :mod:`triaged.ml.inference`)."""
-    return {"top_k": 3, "min_brain_fraction": 0.15, "relative_brain_fraction": 0.5, "neighbour_window": 1}
+    return {
+        "top_k": 3,
+        "neighbour_window": 1,
+        "max_corner_fraction": 0.7,
+        "min_head_fraction": 0.05,
+        "relative_head_fraction": 0.5,
+        "min_tissue_of_head": 0.5,
+        "min_relative_signal": 0.3,
+    }
 
 
 def build_random_model_dir(path: Path, *, seed: int = 0, arch: str = "smallcnn", input_size: int = 64) -> Path:

@@ -20,6 +20,9 @@ class SeriesMeta:
     sequence_variant: tuple[str, ...]
     diffusion_b_values: tuple[float, ...]
     number_of_slices: int
+    echo_time: float | None = None  # ms; None where the header does not say
+    repetition_time: float | None = None
+    inversion_time: float | None = None
 
 
 @dataclass(frozen=True)
