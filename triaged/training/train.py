@@ -29,6 +29,7 @@ from triaged.ml.device import Placement, choose_placement
 from triaged.ml.networks import build_network, count_parameters, load_torchvision_densenet121
 from triaged.ml.registry import (
     DEFAULT_CLASSES,
+    NO_TUMOUR,
     ModelSpec,
     default_aggregation,
     load_model,
@@ -48,6 +49,7 @@ from triaged.training.data import (
     write_manifest,
 )
 from triaged.training.dataset import CachedImages, MaskedImages, preprocess_files, sample_labels, sample_paths
+from triaged.training.lgg import is_lgg, lgg_mask_path
 
 log = structlog.get_logger()
 
@@ -123,12 +125,23 @@ def _load_arrays(cfg: TrainConfig, prep: PreprocessingConfig) -> tuple[dict[str,
     return arrays, manifest_sha
 
 
+def tumour_mask_path(data_root: Path, sample: Sample) -> Path | None:
+    """The tumour mask of a training image, where one exists: Cheng slices, and tcga_lgg slices labelled tumour
+    (the FLAIR-abnormality mask, co-registered with the T1 channels). Kaggle images and no-tumour slices have none."""
+    if sample.source == "cheng":
+        return cheng_mask_path(data_root, sample.path)
+    if is_lgg(sample) and sample.label != NO_TUMOUR:
+        return lgg_mask_path(data_root, sample.path)
+    return None
+
+
 def _tumour_masks(data_root: Path, samples: Sequence[Sample], size: int) -> tuple[np.ndarray, np.ndarray]:
-    """(N, S, S) uint8 masks and an (N,) has-mask flag: Cheng figshare slices have masks, Kaggle images none."""
-    has_mask = np.array([s.source == "cheng" for s in samples], dtype=bool)
+    """(N, S, S) uint8 masks and an (N,) has-mask flag (see :func:`tumour_mask_path`)."""
+    paths = [tumour_mask_path(data_root, s) for s in samples]
+    has_mask = np.array([p is not None for p in paths], dtype=bool)
     masks = np.zeros((len(samples), size, size), dtype=np.uint8)
     rows = np.flatnonzero(has_mask)
-    masks[rows] = load_masks([cheng_mask_path(data_root, samples[int(i)].path) for i in rows], size)
+    masks[rows] = load_masks([p for p in paths if p is not None], size)
     log.info("tumour_masks", images=len(samples), with_mask=int(rows.size))
     return masks, has_mask
 
