@@ -7,7 +7,7 @@ by pipeline tests, and by the receiver tests and ingest benchmark. Patient data 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -140,13 +140,15 @@ def write_mr_series(
     body_part_examined: str = "BRAIN",
     modality: str = "MR",
     seed: int | str | None = None,
+    attributes: Mapping[str, object] | None = None,
 ) -> list[Path]:
     """Write one axial MR Image Storage file per slice into ``out_dir``; return the paths in slice order.
 
     Pixels are scaled with :func:`scale_to_stored` (unsigned, ``bits_stored`` bits in 8 or 16 allocated).
     ``rescale`` is ``(slope, intercept)`` written as the modality LUT. With ``seed`` every UID is derived
     from it, so the same call writes byte-identical UIDs; without, fresh random ``2.25`` UIDs are used.
-    Compressed transfer syntaxes (RLE, JPEG 2000, JPEG-LS) use pydicom's encoders.
+    Compressed transfer syntaxes (RLE, JPEG 2000, JPEG-LS) use pydicom's encoders. ``attributes`` (keyword →
+    value) are set on every instance last, e.g. the ``EchoTime``/``RepetitionTime``/``InversionTime`` of a FLAIR.
     """
     if photometric not in ("MONOCHROME1", "MONOCHROME2"):
         raise ValueError("photometric must be MONOCHROME1 or MONOCHROME2")
@@ -172,6 +174,8 @@ def write_mr_series(
         scanning_sequence=scanning_sequence,
         sequence_variant=sequence_variant,
     )
+    for keyword, value in (attributes or {}).items():
+        setattr(base, keyword, value)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths: list[Path] = []
     for index, pixels in enumerate(stored):

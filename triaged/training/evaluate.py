@@ -2,7 +2,9 @@
 localisation and the real-DICOM release criteria; optionally writes the calibration back into ``model.json``.
 
 Everything that is *chosen* (temperature, thresholds, OOD threshold) is fitted on the validation split only;
-the test sets are scored once with those choices.
+the test sets are scored once with those choices. With tcga_lgg volumes in the manifest the urgency threshold is
+chosen on the validation series of the site that never trained (:mod:`triaged.training.evaluate_volumes`), and the
+``test`` set stays the Kaggle/Cheng test split (comparable with 1.x) while ``lgg_test`` holds the volume slices.
 """
 
 from __future__ import annotations
@@ -18,16 +20,17 @@ import structlog
 import torch
 
 from triaged.errors import ModelError
-from triaged.ml.aggregate import brain_fraction
 from triaged.ml.cam import CamConfig
 from triaged.ml.device import Placement, torch_threads
 from triaged.ml.inference import Predictor, Triage, energy_score, softmax
 from triaged.ml.networks import cam_layer_candidates
 from triaged.ml.ood import OOD_FILE, FeatureOOD
-from triaged.ml.registry import load_model, sha256_file, write_spec
+from triaged.ml.registry import default_aggregation, load_model, sha256_file, write_spec
 from triaged.training.camscore import cheng_mask_path, load_masks, score_cams
 from triaged.training.data import Sample, evaluation_samples, read_manifest, split_summary, training_samples
 from triaged.training.dataset import preprocess_files, sample_labels, sample_paths
+from triaged.training.evaluate_volumes import flair_pointing_game, per_source_table, volume_evaluation
+from triaged.training.lgg import is_lgg
 from triaged.training.metrics import fit_temperature, roc_curve, sensitivity_threshold, youden_threshold
 from triaged.training.report import set_report
 
@@ -75,8 +78,6 @@ def _fit_ood(
         "fitted_on": f"{len(images)} training images",
         "aggregation": "median over in-brain slices",
         "val_score_quantiles": {str(q): float(np.quantile(val_scores, q)) for q in (0.5, 0.95, 0.99, 0.995)},
-        # Slices with less tissue than 95 % of the training images are outside what the model has seen.
-        "train_brain_fraction_q05": float(np.quantile(brain_fraction(images.astype(np.float32)), 0.05)),
     }
     return ood, info
 
@@ -113,9 +114,11 @@ def evaluate_model(model_dir: Path, data_root: Path, out_dir: Path, options: Eva
         tta=options.tta,
     )
     classes = spec.classes
+    all_test = evaluation_samples(samples, "test")
     sets = {
         "val": evaluation_samples(samples, "val"),
-        "test": evaluation_samples(samples, "test"),
+        "test": [s for s in all_test if not is_lgg(s)],
+        "lgg_test": [s for s in all_test if is_lgg(s)],
     }
     sets["clean_test"] = [s for s in sets["test"] if s.clean_test]
     sets["clean_test_not_cheng"] = [s for s in sets["clean_test"] if not s.in_cheng]
@@ -124,7 +127,9 @@ def evaluate_model(model_dir: Path, data_root: Path, out_dir: Path, options: Eva
     logits: dict[str, np.ndarray] = {}
     labels: dict[str, np.ndarray] = {}
     with torch_threads(options.threads):
-        for name in ("val", "test"):
+        for name in ("val", "test", "lgg_test"):
+            if not sets[name]:
+                continue
             images[name] = preprocess_files(
                 sample_paths(data_root, sets[name]), spec.preprocessing, cache_dir=options.cache_dir
             )
@@ -162,8 +167,10 @@ def evaluate_model(model_dir: Path, data_root: Path, out_dir: Path, options: Eva
         "ood": ood,
         "sets": {},
     }
-    for name in ("val", "test", "clean_test", "clean_test_not_cheng"):
-        if len(labels[name]) < 2 or len(np.unique(labels[name])) < 2:  # nothing meaningful to report
+    for name in ("val", "test", "clean_test", "clean_test_not_cheng", "lgg_test"):
+        if (
+            name not in labels or len(labels[name]) < 2 or len(np.unique(labels[name])) < 2
+        ):  # nothing meaningful to report
             continue
         probs = softmax(logits[name] / temperature)
         report["sets"][name] = set_report(
@@ -179,29 +186,68 @@ def evaluate_model(model_dir: Path, data_root: Path, out_dir: Path, options: Eva
     report["gradcam"], cam_examples = _cam_report(
         predictor, data_root, sets["test"], images["test"], labels["test"], options=options
     )
+    if "lgg_test" in images:
+        report["gradcam_flair"] = flair_pointing_game(
+            predictor,
+            data_root,
+            sets["lgg_test"],
+            images["lgg_test"],
+            labels["lgg_test"],
+            limit=options.cam_limit,
+            rounds=options.rounds,
+        )
+    urgency_threshold = float(spec.thresholds.get("urgency", thresholds["high_sensitivity"]))
     if options.calibrate:
         ood_model.save(model_dir / OOD_FILE)
         ood["sha256"] = sha256_file(model_dir / OOD_FILE)
+        urgency_threshold = thresholds["high_sensitivity"]
         new_spec = dataclasses.replace(
             spec,
             temperature=temperature,
             ood=ood,
-            aggregation={**spec.aggregation, "min_brain_fraction": round(ood["train_brain_fraction_q05"], 4)},
-            thresholds={"urgency": thresholds["high_sensitivity"], **thresholds},
+            aggregation={
+                **default_aggregation(),
+                **{k: spec.aggregation[k] for k in ("top_k", "neighbour_window") if k in spec.aggregation},
+            },
+            thresholds={"urgency": urgency_threshold, **thresholds},
             extra={
                 **spec.extra,
-                "metrics": _headline(report),
                 "data_split": split_summary(samples),
                 "cam": cam_choice.to_dict(),
                 "inference": {**dict(spec.extra.get("inference", {})), "flip_tta": options.tta},
             },
         )
         write_spec(model_dir, new_spec)
+    has_volumes = any(is_lgg(s) for s in samples)
+    if has_volumes:
+        triage = Triage(model_dir, device=options.device, precision=options.precision, threads=options.threads)
+        urgency_threshold, report["volumes"] = volume_evaluation(
+            triage, data_root, samples, choose=options.calibrate, threshold=urgency_threshold
+        )
+        thresholds["series_unseen_site"] = urgency_threshold
+    report["thresholds"] = thresholds
+    report["urgency_threshold"] = urgency_threshold
+    if "lgg_test" in logits:
+        source_samples = sets["test"] + sets["lgg_test"]
+        source_probs = np.concatenate([softmax(logits[n] / temperature) for n in ("test", "lgg_test")])
+        report["per_source"] = per_source_table(source_samples, source_probs, classes, urgency_threshold)
+    if options.calibrate:
+        final = dataclasses.replace(
+            new_spec,
+            thresholds={"urgency": urgency_threshold, **thresholds},
+            extra={**new_spec.extra, "metrics": _headline(report)},
+        )
+        write_spec(model_dir, final)
     if options.release and (data_root / "dicom").is_dir():
         triage = Triage(model_dir, device=options.device, precision=options.precision, threads=options.threads)
         from triaged.training.release import evaluate_release  # reads DICOM with pydicom: evaluation only
 
         report["release"] = evaluate_release(triage, data_root / "dicom")
+        if "volumes" in report:
+            from triaged.training.release import volume_release
+
+            report["release"]["volumes"] = volume_release(report["volumes"]["test"])
+            report["release"]["passed"] = report["release"]["passed"] and report["release"]["volumes"]["passed"]
     report["ood_check"] = {
         "val_energy_quantiles": {str(q): float(np.quantile(val_energy, q)) for q in (0.5, 0.95, 0.995)},
         "test_energy_median": float(np.median(energy_score(logits["test"]))),

@@ -115,9 +115,13 @@ def evaluate_release(triage: Triage, dicom_root: Path) -> dict[str, Any]:
             scanning_sequence=("GR",),
             diffusion_b_values=(),
             body_part_examined="",
+            echo_time=None,
+            repetition_time=None,
+            inversion_time=None,
         )
         ungated = triage.assess(slices, ungated_meta, cam_top_k=0)
-        passed = (not result.urgent) if expect == "not_urgent" else (not result.assessable)
+        # A normal anatomical series must be assessed (a refusal is no answer) and not urgent.
+        passed = (result.assessable and not result.urgent) if expect == "not_urgent" else (not result.assessable)
         series.append(
             {
                 "name": name,
@@ -130,3 +134,21 @@ def evaluate_release(triage: Triage, dicom_root: Path) -> dict[str, Any]:
             }
         )
     return {"passed": all(s["passed"] for s in series), "series": series}
+
+
+VOLUME_RELEASE_SENSITIVITY = 0.95
+
+
+def volume_release(volumes_test: dict[str, Any]) -> dict[str, Any]:
+    """Release criterion on real tumour volumes: test FLAIR and post-contrast T1 series urgent at the shipped
+    threshold in at least :data:`VOLUME_RELEASE_SENSITIVITY` of patients each (refusals count as misses)."""
+    rows = {}
+    for contrast in ("flair", "t1_post"):
+        group = volumes_test["groups"].get(f"contrast:{contrast}", {"series": 0, "urgent": 0})
+        sensitivity = group["urgent"] / group["series"] if group["series"] else 0.0
+        rows[contrast] = {
+            "series": group["series"],
+            "urgent": group["urgent"],
+            "passed": group["series"] > 0 and sensitivity >= VOLUME_RELEASE_SENSITIVITY,
+        }
+    return {"passed": all(r["passed"] for r in rows.values()), "contrasts": rows}

@@ -1,0 +1,126 @@
+"""tcga_lgg in the manifest: the slice-label rule, the patient/site split, and the volume series built from it."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from triaged.dicom.pixels import decode_series, read_series_header
+from triaged.ml.gate import gate_reason
+from triaged.training.data import Sample, training_samples
+from triaged.training.lgg import (
+    MIN_TUMOUR_PIXELS,
+    UNSEEN_SITE,
+    lgg_patient,
+    lgg_samples,
+    lgg_site,
+    patient_splits,
+    slice_label,
+)
+from triaged.training.series_eval import (
+    SeriesOutcome,
+    choose_threshold,
+    load_volume,
+    series_meta_of,
+    volume_series,
+    wilson_interval,
+    write_volume_series,
+)
+
+
+@pytest.mark.parametrize(
+    ("pixels", "neighbour", "expected"),
+    [
+        (MIN_TUMOUR_PIXELS, False, ("glioma", "")),
+        (5000, True, ("glioma", "")),
+        (MIN_TUMOUR_PIXELS - 1, False, ("glioma", "tiny_mask")),
+        (1, True, ("glioma", "tiny_mask")),
+        (0, True, ("notumor", "next_to_lesion")),
+        (0, False, ("notumor", "")),
+    ],
+)
+def test_slice_label_rule(pixels: int, neighbour: bool, expected: tuple[str, str]) -> None:
+    assert slice_label(pixels, neighbour) == expected
+
+
+def test_patient_splits_keep_the_unseen_site_out_of_training() -> None:
+    sites = {"DU": [f"TCGA_DU_{i:04d}" for i in range(45)], UNSEEN_SITE: [f"TCGA_HT_{i:04d}" for i in range(34)]}
+    sites["EZ"] = ["TCGA_EZ_0001"]
+    splits = patient_splits(sites)
+    assert {splits[p] for p in sites[UNSEEN_SITE]} == {"val", "test"}
+    assert sum(splits[p] == "val" for p in sites[UNSEEN_SITE]) == 17
+    assert splits["TCGA_EZ_0001"] == "test"
+    du = [splits[p] for p in sites["DU"]]
+    assert du.count("test") == 7 and du.count("val") == 7 and du.count("train") == 31
+    assert patient_splits(sites) == splits  # deterministic
+
+
+@pytest.fixture(scope="module")
+def shared_data() -> Path:
+    from tests.conftest import shared_data as find_shared_data
+
+    return find_shared_data()
+
+
+@pytest.fixture(scope="module")
+def samples(shared_data: Path) -> list[Sample]:
+    return lgg_samples(shared_data)
+
+
+def test_no_patient_on_two_sides_and_no_unseen_site_in_training(samples: list) -> None:  # type: ignore[type-arg]
+    sides: dict[str, set[str]] = defaultdict(set)
+    for s in samples:
+        sides[lgg_patient(s.path)].add(s.split)
+    assert all(len(v) == 1 for v in sides.values())
+    assert not [s for s in training_samples(samples, "train") if lgg_site(s.path) == UNSEEN_SITE]
+    assert len(sides) == 80
+
+
+def test_flair_copies_never_count_as_t1(samples: list) -> None:  # type: ignore[type-arg]
+    copies = [s for s in samples if s.exclude_reason == "duplicated_channel"]
+    assert copies and all("/flair/" not in s.path for s in copies)
+    assert not [s for s in training_samples(samples, "train") if s.exclude_reason]
+
+
+def test_volume_series_decode_to_the_same_pixels_and_pass_the_gate(
+    samples: list[Sample],
+    shared_data: Path,
+    tmp_path: Path,
+) -> None:
+    series = [v for v in volume_series(samples, "test") if v.patient == "TCGA_DU_7018"]
+    assert {v.contrast for v in series} == {"flair", "t1_pre", "t1_post"}
+    for vs in series:
+        paths = write_volume_series(shared_data, vs, tmp_path / vs.contrast)
+        decoded = decode_series(paths)
+        source = load_volume(shared_data, vs)
+        assert len(decoded.slices) == len(source) == 36
+        for got, want in zip(decoded.slices, source, strict=True):
+            assert np.abs(got.pixels - want).max() <= 0.05  # 12-bit stored, LUT back to the 8-bit grey levels
+        header, n = read_series_header(paths)
+        meta = series_meta_of(header, n)
+        assert gate_reason(meta) is None, vs.contrast
+        if vs.contrast == "flair":
+            assert "IR" in meta.scanning_sequence and meta.inversion_time == 2500.0
+
+
+def _outcome(urgency: float | None) -> SeriesOutcome:
+    return SeriesOutcome("p", UNSEEN_SITE, "flair", urgency is not None, None, urgency, None, (), None, None)
+
+
+def test_choose_threshold_counts_refusals_as_misses() -> None:
+    outcomes = [_outcome(u) for u in (0.2, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.97, 0.98, 0.99)]
+    assert choose_threshold(outcomes, 0.9) == pytest.approx(0.5)  # one of ten may be missed
+    assert choose_threshold(outcomes, 1.0) == pytest.approx(0.2)
+    refused = [_outcome(None), *outcomes[1:]]
+    assert choose_threshold(refused, 0.9) == pytest.approx(0.5)  # the refusal is the one miss
+    assert choose_threshold([_outcome(0.999)] * 4, 0.95) == pytest.approx(0.99)  # ceiling
+
+
+def test_wilson_interval() -> None:
+    lo, hi = wilson_interval(20, 20)
+    assert hi == pytest.approx(1.0) and 0.8 < lo < 0.85
+    lo, hi = wilson_interval(0, 10)
+    assert lo == 0.0 and 0.25 < hi < 0.35

@@ -1,0 +1,313 @@
+"""Series-level evaluation on real volumes: tcga_lgg patients as DICOM MR series, through the daemon's own path.
+
+Why: radiologists get series, not curated slices. Each test patient's slices of one contrast are written as an
+axial MR series with the project's DICOM writer and realistic headers (FLAIR as inversion recovery, T1 as spin
+echo; PS3.3 C.8.3.1), then decoded by :func:`triaged.dicom.pixels.decode_series`, gated by the metadata gate and
+assessed by :class:`~triaged.ml.inference.Triage` exactly as ``triaged serve`` does: pixel decode → gate → MONAI
+preprocessing → model → aggregation → threshold. The urgency threshold is then chosen on the validation series of
+the site that never trained (:data:`triaged.training.lgg.UNSEEN_SITE`), not on slices of the training sources.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import structlog
+from PIL import Image
+from tqdm import tqdm
+
+from triaged.dicom.pixels import decode_series, read_series_header
+from triaged.dicom.synthetic import write_mr_series
+from triaged.errors import PixelDecodeError
+from triaged.ml.gate import gate_reason
+from triaged.ml.inference import Triage
+from triaged.ml.results import SeriesAssessment, SeriesMeta
+from triaged.training.camscore import localisation_scores
+from triaged.training.data import Sample
+from triaged.training.lgg import (
+    UNSEEN_SITE,
+    is_lgg,
+    lgg_contrast,
+    lgg_mask_path,
+    lgg_patient,
+    lgg_site,
+    lgg_slice_number,
+)
+from triaged.training.metrics import roc_auc
+
+log = structlog.get_logger()
+
+# Headers of a typical clinical protocol per contrast (ms). FLAIR: turbo spin echo with inversion recovery.
+CONTRAST_HEADERS: dict[str, dict[str, Any]] = {
+    "flair": {
+        "series_description": "AX T2 FLAIR",
+        "scanning_sequence": ("SE", "IR"),
+        "sequence_variant": ("SK", "SP", "MP"),
+        "attributes": {"RepetitionTime": "9000", "EchoTime": "120", "InversionTime": "2500", "EchoTrainLength": "16"},
+    },
+    "t1_pre": {
+        "series_description": "AX T1 SE",
+        "scanning_sequence": ("SE",),
+        "sequence_variant": ("SK", "SP"),
+        "attributes": {"RepetitionTime": "550", "EchoTime": "12"},
+    },
+    "t1_post": {
+        "series_description": "AX T1 SE POST GD",
+        "scanning_sequence": ("SE",),
+        "sequence_variant": ("SK", "SP"),
+        "attributes": {"RepetitionTime": "550", "EchoTime": "12", "ContrastBolusAgent": "GADOLINIUM"},
+    },
+}
+PIXEL_SPACING = 0.9  # mm; the source resampled to 256 px (README: raw series checked had 0.9 mm pixels)
+SLICE_THICKNESS = 5.5
+BITS_STORED = 12
+
+
+@dataclass(frozen=True)
+class VolumeSeries:
+    """One contrast of one tcga_lgg patient: manifest samples in slice order (inferior first)."""
+
+    patient: str
+    site: str
+    contrast: str
+    split: str
+    samples: tuple[Sample, ...]
+
+
+@dataclass
+class SeriesOutcome:
+    """What the daemon path made of one volume series, with the ground truth it is scored against."""
+
+    patient: str
+    site: str
+    contrast: str
+    assessable: bool
+    reason: str | None
+    urgency: float | None
+    label: str | None
+    key_slices: tuple[int, ...]  # slice numbers (1 = most inferior) of the key images, best first
+    key_on_lesion: bool | None
+    key_cam_hit: bool | None
+    slice_tumour_prob: list[float] = field(default_factory=list)
+    slice_truth: list[int] = field(default_factory=list)  # 1 tumour, 0 no tumour, -1 excluded from slice metrics
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k not in ("slice_tumour_prob", "slice_truth")}
+
+
+def volume_series(samples: Sequence[Sample], split: str) -> list[VolumeSeries]:
+    """Every (patient, contrast) of ``split`` whose contrast is real (FLAIR copies filed as T1 are left out)."""
+    groups: dict[tuple[str, str], list[Sample]] = defaultdict(list)
+    for s in samples:
+        if is_lgg(s) and s.split == split:
+            groups[(lgg_patient(s.path), lgg_contrast(s.path))].append(s)
+    out = []
+    for (patient, contrast), members in sorted(groups.items()):
+        if any(m.exclude_reason == "duplicated_channel" for m in members):
+            continue
+        members.sort(key=lambda m: lgg_slice_number(m.path))
+        out.append(VolumeSeries(patient, lgg_site(members[0].path), contrast, split, tuple(members)))
+    return out
+
+
+def load_volume(data_root: Path, series: VolumeSeries) -> list[np.ndarray]:
+    """The 8-bit slices of a volume as float32 arrays (the values a viewer of the JPEGs sees)."""
+    out = []
+    for s in series.samples:
+        with Image.open(data_root / s.path) as img:
+            out.append(np.asarray(img.convert("L"), dtype=np.float32))
+    return out
+
+
+def write_volume_series(data_root: Path, series: VolumeSeries, out_dir: Path) -> list[Path]:
+    """Write ``series`` as a DICOM MR series (one file per slice, slice 1 at the bottom); return the paths.
+
+    A modality LUT maps the 12-bit stored values back onto the source's grey levels, so decoding gives the JPEG
+    pixels again (to within half a stored step).
+    """
+    slices = load_volume(data_root, series)
+    low = min(float(s.min()) for s in slices)
+    high = max(float(s.max()) for s in slices)
+    slope = (high - low) / ((1 << BITS_STORED) - 1) if high > low else 1.0
+    headers = CONTRAST_HEADERS[series.contrast]
+    return write_mr_series(
+        slices,
+        out_dir,
+        series_description=headers["series_description"],
+        scanning_sequence=headers["scanning_sequence"],
+        sequence_variant=headers["sequence_variant"],
+        attributes=headers["attributes"],
+        patient_name="ANON^LGG",
+        patient_id="LGG",
+        pixel_spacing=PIXEL_SPACING,
+        slice_thickness=SLICE_THICKNESS,
+        bits_stored=BITS_STORED,
+        rescale=(slope, low),
+        seed=f"{series.patient}/{series.contrast}",
+    )
+
+
+def series_meta_of(header: Any, number_of_slices: int) -> SeriesMeta:
+    """The pipeline's own mapping from DICOM header to gate metadata (imported late: pipeline pulls in the db)."""
+    from triaged.pipeline import series_meta
+
+    meta: SeriesMeta = series_meta(header, number_of_slices)
+    return meta
+
+
+def assess_dicom_files(triage: Triage, paths: Sequence[Path], *, cam_top_k: int = 3) -> SeriesAssessment:
+    """Assess one series from its DICOM files the way ``run_infer_job`` does, including its refusal of a series
+    that does not decode but that the gate would refuse anyway."""
+    try:
+        decoded = decode_series(paths)
+    except PixelDecodeError:
+        header, images = read_series_header(paths)
+        reason = gate_reason(series_meta_of(header, images))
+        if reason is None:
+            raise
+        return triage.refused(reason, images)
+    meta = series_meta_of(decoded.header, len(decoded.slices))
+    return triage.assess([s.pixels for s in decoded.slices], meta, cam_top_k=cam_top_k)
+
+
+def _outcome(data_root: Path, series: VolumeSeries, assessment: SeriesAssessment, tumour_index: int) -> SeriesOutcome:
+    numbers = [lgg_slice_number(s.path) for s in series.samples]
+    truth = [(-1 if s.excluded else int(s.label != "notumor")) for s in series.samples]
+    key = tuple(numbers[i] for i in assessment.key_slice_indices)
+    outcome = SeriesOutcome(
+        patient=series.patient,
+        site=series.site,
+        contrast=series.contrast,
+        assessable=assessment.assessable,
+        reason=assessment.reason,
+        urgency=assessment.urgency,
+        label=assessment.label,
+        key_slices=key,
+        key_on_lesion=None,
+        key_cam_hit=None,
+    )
+    if not assessment.assessable or not assessment.key_slice_indices:
+        return outcome
+    probs = assessment.slice_probabilities
+    outcome.slice_tumour_prob = [float(1.0 - p[tumour_index]) for p in probs]
+    outcome.slice_truth = truth
+    top = assessment.key_slice_indices[0]
+    mask_file = lgg_mask_path(data_root, series.samples[top].path)
+    with Image.open(mask_file) as m:
+        mask = np.asarray(m.convert("L")) > 127
+    outcome.key_on_lesion = bool(mask.any())
+    if top in assessment.cams and mask.any():
+        hits, _ = localisation_scores(assessment.cams[top][None], mask[None])
+        outcome.key_cam_hit = bool(hits[0])
+    return outcome
+
+
+def evaluate_volumes(
+    triage: Triage,
+    data_root: Path,
+    series: Sequence[VolumeSeries],
+    *,
+    work_dir: Path | None = None,
+    progress: bool = True,
+) -> list[SeriesOutcome]:
+    """Write, decode and assess every volume series; DICOM files go to a temporary folder unless ``work_dir``."""
+    outcomes = []
+    no_tumour = list(triage.classes).index("notumor")
+    with tempfile.TemporaryDirectory(prefix="triaged-volumes-") as tmp:
+        root = work_dir or Path(tmp)
+        for vs in tqdm(series, desc="series", disable=not progress, mininterval=10.0):
+            paths = write_volume_series(data_root, vs, root / vs.split / vs.patient / vs.contrast)
+            outcomes.append(_outcome(data_root, vs, assess_dicom_files(triage, paths), no_tumour))
+    return outcomes
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval of a proportion (sound at 0 % and 100 %, unlike the normal approximation)."""
+    if n == 0:
+        return float("nan"), float("nan")
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return float(max(0.0, centre - half)), float(min(1.0, centre + half))
+
+
+def _group_report(outcomes: Sequence[SeriesOutcome], threshold: float) -> dict[str, Any]:
+    n = len(outcomes)
+    urgent = sum(1 for o in outcomes if o.assessable and o.urgency is not None and o.urgency >= threshold)
+    assessed = [o for o in outcomes if o.assessable]
+    urgencies = np.array([o.urgency for o in assessed if o.urgency is not None], dtype=np.float64)
+    probs = np.array([p for o in assessed for p, t in zip(o.slice_tumour_prob, o.slice_truth, strict=True) if t >= 0])
+    truth = np.array([t for o in assessed for t in o.slice_truth if t >= 0])
+    on_lesion = [o.key_on_lesion for o in assessed if o.key_on_lesion is not None]
+    cam_hits = [o.key_cam_hit for o in assessed if o.key_cam_hit is not None]
+    lo, hi = wilson_interval(urgent, n)
+    return {
+        "series": n,
+        "urgent": urgent,
+        "sensitivity": {"value": urgent / n if n else float("nan"), "ci95": [lo, hi]},
+        "not_assessable": n - len(assessed),
+        "not_assessable_reasons": sorted({str(o.reason) for o in outcomes if not o.assessable}),
+        "urgency_quantiles": (
+            {str(q): float(np.quantile(urgencies, q)) for q in (0.05, 0.25, 0.5, 0.75)} if urgencies.size else {}
+        ),
+        "slice_tumour_auc": roc_auc(truth, probs) if truth.size and 0 < truth.sum() < truth.size else float("nan"),
+        "slices": int(truth.size),
+        "key_image_on_lesion": float(np.mean(on_lesion)) if on_lesion else float("nan"),
+        "key_image_pointing_game": float(np.mean(cam_hits)) if cam_hits else float("nan"),
+    }
+
+
+def series_report(outcomes: Sequence[SeriesOutcome], threshold: float) -> dict[str, Any]:
+    """Per contrast, per site (seen vs unseen) and overall: series sensitivity at ``threshold`` with a Wilson CI,
+    not-assessable counts, urgency quantiles, slice-level tumour AUC against the masks, key images on the lesion."""
+    by: dict[str, list[SeriesOutcome]] = defaultdict(list)
+    for o in outcomes:
+        by["all"].append(o)
+        by[f"contrast:{o.contrast}"].append(o)
+        by[f"site:{o.site}"].append(o)
+        by["unseen_site" if o.site == UNSEEN_SITE else "seen_sites"].append(o)
+    return {
+        "threshold": threshold,
+        "groups": {name: _group_report(group, threshold) for name, group in sorted(by.items())},
+        "series": [o.to_json() for o in outcomes],
+    }
+
+
+def choose_threshold(outcomes: Sequence[SeriesOutcome], target_sensitivity: float, *, ceiling: float = 0.99) -> float:
+    """The highest urgency threshold at which at least ``target_sensitivity`` of ``outcomes`` (all tumour series)
+    are urgent; not-assessable series count as missed, so a refusal can never buy sensitivity. Never above
+    ``ceiling``: a threshold in the last percent of probability is a statement about rounding, not about patients.
+    """
+    urgencies = np.sort(np.array([o.urgency if o.assessable and o.urgency is not None else -1.0 for o in outcomes]))
+    if urgencies.size == 0:
+        raise ValueError("no series to choose a threshold on")
+    allowed_misses = int(np.floor((1.0 - target_sensitivity) * urgencies.size + 1e-9))
+    value = float(urgencies[min(allowed_misses, urgencies.size - 1)])
+    return float(min(max(value, 0.0), ceiling))
+
+
+def series_rows(report: dict[str, Any]) -> list[tuple[str, ...]]:
+    """Rows of the model card's series table: group, series, urgent, sensitivity [CI], not assessable, AUC."""
+    rows: list[tuple[str, ...]] = []
+    for name, g in report["groups"].items():
+        sens = g["sensitivity"]
+        rows.append(
+            (
+                name,
+                str(g["series"]),
+                str(g["urgent"]),
+                f"{sens['value'] * 100:.1f} % [{sens['ci95'][0] * 100:.1f}, {sens['ci95'][1] * 100:.1f}]",
+                str(g["not_assessable"]),
+                f"{g['slice_tumour_auc']:.4f}",
+                f"{g['key_image_on_lesion'] * 100:.0f} %",
+                f"{g['key_image_pointing_game'] * 100:.0f} %",
+            )
+        )
+    return rows
