@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from triaged.ml.aggregate import aggregate_series, brain_measures, in_brain_mask, neighbour_supported, relative_signal
-from triaged.ml.registry import default_aggregation
 from triaged.ml.gate import gate_reason
+from triaged.ml.registry import default_aggregation
 from triaged.ml.results import SeriesMeta
 
 T1 = SeriesMeta(

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.ml.conftest import _blob_image
 from triaged.ml.networks import build_network
 from triaged.ml.registry import load_model
 from triaged.ml.results import SeriesMeta
@@ -57,8 +58,8 @@ def test_tiny_training_run_writes_a_loadable_model(tiny_data_root: Path, tmp_pat
     from triaged.ml.api import Triage
 
     result = Triage(tmp_path / "run" / "model", device="cpu", precision="fp32").assess(
-        [np.random.default_rng(0).uniform(0, 255, (40, 40)).astype(np.float32)], META, cam_top_k=1
-    )
+        [_blob_image(np.random.default_rng(0), 0).astype(np.float32)], META, cam_top_k=1
+    )  # a head-like blob: uniform noise fills the field to its corners and is (rightly) not brain
     assert result.assessable and result.slice_probabilities.shape == (1, 4)
 
 
