@@ -41,13 +41,34 @@ def shared_data_dir() -> Path:
     return shared_data()
 
 
+def _strict_failure(report: pytest.TestReport | pytest.CollectReport, what: str) -> None:
+    reason = getattr(report, "wasxfail", None) or report.longrepr
+    if isinstance(reason, tuple):  # (path, line, message) of a skip
+        reason = reason[2]
+    report.outcome = "failed"
+    report.longrepr = f"{what} not allowed in CI (TRIAGED_STRICT_SKIPS=1): {str(reason).removeprefix('Skipped: ')}"
+    if hasattr(report, "wasxfail"):
+        del report.wasxfail  # else pytest would still count it as xfailed
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[Any]) -> Iterator[None]:
+    """Strict mode: a skip (marker, fixture, imperative, ``importorskip`` inside a test) or an xfail
+    (marker or imperative ``pytest.xfail``) fails the test; only GPU tests may skip where CUDA is missing."""
     outcome = yield
     report = outcome.get_result()  # type: ignore[attr-defined]
-    if STRICT_SKIPS and report.skipped and item.get_closest_marker("gpu") is None and not hasattr(report, "wasxfail"):
-        report.outcome = "failed"
-        report.longrepr = f"skip not allowed in CI (TRIAGED_STRICT_SKIPS=1): {report.longrepr}"
+    if STRICT_SKIPS and report.skipped and item.get_closest_marker("gpu") is None:
+        _strict_failure(report, "xfail" if hasattr(report, "wasxfail") else "skip")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector: pytest.Collector) -> Iterator[None]:
+    """Strict mode: a module that skips itself while being collected (``pytest.skip(allow_module_level=True)``,
+    a module-level ``importorskip``) is a collection error, not a silently missing file."""
+    outcome = yield
+    report = outcome.get_result()  # type: ignore[attr-defined]
+    if STRICT_SKIPS and report.skipped:
+        _strict_failure(report, "skip")
 
 
 @pytest.fixture(autouse=True)
