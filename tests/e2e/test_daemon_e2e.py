@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -21,6 +22,7 @@ from tests.support.pipeline_support import (
     TOSHIBA_DWI,
     UIH_T1,
     XA30_MPRAGE,
+    jobs_for,
     kaggle_files,
     labelled_series,
     load_slice,
@@ -29,7 +31,7 @@ from tests.support.pipeline_support import (
     wait_for,
 )
 from triaged.db.engine import make_engine, make_session_factory
-from triaged.db.models import Result, ResultStatus, Series, SeriesState, SlicePrediction
+from triaged.db.models import JobState, Result, ResultStatus, Series, SeriesState, SlicePrediction
 from triaged.db.schema import upgrade
 from triaged.dicom.synthetic import write_mr_series
 
@@ -277,26 +279,41 @@ def test_config_writer_round_trip(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_sigterm_mid_job_finishes_the_job_and_exits_zero(
-    tmp_path: Path, sqlite_url: str, sqlite_factory: sessionmaker[Session]
+    tmp_path: Path, sqlite_url: str, sqlite_factory: sessionmaker[Session], random_model: Path
 ) -> None:
-    from triaged.ml.api import build_random_model_dir
+    """SIGTERM lands while a job runs: /readyz says 503 at once, the job finishes, then exit 0.
 
-    model = build_random_model_dir(tmp_path / "slow-model", seed=0, arch="densenet121", input_size=128)
-    config = daemon_config(tmp_path, db_url=sqlite_url, model_dir=model, dicom_port=free_port())
-    paths = labelled_series(tmp_path / "big", (kaggle_files("glioma") * 2)[:48], seed="sigterm", size=(128, 128))
+    The job is held mid-run by ``worker.hold_file`` until the test has seen the signal arrive, so the
+    order cannot depend on how fast the model is or how busy the machine is.
+    """
+    hold = tmp_path / "release-the-job"
+    config = daemon_config(
+        tmp_path, db_url=sqlite_url, model_dir=random_model, dicom_port=0, worker={"hold_file": str(hold)}
+    )
+    paths = labelled_series(tmp_path / "s", kaggle_files("glioma")[:3], seed="sigterm")
     with running_daemon(config, log_path=tmp_path / "serve.log") as daemon:
         assert daemon.dicom_port is not None
         send_series(daemon.dicom_port, paths)
-        wait_for(
-            lambda: (s := _series_state(sqlite_factory, _uid(paths))) is not None and s.state == SeriesState.PROCESSING,
-            timeout=60,
-            what="series processing",
-        )
+        wait_for(lambda: '"job_held"' in daemon.log_text(), timeout=60, what="job held mid-run")
+        [job] = jobs_for(sqlite_factory, _uid(paths))
+        assert job.state == JobState.RUNNING
+        daemon.proc.send_signal(signal.SIGTERM)
+        wait_for(lambda: daemon.http_get("/readyz")[0] == 503, timeout=30, what="/readyz 503 while stopping")
+        status, body = daemon.http_get("/readyz")
+        assert status == 503
+        answer = json.loads(body)
+        assert answer["ready"] is False and answer["checks"]["shutdown"] == "stopping", answer
+        assert '"signal_received"' in daemon.log_text()
+        assert results_for(sqlite_factory, _uid(paths)) == []  # still held: the signal came mid-job
+        hold.touch()
         assert daemon.terminate(timeout=90) == 0
     [result] = results_for(sqlite_factory, _uid(paths))  # the current job was allowed to finish
     assert result.status == ResultStatus.ASSESSED
+    [job] = jobs_for(sqlite_factory, _uid(paths))
+    assert job.state == JobState.DONE and job.attempts == 1
     log = daemon.log_text()
-    assert log.index('"signal_received"') < log.index('"series_processed"') < log.index('"daemon_stopped"')
+    assert log.index('"signal_received"') < log.index('"job_hold_released"') < log.index('"series_processed"')
+    assert log.index('"series_processed"') < log.index('"daemon_stopped"')
 
 
 def test_serve_port_in_use_is_one_line_error(
