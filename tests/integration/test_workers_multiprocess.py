@@ -45,18 +45,25 @@ def _pid(worker_id: str | None) -> int:
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 def test_kill_9_mid_job_another_worker_finishes_it(tmp_path: Path, db_url: str, factory: sessionmaker[Session]) -> None:
     """The victim is killed while it holds the job (``worker.hold_file``: the job cannot finish first, however
-    fast the machine); a second worker runs it again, and only after the victim's lease ran out."""
+    fast the machine); a second worker runs it again, and only after the victim's lease ran out.
+
+    Attempt 1's lease expiry is read from the database once nothing alive can change it (serve stopped, the
+    victim dead, the rescuer not started). The victim's lease (15 s) outlasts the rescuer's start-up, and the
+    rescuer reaps every second (reaper interval = its lease / 2), so a reaper that re-queued a live lease early
+    would do so before the expiry and fail the comparison below.
+    """
     from triaged.ml.api import build_random_model_dir
 
     model = build_random_model_dir(tmp_path / "model", seed=0)
     hold = tmp_path / "release-jobs"
+    victim_lease = 15.0
     config = daemon_config(
         tmp_path,
         db_url=db_url,
         model_dir=model,
         dicom_port=0,
         workers=0,
-        worker={"lease_seconds": 4.0, "heartbeat_seconds": 0.5, "hold_file": str(hold)},
+        worker={"lease_seconds": victim_lease, "heartbeat_seconds": 0.5, "hold_file": str(hold)},
     )
     paths = labelled_series(tmp_path / "s", kaggle_files("glioma")[:3], seed="kill9")
     with running_daemon(config, log_path=tmp_path / "serve.log") as serve:
@@ -67,24 +74,22 @@ def test_kill_9_mid_job_another_worker_finishes_it(tmp_path: Path, db_url: str, 
             wait_for(lambda: '"job_held"' in victim.log_text(), timeout=60, what="job held by the victim")
             [job] = _infer_jobs(factory)
             assert job.state == JobState.RUNNING and _pid(job.lease_owner) == victim.proc.pid
-            # serve reaps leases too; stopped first, nothing but the rescuer touches the job after the kill
-            assert serve.terminate() == 0
+            assert serve.terminate() == 0  # serve reaps too: after the kill, only the rescuer touches the job
             victim.kill9()
         finally:
             victim.kill9()
     [killed] = _infer_jobs(factory)
     assert (killed.state, killed.attempts, count(factory, Result)) == (JobState.RUNNING, 1, 0)
     assert killed.lease_expires_at is not None
-    first_lease_expiry = killed.lease_expires_at  # final: its holder is dead
+    first_lease_expiry = killed.lease_expires_at  # final: its holder is dead and no reaper runs yet
     hold.touch()
-    # the rescuer never heartbeats during this test, so the job's heartbeat_at stays its claim time
     rescuer_config = daemon_config(
         tmp_path,
         db_url=db_url,
         model_dir=model,
         dicom_port=0,
         workers=1,
-        worker={"lease_seconds": 600.0, "heartbeat_seconds": 600.0},
+        worker={"lease_seconds": 2.0, "heartbeat_seconds": 0.5},
     )
     with running_daemon(rescuer_config, ("worker",), log_path=tmp_path / "rescuer.log") as rescuer:
         wait_for(lambda: count(factory, Result) == 1, timeout=100, what="result after lease expiry")
@@ -92,9 +97,10 @@ def test_kill_9_mid_job_another_worker_finishes_it(tmp_path: Path, db_url: str, 
         assert job.state == JobState.DONE
         assert job.attempts == 2
         assert _pid(job.lease_owner) == rescuer.proc.pid
-    assert job.heartbeat_at is not None
-    # re-queued (run_after) and claimed again (heartbeat_at) only after attempt 1's lease had run out
-    assert first_lease_expiry < job.run_after <= job.heartbeat_at, (first_lease_expiry, job.run_after)
+    # the reaper re-queued it at run_after, and a claim needs run_after <= its own time: attempt 2 was claimed
+    # after attempt 1's lease had run out
+    assert first_lease_expiry < job.run_after, (first_lease_expiry, job.run_after)
+    assert job.heartbeat_at is not None and job.run_after <= job.heartbeat_at
     assert count(factory, Result) == 1
     assert "job_lease_expired" in (tmp_path / "rescuer.log").read_text()
 
