@@ -30,7 +30,7 @@ from pathlib import Path
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from tests.conftest import POSTGRES_URL, free_port
+from tests.conftest import POSTGRES_URL
 from tests.support.pipeline_daemon import daemon_config, running_daemon, send_series
 from tests.support.pipeline_support import LABELS, kaggle_files, labelled_series, shipped_model_available
 from triaged.config import DEFAULT_MODEL_DIR
@@ -96,7 +96,7 @@ def throughput(
             work / f"w{processes}",
             db_url=url,
             model_dir=model,
-            dicom_port=free_port(),
+            dicom_port=0,
             workers=0,
             series={"quiet_seconds": quiet, "sweep_interval_seconds": 0.25},
         )
@@ -136,7 +136,7 @@ def latency(work: Path, model: Path, slices: int, quiet: float, runs: int) -> li
             work / "latency",
             db_url=url,
             model_dir=model,
-            dicom_port=free_port(),
+            dicom_port=0,
             workers=1,
             series={"quiet_seconds": quiet, "sweep_interval_seconds": 0.25},
             worker={"torch_threads": os.cpu_count() or 1},  # one series alone: use every core

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import socket
 import uuid
 from collections.abc import Callable, Iterator
@@ -41,13 +42,34 @@ def shared_data_dir() -> Path:
     return shared_data()
 
 
+def _strict_failure(report: pytest.TestReport | pytest.CollectReport, what: str) -> None:
+    reason = getattr(report, "wasxfail", None) or report.longrepr
+    if isinstance(reason, tuple):  # (path, line, message) of a skip
+        reason = reason[2]
+    report.outcome = "failed"
+    report.longrepr = f"{what} not allowed in CI (TRIAGED_STRICT_SKIPS=1): {str(reason).removeprefix('Skipped: ')}"
+    if hasattr(report, "wasxfail"):
+        del report.wasxfail  # else pytest would still count it as xfailed
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[Any]) -> Iterator[None]:
+    """Strict mode: a skip (marker, fixture, imperative, ``importorskip`` inside a test) or an xfail
+    (marker or imperative ``pytest.xfail``) fails the test; only GPU tests may skip where CUDA is missing."""
     outcome = yield
     report = outcome.get_result()  # type: ignore[attr-defined]
-    if STRICT_SKIPS and report.skipped and item.get_closest_marker("gpu") is None and not hasattr(report, "wasxfail"):
-        report.outcome = "failed"
-        report.longrepr = f"skip not allowed in CI (TRIAGED_STRICT_SKIPS=1): {report.longrepr}"
+    if STRICT_SKIPS and report.skipped and item.get_closest_marker("gpu") is None:
+        _strict_failure(report, "xfail" if hasattr(report, "wasxfail") else "skip")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector: pytest.Collector) -> Iterator[None]:
+    """Strict mode: a module that skips itself while being collected (``pytest.skip(allow_module_level=True)``,
+    a module-level ``importorskip``) is a collection error, not a silently missing file."""
+    outcome = yield
+    report = outcome.get_result()  # type: ignore[attr-defined]
+    if STRICT_SKIPS and report.skipped:
+        _strict_failure(report, "skip")
 
 
 @pytest.fixture(autouse=True)
@@ -62,11 +84,43 @@ def _restore_logging() -> Iterator[None]:
         structlog.reset_defaults()
 
 
+_HANDED_OUT: set[int] = set()
+_PICKED_PORTS = random.Random()  # its own generator: tests that seed `random` must not make ports repeat
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux default
+
+
 def free_port() -> int:
-    """A TCP port free on loopback right now (bind to port 0, as pynetdicom's tests do)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A TCP port on loopback for a server that must be told its port before it starts (Orthanc, a config file).
+
+    Prefer port 0 wherever the server can report the port it bound (pynetdicom ``start_server``, ``triaged
+    serve`` with ``dicom.port = 0``): nothing can take it in between. A port from bind-to-0 is the worst choice
+    here: it lies in the kernel's ephemeral range, so any outgoing connection (an association, an HTTP probe, a
+    PostgreSQL session) may take it as its source port before the server binds it, or while a server is
+    restarted on "the same port". So the port comes from outside that range, is checked bindable now and is
+    never handed out twice by this process; only another process choosing ports the same way could race it.
+    """
+    low, high = _ephemeral_range()
+    candidates = range(20000, low) if low > 21000 else range(high + 1, 65536)
+    for _ in range(200):
+        port = _PICKED_PORTS.choice(candidates) if len(candidates) > 1000 else 0
+        if port in _HANDED_OUT:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            port = int(sock.getsockname()[1])
+        _HANDED_OUT.add(port)
+        return port
+    raise RuntimeError("no free TCP port found on 127.0.0.1")
 
 
 def _postgres_available() -> bool:

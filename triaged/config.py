@@ -74,7 +74,7 @@ class TlsSettings(_Section):
 class DicomSettings(_Section):
     ae_title: str = "TRIAGED"
     bind_address: str = "0.0.0.0"
-    port: int = Field(default=11112, ge=1, le=65535)
+    port: int = Field(default=11112, ge=0, le=65535, description="0 = any free port (announced at start)")
     max_associations: int = Field(default=16, ge=1)
     receiver_processes: int = Field(default=1, ge=1, description=">1: processes sharing the port (SO_REUSEPORT)")
     max_pdu_size: int = Field(default=0, ge=0, description="0 = unlimited")
@@ -121,6 +121,11 @@ class WorkerSettings(_Section):
     export_max_attempts: int = Field(default=10, ge=1)
     backoff_base_seconds: float = Field(default=5.0, gt=0)
     backoff_max_seconds: float = Field(default=3600.0, gt=0)
+    hold_file: Path | None = Field(
+        default=None,
+        description="testing only: each claimed job waits (lease kept alive) until this file exists, so a test "
+        "can signal or kill a worker mid-job deterministically; never set it in production",
+    )
 
 
 class ModelSettings(_Section):

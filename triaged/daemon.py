@@ -234,7 +234,14 @@ class Daemon:
         if self.settings.worker.count > 0:
             checks["model"] = "ok" if runtime.triage is not None else "model not loaded"
         if self.receive:
-            checks["receiver"] = "ok" if self.receiver is not None and self.receiver.port else "not listening"
+            checks["receiver"] = self._receiver_state()
         if self.stop_event.is_set():
             checks["shutdown"] = "stopping"
         return checks
+
+    def _receiver_state(self) -> str:
+        try:
+            listening = self.receiver is not None and bool(self.receiver.port)
+        except RuntimeError:  # stopped (shutting down): a stopped receiver has no port
+            listening = False
+        return "ok" if listening else "not listening"

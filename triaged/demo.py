@@ -9,7 +9,6 @@ outputs coming back, and writes the Secondary Captures as PNG files.
 from __future__ import annotations
 
 import shutil
-import socket
 import tempfile
 import time
 from collections.abc import Callable
@@ -76,12 +75,6 @@ class DemoReport:
     model_name: str = ""
     series: list[SeriesReport] = field(default_factory=list)
     work_dir: Path | None = None
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _model(options: DemoOptions, work: Path, say: Callable[[str], None]) -> tuple[Path, str]:
@@ -221,14 +214,17 @@ def run_demo(options: DemoOptions, say: Callable[[str], None] = print) -> DemoRe
         model_dir, model_note = _model(options, work, say)
         series, study_note = build_study(options, work / "study")
         sink.start()
-        port = _free_port()
-        settings = _settings(work, model_dir, port, sink)
+        settings = _settings(work, model_dir, 0, sink)  # port 0: the receiver binds a free port itself
         engine = make_engine(settings.database_url)
         upgrade(engine)
         engine.dispose()
-        say(f"starting triaged (DICOM TRIAGED@127.0.0.1:{port}, data in {work}); loading the model ...")
+        say(f"starting triaged (data in {work}); loading the model ...")
         daemon = Daemon(settings)
         daemon.start()
+        if daemon.receiver is None:  # pragma: no cover - Daemon(settings) always receives
+            raise DemoError("the DICOM receiver did not start")
+        port = daemon.receiver.port
+        say(f"triaged listening: DICOM TRIAGED@127.0.0.1:{port}")
         triage = daemon.runtime.triage if daemon.runtime else None
         model_name = f"{triage.model_name} {triage.model_version}" if triage else ""
         report = DemoReport(study_note=study_note, model_note=model_note, model_name=model_name, work_dir=work)

@@ -138,6 +138,7 @@ class Worker:
         log.info("job_started", attempt=job.attempts, series_id=job.series_id, generation=job.generation)
         try:
             with _Heartbeat(self.runtime, job.id, self.worker_id):
+                self._hold()
                 self.handler(self.runtime, job)
         except queue.LeaseLostError as exc:
             log.warning("job_lease_lost", error=queue.error_line(exc), seconds=round(time.perf_counter() - started, 3))
@@ -150,6 +151,19 @@ class Worker:
         log.info("job_succeeded", seconds=round(time.perf_counter() - started, 3))
         structlog.contextvars.clear_contextvars()
         return JobState.DONE
+
+    def _hold(self) -> None:
+        """Testing only (``worker.hold_file``): keep the claimed job running, lease alive, until the file exists.
+
+        Deliberately deaf to ``stop``: it stands for a long job step that a shutdown has to wait for.
+        """
+        hold = self.runtime.settings.worker.hold_file
+        if hold is None:
+            return
+        log.warning("job_held", hold_file=str(hold))
+        while not hold.exists():
+            time.sleep(self.runtime.settings.worker.poll_seconds)
+        log.info("job_hold_released")
 
     def _failed(self, job: Job, exc: Exception, seconds: float) -> JobState:
         settings = self.runtime.settings.worker

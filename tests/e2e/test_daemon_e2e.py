@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydicom
@@ -14,13 +17,14 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from tests.conftest import free_port, shared_data
+from tests.conftest import shared_data
 from tests.support.pipeline_daemon import daemon_config, running_daemon, send_series, write_config
 from tests.support.pipeline_support import (
     SHIPPED_MODEL,
     TOSHIBA_DWI,
     UIH_T1,
     XA30_MPRAGE,
+    jobs_for,
     kaggle_files,
     labelled_series,
     load_slice,
@@ -29,7 +33,7 @@ from tests.support.pipeline_support import (
     wait_for,
 )
 from triaged.db.engine import make_engine, make_session_factory
-from triaged.db.models import Result, ResultStatus, Series, SeriesState, SlicePrediction
+from triaged.db.models import JobState, Result, ResultStatus, Series, SeriesState, SlicePrediction
 from triaged.db.schema import upgrade
 from triaged.dicom.synthetic import write_mr_series
 
@@ -73,7 +77,7 @@ def _cam_shapes(factory: sessionmaker[Session], result: Result, storage: Path) -
 def test_serve_processes_series_end_to_end(
     tmp_path: Path, sqlite_url: str, sqlite_factory: sessionmaker[Session], random_model: Path
 ) -> None:
-    config = daemon_config(tmp_path, db_url=sqlite_url, model_dir=random_model, dicom_port=free_port())
+    config = daemon_config(tmp_path, db_url=sqlite_url, model_dir=random_model, dicom_port=0)
     labelled = {
         label: labelled_series(tmp_path / label, kaggle_files(label)[:3], seed=f"e2e-{label}")
         for label in ("glioma", "meningioma", "pituitary", "notumor")
@@ -142,6 +146,34 @@ def test_serve_processes_series_end_to_end(
     assert '"daemon_started"' in log and '"daemon_stopped"' in log
 
 
+def test_readyz_answers_503_while_the_schema_is_not_current(
+    tmp_path: Path, sqlite_url: str, random_model: Path
+) -> None:
+    """The schema is migrated away under a running daemon (as another host's `db` command would): /readyz
+    turns 503 and names the fix, /healthz stays 200, and the probe is ready again once upgraded."""
+    from triaged.db.schema import downgrade
+
+    engine = make_engine(sqlite_url)
+    upgrade(engine)
+    config = daemon_config(tmp_path, db_url=sqlite_url, model_dir=random_model, dicom_port=0, workers=0)
+    try:
+        with running_daemon(config, log_path=tmp_path / "serve.log") as daemon:
+            wait_for(lambda: daemon.http_get("/readyz")[0] == 200, timeout=30, what="ready")
+            downgrade(engine, "base")
+            status, body = daemon.http_get("/readyz")
+            assert status == 503, body
+            answer = json.loads(body)
+            assert answer["ready"] is False and answer["checks"]["database"] == "ok"
+            assert answer["checks"]["schema"].startswith("SchemaOutdatedError: database schema is empty")
+            assert "triaged db upgrade" in answer["checks"]["schema"]
+            assert daemon.http_get("/healthz") == (200, "ok\n")  # alive, just not ready
+            upgrade(engine)
+            status, body = daemon.http_get("/readyz")
+            assert status == 200 and json.loads(body)["ready"] is True, body
+    finally:
+        engine.dispose()
+
+
 def _serve_expecting_failure(config: Path) -> subprocess.CompletedProcess[str]:
     """Run `triaged serve` that must refuse to start: exit 1 with a one-line error, never a traceback."""
     proc = subprocess.run(
@@ -158,7 +190,7 @@ def _serve_expecting_failure(config: Path) -> subprocess.CompletedProcess[str]:
 
 def test_serve_refuses_old_schema(tmp_path: Path, random_model: Path) -> None:
     url = f"sqlite:///{tmp_path / 'empty.db'}"
-    config = daemon_config(tmp_path, db_url=url, model_dir=random_model, dicom_port=free_port())
+    config = daemon_config(tmp_path, db_url=url, model_dir=random_model, dicom_port=0)
     proc = _serve_expecting_failure(config)
     assert proc.stderr.strip().splitlines()[-1].startswith("error: database schema is empty")
     assert "triaged db upgrade" in proc.stderr
@@ -167,7 +199,7 @@ def test_serve_refuses_old_schema(tmp_path: Path, random_model: Path) -> None:
 def test_cli_jobs_results_retry_purge(
     tmp_path: Path, sqlite_url: str, sqlite_factory: sessionmaker[Session], random_model: Path
 ) -> None:
-    config = daemon_config(tmp_path, db_url=sqlite_url, model_dir=random_model, dicom_port=free_port())
+    config = daemon_config(tmp_path, db_url=sqlite_url, model_dir=random_model, dicom_port=0)
     paths = labelled_series(tmp_path / "s", kaggle_files("pituitary")[:2], seed="e2e-cli")
     with running_daemon(config, log_path=tmp_path / "serve.log") as daemon:
         assert daemon.dicom_port is not None
@@ -208,7 +240,44 @@ def test_cli_jobs_results_retry_purge(
     assert json.loads(purged.stdout) == {"purged": 0}  # the series has an active reprocess job: files kept
 
 
+PROBE_CHUNK = 12  # slices per in-process probe step; most classes are settled by the first chunk
+PROBE_MAX = 48  # clean Kaggle test images per class looked at, at most
+STALL_SECONDS = 240.0  # no new result for this long: the daemon is stuck (a slow machine still progresses)
+
+
+def _confident_slices(triage: Any, label: str, meta: Any, wanted: int = 3) -> list[str]:
+    """Up to ``wanted`` of the first PROBE_MAX clean test images of ``label`` that the model, given the image
+    directly, classifies as ``label`` with margin (p >= 0.6, 0.3 above the next class); probed in chunks."""
+    files = kaggle_files(label)[:PROBE_MAX]
+    column = triage.classes.index(label)
+    confident: list[str] = []
+    for start in range(0, len(files), PROBE_CHUNK):
+        chunk = files[start : start + PROBE_CHUNK]
+        probe = triage.assess([load_slice(f) for f in chunk], meta, cam_top_k=0)
+        for name, row, in_brain in zip(chunk, probe.slice_probabilities, probe.slice_in_brain, strict=True):
+            others = np.delete(row, column)
+            if in_brain and row[column] >= 0.6 and row[column] - others.max() >= 0.3:
+                confident.append(name)
+        if len(confident) >= wanted:
+            break
+    return confident[:wanted]
+
+
+def _wait_while_progressing(progress: Callable[[], int], target: int, *, stall: float, what: str) -> None:
+    """Wait until ``progress()`` reaches ``target``; fail only when it stops moving for ``stall`` seconds, so a
+    slow (loaded) machine passes and a hung daemon still fails long before the test's own timeout."""
+    last, moved = progress(), time.monotonic()
+    while last < target:
+        time.sleep(0.5)
+        now = progress()
+        if now != last:
+            last, moved = now, time.monotonic()
+        elif time.monotonic() - moved > stall:
+            raise AssertionError(f"{what}: stuck at {last}/{target} for {stall:.0f} s")
+
+
 @pytest.mark.slow
+@pytest.mark.timeout(1200)  # its own budget, sized for a busy 2-core machine, not the suite's 300 s default
 @pytest.mark.skipif(not shipped_model_available(), reason="models/densenet121-brainmri-v1 not shipped yet")
 def test_shipped_model_labels_and_normal_brains(
     tmp_path: Path, sqlite_url: str, sqlite_factory: sessionmaker[Session]
@@ -223,25 +292,14 @@ def test_shipped_model_labels_and_normal_brains(
     from triaged.ml.api import SeriesMeta, Triage
 
     triage = Triage(SHIPPED_MODEL, device="cpu", precision="fp32", threads=1)
-    provisional = bool(json.loads((SHIPPED_MODEL / "model.json").read_text()).get("provisional"))
+    meta = SeriesMeta("MR", "BRAIN", "T1 AX POST GD", "", ("ORIGINAL", "PRIMARY"), ("SE",), ("NONE",), (), 48)
     chosen: dict[str, list[str]] = {}
     for label in ("glioma", "meningioma", "pituitary", "notumor"):
-        files = kaggle_files(label)[:48]
-        meta = SeriesMeta("MR", "BRAIN", "T1 AX POST GD", "", ("ORIGINAL", "PRIMARY"), ("SE",), ("NONE",), (), 48)
-        probe = triage.assess([load_slice(f) for f in files], meta, cam_top_k=0)
-        column = triage.classes.index(label)
-        confident = []
-        for name, row, in_brain in zip(files, probe.slice_probabilities, probe.slice_in_brain, strict=True):
-            others = np.delete(row, column)
-            if in_brain and row[column] >= 0.6 and row[column] - others.max() >= 0.3:
-                confident.append(name)
-        if not confident and provisional:
-            pytest.xfail(f"provisional shipped model: no clean {label} test slice among 48 classified with margin")
-        assert confident, f"the shipped model classifies none of 48 clean {label} test slices with margin"
-        chosen[label] = confident[:3]
+        chosen[label] = _confident_slices(triage, label, meta)
+        assert chosen[label], f"the shipped model classifies none of {PROBE_MAX} clean {label} slices with margin"
     del triage
 
-    config = daemon_config(tmp_path, db_url=sqlite_url, model_dir=SHIPPED_MODEL, dicom_port=free_port())
+    config = daemon_config(tmp_path, db_url=sqlite_url, model_dir=SHIPPED_MODEL, dicom_port=0)
     series = {
         label: labelled_series(tmp_path / label, files, seed=f"shipped-{label}") for label, files in chosen.items()
     }
@@ -252,7 +310,12 @@ def test_shipped_model_labels_and_normal_brains(
         for paths in [*series.values(), uih, xa30]:
             send_series(daemon.dicom_port, paths)
         uids = [_uid(p) for p in [*series.values(), uih, xa30]]
-        wait_for(lambda: all(results_for(sqlite_factory, u) for u in uids), timeout=170, what="results")
+        _wait_while_progressing(
+            lambda: sum(bool(results_for(sqlite_factory, u)) for u in uids),
+            len(uids),
+            stall=STALL_SECONDS,
+            what="results",
+        )
     for label, paths in series.items():
         [result] = results_for(sqlite_factory, _uid(paths))
         assert result.status == ResultStatus.ASSESSED
@@ -261,11 +324,7 @@ def test_shipped_model_labels_and_normal_brains(
     normals = [results_for(sqlite_factory, _uid(p))[0] for p in (uih, xa30)]
     assert all(r.status == ResultStatus.ASSESSED for r in normals), [r.reason for r in normals]
     flagged = [(r.label, round(r.urgency or 0, 3)) for r in normals if r.urgent]
-    if flagged:
-        spec = json.loads((SHIPPED_MODEL / "model.json").read_text())
-        if spec.get("provisional"):
-            pytest.xfail(f"provisional shipped model flags normal T1 brains as urgent: {flagged}")
-        raise AssertionError(f"normal T1 brain series flagged urgent: {flagged}")
+    assert not flagged, f"normal T1 brain series flagged urgent: {flagged}"
 
 
 def test_config_writer_round_trip(tmp_path: Path) -> None:
@@ -277,26 +336,41 @@ def test_config_writer_round_trip(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_sigterm_mid_job_finishes_the_job_and_exits_zero(
-    tmp_path: Path, sqlite_url: str, sqlite_factory: sessionmaker[Session]
+    tmp_path: Path, sqlite_url: str, sqlite_factory: sessionmaker[Session], random_model: Path
 ) -> None:
-    from triaged.ml.api import build_random_model_dir
+    """SIGTERM lands while a job runs: /readyz says 503 at once, the job finishes, then exit 0.
 
-    model = build_random_model_dir(tmp_path / "slow-model", seed=0, arch="densenet121", input_size=128)
-    config = daemon_config(tmp_path, db_url=sqlite_url, model_dir=model, dicom_port=free_port())
-    paths = labelled_series(tmp_path / "big", (kaggle_files("glioma") * 2)[:48], seed="sigterm", size=(128, 128))
+    The job is held mid-run by ``worker.hold_file`` until the test has seen the signal arrive, so the
+    order cannot depend on how fast the model is or how busy the machine is.
+    """
+    hold = tmp_path / "release-the-job"
+    config = daemon_config(
+        tmp_path, db_url=sqlite_url, model_dir=random_model, dicom_port=0, worker={"hold_file": str(hold)}
+    )
+    paths = labelled_series(tmp_path / "s", kaggle_files("glioma")[:3], seed="sigterm")
     with running_daemon(config, log_path=tmp_path / "serve.log") as daemon:
         assert daemon.dicom_port is not None
         send_series(daemon.dicom_port, paths)
-        wait_for(
-            lambda: (s := _series_state(sqlite_factory, _uid(paths))) is not None and s.state == SeriesState.PROCESSING,
-            timeout=60,
-            what="series processing",
-        )
+        wait_for(lambda: '"job_held"' in daemon.log_text(), timeout=60, what="job held mid-run")
+        [job] = jobs_for(sqlite_factory, _uid(paths))
+        assert job.state == JobState.RUNNING
+        daemon.proc.send_signal(signal.SIGTERM)
+        wait_for(lambda: daemon.http_get("/readyz")[0] == 503, timeout=30, what="/readyz 503 while stopping")
+        status, body = daemon.http_get("/readyz")
+        assert status == 503
+        answer = json.loads(body)
+        assert answer["ready"] is False and answer["checks"]["shutdown"] == "stopping", answer
+        assert '"signal_received"' in daemon.log_text()
+        assert results_for(sqlite_factory, _uid(paths)) == []  # still held: the signal came mid-job
+        hold.touch()
         assert daemon.terminate(timeout=90) == 0
     [result] = results_for(sqlite_factory, _uid(paths))  # the current job was allowed to finish
     assert result.status == ResultStatus.ASSESSED
+    [job] = jobs_for(sqlite_factory, _uid(paths))
+    assert job.state == JobState.DONE and job.attempts == 1
     log = daemon.log_text()
-    assert log.index('"signal_received"') < log.index('"series_processed"') < log.index('"daemon_stopped"')
+    assert log.index('"signal_received"') < log.index('"job_hold_released"') < log.index('"series_processed"')
+    assert log.index('"series_processed"') < log.index('"daemon_stopped"')
 
 
 def test_serve_port_in_use_is_one_line_error(
@@ -323,7 +397,7 @@ def test_retention_purge_deletes_received_files_keeps_results(
         tmp_path,
         db_url=sqlite_url,
         model_dir=random_model,
-        dicom_port=free_port(),
+        dicom_port=0,
         storage={"retention_days": 3 / 86400},  # 3 s
     )
     paths = labelled_series(tmp_path / "s", kaggle_files("notumor")[:2], seed="e2e-retention")

@@ -76,8 +76,18 @@ def test_demo_user_mistakes_are_one_line_errors(tmp_path: Path) -> None:
 def test_demo_with_the_shipped_model(tmp_path: Path) -> None:
     if not shipped_model_available():
         pytest.skip(f"needs the shipped model in {SHIPPED_MODEL}")
+    import json
+
     out = tmp_path / "out"
-    run = _demo("--out", str(out), timeout=600)
+    run = _demo("--out", str(out), "--json", timeout=600)
     assert run.returncode == 0, run.stdout + run.stderr
-    assert "densenet121" in run.stdout and "RANDOMLY" not in run.stdout
+    report = json.loads(run.stdout)
+    assert "densenet121" in report["model"] and "RANDOMLY" not in run.stderr
+    by_description = {s["description"]: s for s in report["series"]}
+    plain, lesion = by_description["T1 AX POST GD PHANTOM"], by_description["T1 AX POST GD PHANTOM WITH LESION"]
+    # what the demo is for: the series with a lesion is flagged, the same phantom without it is not
+    assert plain["status"] == "assessed" and lesion["status"] == "assessed", (plain["reason"], lesion["reason"])
+    assert lesion["urgent"] is True, (lesion["urgency"], lesion["threshold"], lesion["probabilities"])
+    assert plain["urgent"] is False, (plain["urgency"], plain["threshold"], plain["probabilities"])
+    assert lesion["urgency"] > plain["urgency"]
     _check_pngs(out, 2)

@@ -9,7 +9,7 @@ from sqlalchemy import Engine, inspect
 
 from triaged.db.engine import make_engine
 from triaged.db.models import Base
-from triaged.db.schema import require_current_schema, upgrade
+from triaged.db.schema import current_revision, downgrade, head_revision, require_current_schema, upgrade
 from triaged.errors import SchemaOutdatedError
 
 
@@ -36,6 +36,45 @@ def test_refuses_empty_schema_and_names_the_fix(db_url: str) -> None:
     upgrade(engine)  # idempotent
     require_current_schema(engine)
     engine.dispose()
+
+
+def _schema_diff(engine: Engine) -> list[object]:
+    with engine.connect() as connection:
+        return list(
+            compare_metadata(MigrationContext.configure(connection, opts={"compare_type": True}), Base.metadata)
+        )
+
+
+def test_upgrade_downgrade_upgrade_round_trip(db_url: str) -> None:
+    """Every migration's downgrade runs and undoes it completely: upgrade → downgrade → upgrade ends where
+    the first upgrade did (nothing left behind that a second upgrade trips over, on either database)."""
+    engine = make_engine(db_url)
+    try:
+        upgrade(engine)
+        assert _schema_diff(engine) == []
+        with engine.begin() as connection:  # a row, which the downgrade must drop with its table
+            connection.exec_driver_sql(
+                "INSERT INTO jobs (kind, state, priority, dedupe_key, payload, attempts, max_attempts, run_after, "
+                "created_at, updated_at) VALUES ('infer', 'queued', 0, 'k', '{}', 0, 5, "
+                "CURRENT_TIMESTAMP, CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)"
+            )
+        steps = 0
+        while current_revision(engine) is not None:  # one revision at a time: every downgrade() runs
+            downgrade(engine, "-1")
+            steps += 1
+        assert steps >= 1
+        left = set(inspect(engine).get_table_names()) - {"alembic_version"}
+        assert left == set(), f"downgrade left tables behind: {sorted(left)}"
+        with pytest.raises(SchemaOutdatedError, match="schema is empty"):
+            require_current_schema(engine)
+        upgrade(engine)
+        assert current_revision(engine) == head_revision(db_url)
+        assert _schema_diff(engine) == []
+        require_current_schema(engine)
+        with engine.connect() as connection:  # the old rows went with the old tables
+            assert connection.exec_driver_sql("SELECT count(*) FROM jobs").scalar() == 0
+    finally:
+        engine.dispose()
 
 
 def test_sqlite_pragmas_are_durable(sqlite_url: str) -> None:

@@ -118,10 +118,13 @@ def test_labelled_series_gets_one_result_with_cams(
     [result] = results_for(runtime.session_factory, uid)
     assert result.job_id == job_id
     assert result.model_sha256 == runtime.triage.weights_sha256  # type: ignore[union-attr]
-    if result.status == ResultStatus.ASSESSED:
-        assert result.label in runtime.triage.classes  # type: ignore[union-attr]
-        assert set(result.probabilities) == set(runtime.triage.classes)  # type: ignore[union-attr]
-        assert result.urgent == (result.urgency >= result.threshold)  # type: ignore[operator]
+    # a T1 post-contrast axial series of in-distribution slices: the gate must let it through
+    assert result.status == ResultStatus.ASSESSED, result.reason
+    assert result.label in runtime.triage.classes  # type: ignore[union-attr]
+    assert set(result.probabilities) == set(runtime.triage.classes)  # type: ignore[union-attr]
+    assert sum(result.probabilities.values()) == pytest.approx(1.0, abs=1e-4)
+    assert result.urgency is not None and result.threshold is not None
+    assert result.urgent == (result.urgency >= result.threshold)
     for step in ("decode", "preprocess", "inference", "db", "total"):
         assert result.timings[step] >= 0
     with runtime.session_factory() as session:
@@ -138,14 +141,13 @@ def test_labelled_series_gets_one_result_with_cams(
     assert [s.sop_instance_uid for s in slices] == sop_uids  # synthetic positions ascend with file order
     assert all(s.frame_number is None for s in slices)
     keyed = [s for s in slices if s.cam_path]
-    if result.status == ResultStatus.ASSESSED:
-        assert 1 <= len(keyed) <= 2
-        for s in keyed:
-            assert s.is_key
-            cam = np.load(runtime.store.path_for(s.cam_path))  # type: ignore[arg-type]
-            assert cam.dtype == np.float32
-            assert cam.shape == pydicom.dcmread(paths[s.slice_index]).pixel_array.shape
-            assert np.isfinite(cam).all()
+    assert 1 <= len(keyed) <= 2  # cam_top_k = 2
+    for s in keyed:
+        assert s.is_key
+        cam = np.load(runtime.store.path_for(s.cam_path))  # type: ignore[arg-type]
+        assert cam.dtype == np.float32
+        assert cam.shape == pydicom.dcmread(paths[s.slice_index]).pixel_array.shape
+        assert np.isfinite(cam).all()
     # outputs.mode = all: one export job for the result, committed with it
     assert [e.payload for e in exports] == [{"result_id": result.id}]
     assert exports[0].dedupe_key == f"export:{result.id}"
@@ -217,6 +219,8 @@ def test_enhanced_mr_frames_become_slice_predictions(runtime: Runtime, receive: 
     _enqueue(runtime.session_factory, uid)
     assert _run_next(runtime) == JobState.DONE
     [result] = results_for(runtime.session_factory, uid)
+    assert result.status == ResultStatus.ASSESSED, result.reason  # a T1 MPRAGE: the gate must let it through
+    assert result.label is not None and result.urgency is not None
     with runtime.session_factory() as session:
         slices = list(session.scalars(select(SlicePrediction).where(SlicePrediction.result_id == result.id)))
     assert len(slices) == 96
@@ -224,9 +228,10 @@ def test_enhanced_mr_frames_become_slice_predictions(runtime: Runtime, receive: 
         str(pydicom.dcmread(paths[0], stop_before_pixels=True).SOPInstanceUID)
     }
     assert sorted(s.frame_number or 0 for s in slices) == list(range(1, 97))
-    for s in slices:
-        if s.cam_path:
-            assert np.load(runtime.store.path_for(s.cam_path)).shape == (128, 128)
+    keyed = [s for s in slices if s.cam_path]
+    assert 1 <= len(keyed) <= 2 and all(s.is_key for s in keyed)  # cam_top_k = 2
+    for s in keyed:
+        assert np.load(runtime.store.path_for(s.cam_path)).shape == (128, 128)  # type: ignore[arg-type]
 
 
 def test_undecodable_mosaic_the_gate_refuses_is_not_assessable(

@@ -11,8 +11,6 @@ from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, KeyObjectSelectionDocumentStorage, SecondaryCaptureImageStorage
 from pynetdicom import AE, evt
 
-from tests.conftest import free_port
-
 COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
 STORED_STATUSES = (0x0000, 0xB000, 0xB006, 0xB007)
 
@@ -47,12 +45,14 @@ class FakePacs:
 
 @contextmanager
 def running_fake_pacs(ae_title: str = "FAKEPACS") -> Iterator[FakePacs]:
-    fake = FakePacs(port=free_port(), ae_title=ae_title)
+    fake = FakePacs(port=0, ae_title=ae_title)
     ae = AE(ae_title=ae_title)
     for sop_class in (SecondaryCaptureImageStorage, KeyObjectSelectionDocumentStorage, COMPREHENSIVE_3D_SR):
         ae.add_supported_context(sop_class, [ExplicitVRLittleEndian])
-    server = ae.start_server(("127.0.0.1", fake.port), block=False, evt_handlers=[(evt.EVT_C_STORE, fake.handle_store)])
+    # port 0: the server binds a free port itself (no time-of-check/time-of-use gap), then we read it back
+    server = ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, fake.handle_store)])
     assert server is not None
+    fake.port = int(server.server_address[1])
     try:
         yield fake
     finally:

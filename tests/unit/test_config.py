@@ -35,6 +35,7 @@ def test_file_then_env_override(monkeypatch: pytest.MonkeyPatch, tmp_path: Path)
     ("text", "key"),
     [
         ("[dicom]\nport = 70000\n", "dicom.port"),
+        ("[dicom]\nport = -1\n", "dicom.port"),
         ('[dicom]\nae_title = "THIS_AE_TITLE_IS_TOO_LONG"\n', "dicom.ae_title"),
         ("[series]\nquiet_seconds = -1\n", "series.quiet_seconds"),
         ("[dicom]\nprot = 1\n", "dicom.prot"),
@@ -49,6 +50,16 @@ def test_invalid_values_name_the_key(tmp_path: Path, text: str, key: str) -> Non
     message = str(info.value)
     assert message.startswith(f"config error: {key}")
     assert "\n" not in message
+
+
+def test_port_zero_and_testing_hold_file(tmp_path: Path) -> None:
+    defaults = load_settings(None)
+    assert defaults.worker.hold_file is None  # production never holds jobs
+    config = tmp_path / "test.toml"
+    config.write_text(f'[dicom]\nport = 0\n[worker]\nhold_file = "{tmp_path / "go"}"\n')
+    settings = load_settings(config)
+    assert settings.dicom.port == 0  # the receiver binds any free port and announces it
+    assert settings.worker.hold_file == tmp_path / "go"
 
 
 def test_missing_and_unparseable_files(tmp_path: Path) -> None:

@@ -12,7 +12,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from triaged.db.models import Association, Instance, Series
-from triaged.dicom.committer import GroupCommitter
+from triaged.dicom.committer import GroupCommitter, PendingRecord
 from triaged.dicom.records import InstanceFacts, RecordOutcome
 
 
@@ -111,6 +111,17 @@ def _instance_numbers(session_factory) -> list[int]:
         return sorted(n or 0 for n in session.scalars(select(Instance.instance_number)).all())
 
 
+def _committer_waits_for_file(record: PendingRecord, timeout: float = 30.0) -> None:
+    """Block until the committer thread waits for ``record``'s file, i.e. it has run its batch's statements
+    and stands just before COMMIT. White-box: the committer has no public "batch prepared" event, so this
+    reads the waiter list of the record's ``file_settled`` event (a ``threading.Condition`` underneath)."""
+    settled = record._pending.file_settled
+    deadline = time.monotonic() + timeout
+    while not settled._cond._waiters:
+        assert time.monotonic() < deadline, "the committer never waited for the file before committing"
+        time.sleep(0.005)
+
+
 def test_pipelined_rows_commit_only_after_the_file_is_durable_and_withdrawn_ones_never(session_factory):
     """The design's order: file durable, then row committed. The committer may prepare a batch early,
     but nothing of it is visible until every file in it is settled; a withdrawn file's row never appears."""
@@ -119,7 +130,7 @@ def test_pipelined_rows_commit_only_after_the_file_is_durable_and_withdrawn_ones
     now = datetime.now(UTC)
     try:
         kept, dropped = _submit(committer, 1, now), _submit(committer, 2, now)
-        time.sleep(0.3)  # the committer has had every chance to commit early
+        _committer_waits_for_file(kept)  # the committer is at its last step before COMMIT, however slow it is
         assert _instance_numbers(session_factory) == []
         dropped.withdraw()
         assert kept.file_durable().kind == "new"

@@ -39,6 +39,14 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
         command.upgrade(config, revision)
 
 
+def downgrade(engine: Engine, revision: str = "base") -> None:
+    """Migrate the database behind ``engine`` down to ``revision`` (``base``: drop every table)."""
+    config = alembic_config(engine.url.render_as_string(hide_password=False))
+    with engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.downgrade(config, revision)
+
+
 def require_current_schema(engine: Engine) -> None:
     """Refuse to run on a schema that is not at head, naming the command that fixes it."""
     url = engine.url.render_as_string(hide_password=False)
