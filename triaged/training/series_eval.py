@@ -293,6 +293,10 @@ def choose_threshold(outcomes: Sequence[SeriesOutcome], target_sensitivity: floa
     return float(min(max(value, 0.0), ceiling))
 
 
+def _fmt(value: float, pattern: str) -> str:
+    return "–" if np.isnan(value) else pattern.format(value)
+
+
 def series_rows(report: dict[str, Any]) -> list[tuple[str, ...]]:
     """Rows of the model card's series table: group, series, urgent, sensitivity [CI], not assessable, AUC."""
     rows: list[tuple[str, ...]] = []
@@ -305,9 +309,9 @@ def series_rows(report: dict[str, Any]) -> list[tuple[str, ...]]:
                 str(g["urgent"]),
                 f"{sens['value'] * 100:.1f} % [{sens['ci95'][0] * 100:.1f}, {sens['ci95'][1] * 100:.1f}]",
                 str(g["not_assessable"]),
-                f"{g['slice_tumour_auc']:.4f}",
-                f"{g['key_image_on_lesion'] * 100:.0f} %",
-                f"{g['key_image_pointing_game'] * 100:.0f} %",
+                _fmt(g["slice_tumour_auc"], "{:.4f}"),
+                _fmt(g["key_image_on_lesion"] * 100, "{:.0f} %"),
+                _fmt(g["key_image_pointing_game"] * 100, "{:.0f} %"),
             )
         )
     return rows
