@@ -7,9 +7,9 @@ dcmtk ``storescp`` and Orthanc, with one association and with four at once; prin
 
 Every receiver gets a fresh storage directory per run and ``TCP_NODELAY=1`` in its environment (dcmtk and
 Orthanc disable Nagle's algorithm only then). triaged runs as its own process (the real
-:class:`triaged.dicom.scp.Receiver` on a migrated SQLite database, fsync on every instance); after each run
+:class:`triaged.receive.scp.Receiver` on a migrated SQLite database, fsync on every instance); after each run
 its instance rows are counted as a correctness check. ``--processes 1,2`` runs triaged once per count
-(``dicom.receiver_processes``: above 1, a :class:`triaged.dicom.pool.ReceiverPool` on one port). Not a test: run
+(``dicom.receiver_processes``: above 1, a :class:`triaged.receive.pool.ReceiverPool` on one port). Not a test: run
 on demand.
 """
 
@@ -180,10 +180,10 @@ def serve_triaged(settings_json: str, port_file: Path) -> None:
     from triaged.daemon import ReceiverLike
     from triaged.db.engine import make_engine, make_session_factory
     from triaged.db.schema import upgrade
-    from triaged.dicom.pool import ReceiverPool
-    from triaged.dicom.scp import Receiver
-    from triaged.dicom.storage import InstanceStore
     from triaged.log import configure_logging
+    from triaged.receive.pool import ReceiverPool
+    from triaged.receive.scp import Receiver
+    from triaged.receive.storage import InstanceStore
 
     settings = load_settings(None, **json.loads(settings_json))
     configure_logging("warning", "console")

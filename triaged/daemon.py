@@ -97,11 +97,11 @@ class Daemon:
         if self.receive:
             receiver: ReceiverLike
             if settings.dicom.receiver_processes > 1:
-                from triaged.dicom.pool import ReceiverPool
+                from triaged.receive.pool import ReceiverPool
 
                 receiver = ReceiverPool(settings, runtime.session_factory)
             else:
-                from triaged.dicom.scp import Receiver
+                from triaged.receive.scp import Receiver
 
                 receiver = Receiver(settings, runtime.session_factory, runtime.store)
             receiver.start()
@@ -176,7 +176,7 @@ class Daemon:
         settings = self.settings
         scheduler = BackgroundScheduler(timezone="UTC", job_defaults={"coalesce": True, "max_instances": 1})
         if self.receive:
-            from triaged.dicom.series import sweep_complete_series
+            from triaged.receive.series import sweep_complete_series
 
             scheduler.add_job(
                 _guarded("series_sweep", lambda: sweep_complete_series(runtime.session_factory, settings)),

@@ -20,8 +20,8 @@ from triaged.db.engine import make_engine, make_session_factory
 from triaged.errors import ModelError
 
 if TYPE_CHECKING:
-    from triaged.dicom.storage import InstanceStore
     from triaged.ml.api import Triage
+    from triaged.receive.storage import InstanceStore
 
 
 @dataclass
@@ -68,7 +68,7 @@ def load_triage(settings: Settings, model_dir: Path | None = None) -> Triage:
 
 
 def build_store(settings: Settings) -> InstanceStore:
-    from triaged.dicom.storage import InstanceStore
+    from triaged.receive.storage import InstanceStore
 
     return InstanceStore(settings.storage_dir, settings.storage.min_free_bytes)
 

@@ -36,10 +36,10 @@ from triaged.db.models import (
     Study,
 )
 from triaged.db.schema import upgrade
-from triaged.dicom.storage import InstanceStore
 from triaged.dicom.synthetic import write_mr_series
 from triaged.errors import ConfigError, DicomPeerError, DicomSendError
 from triaged.export import resolve_destination, run_export_job
+from triaged.receive.storage import InstanceStore
 from triaged.resend import requeue_dead_exports, resend_series
 from triaged.runtime import Runtime
 

@@ -30,7 +30,7 @@ from tests.support.receiver import running_receiver, send
 from triaged.config import Settings
 from triaged.db import queue, repo
 from triaged.db.models import Job, JobKind, JobState, Result, ResultStatus, Series, SeriesState, SlicePrediction
-from triaged.dicom.storage import InstanceStore
+from triaged.receive.storage import InstanceStore
 from triaged.runtime import Runtime
 from triaged.worker import Worker
 

@@ -15,7 +15,7 @@ from tests.support.pipeline_daemon import write_config
 from triaged.cli.app import app
 from triaged.db import queue
 from triaged.db.models import Instance, Job, JobKind, JobState, Result, ResultStatus, Series, SeriesState, Study, utcnow
-from triaged.dicom.storage import InstanceStore
+from triaged.receive.storage import InstanceStore
 
 runner = CliRunner()
 

@@ -8,8 +8,8 @@ import time
 from pydicom.dataset import Dataset
 from pynetdicom import AE, evt
 
-from triaged.dicom import reactor
 from triaged.dicom.contexts import VERIFICATION_SOP_CLASS, pynetdicom_config
+from triaged.receive import reactor
 
 
 def _cpu_seconds() -> float:

@@ -15,8 +15,8 @@ from tests.support.pipeline_support import wait_for
 from triaged.config import Settings
 from triaged.db import queue
 from triaged.db.models import Job, JobKind, JobState
-from triaged.dicom.storage import InstanceStore
 from triaged.errors import InferenceError, PixelDecodeError
+from triaged.receive.storage import InstanceStore
 from triaged.runtime import Runtime
 from triaged.worker import Worker, start_worker_threads, stop_workers
 

@@ -32,9 +32,9 @@ from tests.support.receiver import (
 )
 from triaged import metrics
 from triaged.db.models import Association, Series, SeriesAssociation, SeriesState, Study
-from triaged.dicom import status
 from triaged.dicom.send import echo
 from triaged.errors import DicomPeerError
+from triaged.receive import status
 
 
 def _storage_files(root: Path) -> list[Path]:

@@ -20,8 +20,8 @@ from tests.conftest import REPO_ROOT
 from tests.support.receiver import wait_for
 from triaged.db.models import Association, Instance
 from triaged.dicom.send import close_socket, read_dicom_file
-from triaged.dicom.storage import TEMP_DIR_NAME
 from triaged.dicom.synthetic import write_mr_series
+from triaged.receive.storage import TEMP_DIR_NAME
 
 pytestmark = pytest.mark.slow
 

@@ -33,11 +33,11 @@ from triaged.daemon import Daemon
 from triaged.db.engine import make_engine, make_session_factory
 from triaged.db.models import Association, utcnow
 from triaged.db.schema import upgrade
-from triaged.dicom.pool import ReceiverPool, ReceiverStartError
-from triaged.dicom.scp import Receiver
 from triaged.dicom.send import SendResult, close_socket, read_dicom_file
-from triaged.dicom.storage import InstanceStore
 from triaged.errors import ConfigError
+from triaged.receive.pool import ReceiverPool, ReceiverStartError
+from triaged.receive.scp import Receiver
+from triaged.receive.storage import InstanceStore
 
 N_ASSOCIATIONS = 16
 PER_ASSOCIATION = 2

@@ -7,8 +7,8 @@ import pytest
 from tests.support.certs import Certs, make_certs
 from tests.support.receiver import instance_rows, receiver_settings, running_receiver, send, synthetic_series
 from triaged.dicom.send import echo
-from triaged.dicom.tls import client_ssl_context
 from triaged.errors import DicomPeerError
+from triaged.receive.tls import client_ssl_context
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from tests.support.receiver import (
 )
 from triaged.db.models import Association, Job, JobKind, JobState, Series, SeriesState
 from triaged.dicom.send import read_dicom_file
-from triaged.dicom.series import sweep_complete_series
+from triaged.receive.series import sweep_complete_series
 
 
 def _later(seconds: float) -> datetime:

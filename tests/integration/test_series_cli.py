@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from tests.support.receiver import receiver_settings, running_receiver, send, synthetic_series, wait_for
 from triaged.cli.app import app
 from triaged.db.models import Association, Result, ResultStatus, Series
-from triaged.dicom.series import sweep_complete_series
+from triaged.receive.series import sweep_complete_series
 
 runner = CliRunner()
 

@@ -13,9 +13,9 @@ from pathlib import Path
 
 from triaged.config import load_settings
 from triaged.db.engine import make_engine, make_session_factory
-from triaged.dicom.scp import Receiver
-from triaged.dicom.storage import InstanceStore
 from triaged.log import configure_logging
+from triaged.receive.scp import Receiver
+from triaged.receive.storage import InstanceStore
 
 
 def main(argv: list[str]) -> int:

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from triaged.dicom.storage import TEMP_DIR_NAME, TEMP_SUFFIX, InstanceStore
 from triaged.errors import OutOfSpaceError, StoreError
+from triaged.receive.storage import TEMP_DIR_NAME, TEMP_SUFFIX, InstanceStore
 
 
 def test_write_atomic_writes_chunks_and_fanout_dirs_exist(tmp_path: Path) -> None:

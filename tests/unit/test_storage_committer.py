@@ -12,8 +12,8 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from triaged.db.models import Association, Instance, Series
-from triaged.dicom.committer import GroupCommitter, PendingRecord
-from triaged.dicom.records import InstanceFacts, RecordOutcome
+from triaged.receive.committer import GroupCommitter, PendingRecord
+from triaged.receive.records import InstanceFacts, RecordOutcome
 
 
 def _facts(i: int, series: str = "1.2.3.4") -> InstanceFacts:

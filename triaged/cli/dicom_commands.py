@@ -15,9 +15,9 @@ import typer
 from triaged.cli.common import echo_json, fail, settings_from
 from triaged.config import Settings
 from triaged.dicom.send import SendResult, echo, iter_files, read_dicom_file, send_files
-from triaged.dicom.status import status_name
-from triaged.dicom.tls import client_ssl_context
 from triaged.errors import TriagedError
+from triaged.receive.status import status_name
+from triaged.receive.tls import client_ssl_context
 
 _LITERAL_PEER = re.compile(r"^(?P<ae>[^@]{1,16})@(?P<host>[^:]+):(?P<port>\d{1,5})$")
 

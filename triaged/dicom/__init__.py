@@ -1,6 +1,6 @@
-"""DICOM networking and storage: receiver, durable instance store, series completion, sender helpers.
+"""What receiving and delivering share: pixels, UIDs, presentation contexts, Part 10 files, synthetic series.
 
-Only this package imports pynetdicom (style section 1).
+Only ``dicom``, ``receive`` and the delivering side import pynetdicom (style section 1).
 """
 
 from __future__ import annotations

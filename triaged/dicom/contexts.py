@@ -30,7 +30,7 @@ from pydicom.uid import (
 from pynetdicom import _config
 from pynetdicom.presentation import PresentationContext, build_context
 
-from triaged.dicom import reactor
+from triaged.receive import reactor
 
 #: Image storage classes the pipeline can assess (others may be received and are then skipped).
 MR_IMAGE_SOP_CLASSES: tuple[str, ...] = (MRImageStorage, EnhancedMRImageStorage)
@@ -72,7 +72,7 @@ _SWITCHES: dict[str, object] = {
 def configure_pynetdicom() -> dict[str, object]:
     """Set pynetdicom's global switches for triaged; return the previous values (for restoring).
 
-    Also replaces pynetdicom's 1 ms polling loops by event-driven ones (:mod:`triaged.dicom.reactor`); that
+    Also replaces pynetdicom's 1 ms polling loops by event-driven ones (:mod:`triaged.receive.reactor`); that
     one is process-wide for good, and is not undone by :func:`restore_pynetdicom`.
     """
     reactor.install()

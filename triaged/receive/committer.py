@@ -11,7 +11,7 @@ still fsyncing their files, and issues COMMIT only once every file of the batch 
 design requires (file durable, then row committed, then success) holds while the statements' cost hides
 behind the fsyncs. An item whose file could not be written is withdrawn and the rest of its batch retried.
 On SQLite the batch holds the write lock while it waits, so only small files are pipelined (the caller
-decides; see :data:`triaged.dicom.ingest.PIPELINE_MAX_BYTES`) and the wait is bounded by ``settle_timeout``.
+decides; see :data:`triaged.receive.ingest.PIPELINE_MAX_BYTES`) and the wait is bounded by ``settle_timeout``.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import structlog
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from triaged.dicom.records import InstanceFacts, RecordOutcome, record_instance
+from triaged.receive.records import InstanceFacts, RecordOutcome, record_instance
 
 log = structlog.get_logger()
 

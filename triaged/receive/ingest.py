@@ -18,14 +18,14 @@ from pydicom.errors import InvalidDicomError
 from sqlalchemy.orm import Session, sessionmaker
 
 from triaged import metrics
-from triaged.dicom import status
-from triaged.dicom.committer import GroupCommitter
 from triaged.dicom.part10 import file_meta_bytes, read_identifiers
-from triaged.dicom.records import InstanceFacts, RecordOutcome
-from triaged.dicom.storage import InstanceStore
 from triaged.dicom.uids import uid_path, validate_uid
 from triaged.errors import InvalidUidError, OutOfSpaceError, StoreError
 from triaged.log import uid_hash
+from triaged.receive import status
+from triaged.receive.committer import GroupCommitter
+from triaged.receive.records import InstanceFacts, RecordOutcome
+from triaged.receive.storage import InstanceStore
 
 log = structlog.get_logger()
 

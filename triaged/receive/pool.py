@@ -1,6 +1,6 @@
 """Several receiver processes on one DICOM port, so concurrent associations are not capped by one GIL.
 
-A :class:`~triaged.dicom.scp.Receiver` runs its associations as threads of one process, which gives them
+A :class:`~triaged.receive.scp.Receiver` runs its associations as threads of one process, which gives them
 about one core between them. With ``dicom.receiver_processes`` = N > 1 the daemon runs a
 :class:`ReceiverPool` instead: N "spawn" children (no inherited threads or database connections), each
 with its own engine, session factory, store and ``Receiver``, all listening on the same address and port
@@ -31,10 +31,10 @@ from sqlalchemy.orm import Session, sessionmaker
 from triaged import metrics
 from triaged.config import Settings
 from triaged.db.engine import make_engine, make_session_factory
-from triaged.dicom.scp import Receiver, close_stale_associations, default_receiver_id
-from triaged.dicom.storage import InstanceStore
 from triaged.errors import TriagedError
 from triaged.log import configure_logging
+from triaged.receive.scp import Receiver, close_stale_associations, default_receiver_id
+from triaged.receive.storage import InstanceStore
 
 log = structlog.get_logger()
 

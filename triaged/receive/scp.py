@@ -27,11 +27,11 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from triaged.config import Settings
 from triaged.db.models import Association
-from triaged.dicom import status
 from triaged.dicom.contexts import configure_pynetdicom, scp_contexts
-from triaged.dicom.ingest import Ingestor, StoreRequest
-from triaged.dicom.storage import InstanceStore
-from triaged.dicom.tls import server_ssl_context
+from triaged.receive import status
+from triaged.receive.ingest import Ingestor, StoreRequest
+from triaged.receive.storage import InstanceStore
+from triaged.receive.tls import server_ssl_context
 
 log = structlog.get_logger()
 
