@@ -75,10 +75,16 @@ class DicomSettings(_Section):
     ae_title: str = "TRIAGED"
     bind_address: str = "0.0.0.0"
     port: int = Field(default=11112, ge=0, le=65535, description="0 = any free port (announced at start)")
-    max_associations: int = Field(default=16, ge=1)
+    max_associations: int = Field(default=32, ge=1, description="in total, over all receiver processes")
+    max_connections_per_address: int = Field(
+        default=32, ge=1, description="open TCP connections from one peer address, associated or not"
+    )
     receiver_processes: int = Field(default=1, ge=1, description=">1: processes sharing the port (SO_REUSEPORT)")
     max_pdu_size: int = Field(default=0, ge=0, description="0 = unlimited")
-    acse_timeout: float = Field(default=30, gt=0)
+    acse_timeout: float = Field(default=30, gt=0, description="as requestor (sending outputs)")
+    artim_timeout: float = Field(
+        default=10, gt=0, description="receiver: seconds for a connection to handshake TLS and send its A-ASSOCIATE-RQ"
+    )
     dimse_timeout: float = Field(default=60, gt=0)
     network_timeout: float = Field(default=60, gt=0)
     accept_unknown_peers: bool = True

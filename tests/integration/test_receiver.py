@@ -18,6 +18,7 @@ from pynetdicom import AE
 from sqlalchemy import select, update
 from structlog.testing import capture_logs
 
+from tests.support.connections import associate, close, rejection
 from tests.support.dicom_files import SYNTHETIC_SYNTAXES
 from tests.support.receiver import (
     dataset_bytes,
@@ -235,8 +236,10 @@ def test_max_associations_rejects_the_one_too_many(make_settings, session_factor
         sock = accepted.dul.socket.socket
         assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1  # Nagle off on accepted sockets
         try:
-            with pytest.raises(DicomPeerError):
-                echo("127.0.0.1", receiver.port, called_ae_title="TRIAGED", calling_ae_title="SECOND")
+            second_ae, second = associate(receiver.port, calling_ae="SECOND")
+            # A-ASSOCIATE-RJ: rejected transient, service provider (presentation), local limit exceeded.
+            assert rejection(second) == (0x02, 0x03, 0x02)
+            close(second_ae, second)
         finally:
             holder.release()
         wait_for(lambda: not receiver._server.active_associations)  # type: ignore[union-attr]

@@ -6,23 +6,29 @@ about one core between them. With ``dicom.receiver_processes`` = N > 1 the daemo
 with its own engine, session factory, store and ``Receiver``, all listening on the same address and port
 with ``SO_REUSEPORT`` (Linux), so the kernel spreads new connections over them. Each child has its own
 ``receiver_id`` (``<base>:<index>``): the associations table and the stale-association clean-up at start
-stay per process. The parent supervises: a child that dies is logged and started again after a short
-back-off; :meth:`ReceiverPool.stop` sends SIGTERM, and each child drains like ``Receiver.stop``. Children
-forward their instance counters to the parent, whose ``/metrics`` serves them.
+stay per process. The limits (``dicom.max_associations``, ``dicom.max_connections_per_address``) hold in
+total: the children count what they hold in one shared :class:`~triaged.receive.slots.SlotTable`, so a
+limit of 16 means 16 associations wherever the kernel puts them, not 16 per process or ``ceil(16 / N)``
+each. The parent supervises: a child that dies is logged, its row of the table zeroed (its connections died
+with it), and it is started again after a short back-off; :meth:`ReceiverPool.stop` sends SIGTERM, and each
+child drains like ``Receiver.stop``. Children forward their instance counters to the parent, whose
+``/metrics`` serves them.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 import multiprocessing
+import os
 import signal
 import socket
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -34,6 +40,7 @@ from triaged.db.engine import make_engine, make_session_factory
 from triaged.errors import TriagedError
 from triaged.log import configure_logging
 from triaged.receive.scp import Receiver, close_stale_associations, default_receiver_id
+from triaged.receive.slots import ASSOCIATION_BUCKET, SlotTable, new_counts
 from triaged.receive.storage import InstanceStore
 
 log = structlog.get_logger()
@@ -57,7 +64,9 @@ class _ChildSpec:
     settings_data: dict[str, Any]
     receiver_id: str
     port: int
-    max_associations: int
+    index: int
+    processes: int
+    slots_lock_path: str
     stop_timeout: float
 
 
@@ -96,11 +105,13 @@ class ReceiverPool:
         self.session_factory = session_factory
         self._bind_port = dicom.port if port is None else port
         self.receiver_id = receiver_id or default_receiver_id(dicom.ae_title, self._bind_port)
-        # dicom.max_associations is the total: each process gets its share, rounded up.
-        self.max_associations_each = math.ceil(dicom.max_associations / self.processes)
         self.stop_timeout = stop_timeout
         self._settings_data = settings.model_dump(mode="json")  # plain data: Settings subclasses may not pickle
         self._ctx = multiprocessing.get_context("spawn")
+        # The limits hold in total: every child counts in this table (shared memory, one row per child).
+        self._counts = new_counts(self.processes, self._ctx)
+        self._slots: SlotTable | None = None  # the parent's view, for totals and zeroing a dead child's row
+        self._slots_lock_path: Path | None = None
         self._children: list[_Child] = []
         self._lock = threading.Lock()
         self._stopping = threading.Event()
@@ -131,6 +142,10 @@ class ReceiverPool:
         if self._bind_port:
             _check_port_free(dicom.bind_address, self._bind_port)  # SO_REUSEPORT would share it silently
         self._close_stale_associations()
+        fd, lock_path = tempfile.mkstemp(prefix="triaged-receiver-slots-", suffix=".lock")
+        os.close(fd)
+        self._slots_lock_path = Path(lock_path)
+        self._slots = SlotTable(self._counts, self.processes, 0, self._slots_lock_path)
         try:
             first = self._spawn(0, self._bind_port)
             self._port = self._await_started(first)
@@ -143,6 +158,7 @@ class ReceiverPool:
                 child.conn.close()
             self._children.clear()
             self._port = None
+            self._close_slots()
             raise
         self._wake = socket.socketpair()
         self._supervisor = threading.Thread(target=self._supervise, name="triaged-receiver-pool", daemon=True)
@@ -151,7 +167,7 @@ class ReceiverPool:
             "receiver_pool_started",
             processes=self.processes,
             port=self._port,
-            max_associations_each=self.max_associations_each,
+            max_associations=self.settings.dicom.max_associations,
             receiver_id=self.receiver_id,
         )
 
@@ -174,18 +190,39 @@ class ReceiverPool:
         if self._wake is not None:
             for end in self._wake:
                 end.close()
+        self._close_slots()
         log.info("receiver_pool_stopped", processes=len(children), killed=killed)
+
+    def associations_in_use(self) -> int:
+        """Associations held right now over all children (from the shared table)."""
+        if self._slots is None:
+            raise RuntimeError("receiver pool is not started")
+        return self._slots.total(ASSOCIATION_BUCKET)
+
+    def _close_slots(self) -> None:
+        if self._slots is not None:
+            self._slots.close()
+        if self._slots_lock_path is not None:
+            with contextlib.suppress(OSError):
+                self._slots_lock_path.unlink()
 
     # ------------------------------------------------------------------ children
     def _spawn(self, index: int, port: int, backoff_step: int = 0) -> _Child:
         parent_conn, child_conn = self._ctx.Pipe()
         receiver_id = f"{self.receiver_id}:{index}"
+        assert self._slots_lock_path is not None
+        spec = _ChildSpec(
+            self._settings_data,
+            receiver_id,
+            port,
+            index,
+            self.processes,
+            str(self._slots_lock_path),
+            self.stop_timeout,
+        )
         process = self._ctx.Process(
             target=_child_main,
-            args=(
-                _ChildSpec(self._settings_data, receiver_id, port, self.max_associations_each, self.stop_timeout),
-                child_conn,
-            ),
+            args=(spec, child_conn, self._counts),
             name=f"triaged-receiver-{index}",
             daemon=True,  # multiprocessing terminates daemonic children if the parent exits without stop()
         )
@@ -257,6 +294,8 @@ class ReceiverPool:
             return
         _apply_counts(dead.conn)
         dead.conn.close()
+        if self._slots is not None:  # what it held died with it
+            self._slots.reset_row(dead.index)
         try:
             child = self._spawn(dead.index, self.port, step + 1)
         except ReceiverStartError:  # stop() has begun
@@ -343,21 +382,26 @@ def _check_port_free(address: str, port: int) -> None:
         probe.bind((address, port))
 
 
-def _child_main(spec: _ChildSpec, conn: Connection) -> None:
+def _child_main(spec: _ChildSpec, conn: Connection, counts: Any) -> None:
     """A receiver process: listen, report the port, serve until SIGTERM or the parent is gone, drain."""
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent decides
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})  # a parent waiting in sigwait() blocks it
     settings = Settings.model_validate(spec.settings_data)
-    dicom = settings.dicom.model_copy(update={"max_associations": spec.max_associations})
-    settings = settings.model_copy(update={"dicom": dicom})
     configure_logging(settings.log_level, settings.log_format)
     engine = make_engine(settings.database_url, busy_timeout_ms=settings.database.busy_timeout_ms)
     try:
         store = InstanceStore(settings.storage_dir, settings.storage.min_free_bytes)
+        slots = SlotTable(counts, spec.processes, spec.index, Path(spec.slots_lock_path))
         receiver = Receiver(
-            settings, make_session_factory(engine), store, receiver_id=spec.receiver_id, port=spec.port, reuse_port=True
+            settings,
+            make_session_factory(engine),
+            store,
+            receiver_id=spec.receiver_id,
+            port=spec.port,
+            reuse_port=True,
+            slots=slots,
         )
         receiver.start()
     except Exception as exc:  # reported to the parent, whose start() raises it

@@ -12,7 +12,9 @@ pipe written whenever a primitive or event is queued for it; the association loo
 a DIMSE message or a user primitive is queued for it. Both still wake at least every ``MAX_WAIT_S`` to run
 the checks pynetdicom makes on each turn (ARTIM and idle timers, peer gone). The loop bodies are
 pynetdicom's own, unchanged apart from the wait (``_dul_run_reactor`` and ``_association_run_reactor``
-follow pynetdicom 3.0.4 line by line), so the state machine sees exactly the same sequence of events.
+follow pynetdicom 3.0.4 line by line), so the state machine sees exactly the same sequence of events. One
+addition: an acceptor whose connection ends before its A-ASSOCIATE-RQ is told at once instead of after
+the ACSE timeout (:func:`_connection_ended_before_request`).
 
 Installed once by :func:`install` (the composition root calls it through ``configure_pynetdicom``); it
 refuses other pynetdicom versions, leaving their stock loops in place.
@@ -183,12 +185,26 @@ def _dul_run_reactor(self: DULServiceProvider) -> None:
             except queue.Empty:
                 sleep = True
                 continue
+            previous = self.state_machine.current_state
             self.state_machine.do_action(event)
+            if previous == "Sta2" and self.state_machine.current_state == "Sta1":
+                _connection_ended_before_request(self)
             sleep = False
             socket_only_wake = False
     finally:
         pipe.close()
         _wake_association(self.assoc)
+
+
+def _connection_ended_before_request(self: DULServiceProvider) -> None:
+    """The connection closed, or ARTIM expired, before an A-ASSOCIATE-RQ arrived (Sta2 -> Sta1).
+
+    pynetdicom's acceptor keeps waiting for the request for its whole ACSE timeout even then, holding
+    the connection's thread (and its admission ticket). An empty item is what that wait returns on a
+    timeout: handing it over now ends the association at once, exactly as a timeout would.
+    """
+    if self.assoc.is_acceptor and self.assoc.requestor.primitive is None:
+        self.to_user_queue.put(None)  # type: ignore[arg-type]
 
 
 def _dul_kill(self: DULServiceProvider) -> None:

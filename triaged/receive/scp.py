@@ -7,7 +7,6 @@ completion reads (P6). No exception ever reaches pynetdicom (P4).
 
 from __future__ import annotations
 
-import secrets
 import socket
 import socketserver
 import threading
@@ -18,7 +17,7 @@ from typing import Any, cast
 
 import structlog
 from pydicom.dataset import Dataset
-from pynetdicom import AE, evt
+from pynetdicom import evt
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy import Table, or_, update
@@ -29,7 +28,10 @@ from triaged.config import Settings
 from triaged.db.models import Association
 from triaged.dicom.contexts import configure_pynetdicom, scp_contexts
 from triaged.receive import status
+from triaged.receive.admission import Admission, Rejection
 from triaged.receive.ingest import Ingestor, StoreRequest
+from triaged.receive.server import ReceiverAE, ticket_of
+from triaged.receive.slots import SlotTable
 from triaged.receive.storage import InstanceStore
 from triaged.receive.tls import server_ssl_context
 
@@ -49,27 +51,6 @@ class _AssociationState:
     row_id: int | None = None
     closed: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock)
-
-
-class _ReusePortServer(ThreadedAssociationServer):
-    """Sets ``SO_REUSEPORT`` before binding, so several processes can listen on one port.
-
-    pynetdicom's ``server_bind`` sets only ``SO_REUSEADDR`` and ignores socketserver's ``allow_reuse_port``.
-    """
-
-    def server_bind(self) -> None:
-        assert self.socket is not None
-        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        super().server_bind()
-
-
-class _ReusePortAE(AE):
-    """An AE whose ``start_server`` builds :class:`_ReusePortServer` (it hard-codes its server class)."""
-
-    def make_server(self, address: Any, *args: Any, **kwargs: Any) -> Any:
-        if kwargs.get("server_class") is ThreadedAssociationServer:
-            kwargs["server_class"] = _ReusePortServer
-        return super().make_server(address, *args, **kwargs)
 
 
 def default_receiver_id(ae_title: str, port: int) -> str:
@@ -111,6 +92,7 @@ class Receiver:
         receiver_id: str | None = None,
         port: int | None = None,
         reuse_port: bool = False,
+        slots: SlotTable | None = None,
     ) -> None:
         self.settings = settings
         self.session_factory = session_factory
@@ -120,8 +102,18 @@ class Receiver:
         self._bind_port = settings.dicom.port if port is None else port
         self._reuse_port = reuse_port  # SO_REUSEPORT: share the port with sibling processes (ReceiverPool)
         self.receiver_id = receiver_id or default_receiver_id(settings.dicom.ae_title, self._bind_port)
+        dicom = settings.dicom
+        # ``slots`` shared with sibling processes makes the limits hold in total over a ReceiverPool.
+        self.admission = Admission(
+            slots or SlotTable.private(),
+            max_associations=dicom.max_associations,
+            max_connections_per_address=dicom.max_connections_per_address,
+            allowed_calling_ae_titles=(
+                None if dicom.accept_unknown_peers else [peer.ae_title for peer in dicom.peers.values()]
+            ),
+        )
         self._server: ThreadedAssociationServer | None = None
-        self._ae: AE | None = None
+        self._ae: ReceiverAE | None = None
         self._associations: dict[int, _AssociationState] = {}
         self._lock = threading.Lock()
         self._accepting = False
@@ -143,19 +135,14 @@ class Receiver:
         self.store.cleanup_stale_temp_files()
         self._close_stale_associations()
         dicom = self.settings.dicom
-        ae = (_ReusePortAE if self._reuse_port else AE)(ae_title=dicom.ae_title)
+        ae = ReceiverAE(dicom.ae_title, self.admission, artim_timeout=dicom.artim_timeout, reuse_port=self._reuse_port)
         ae.supported_contexts = scp_contexts(dicom.extra_storage_sop_classes)
-        ae.maximum_associations = dicom.max_associations
         ae.maximum_pdu_size = dicom.max_pdu_size
-        ae.acse_timeout = dicom.acse_timeout
         ae.dimse_timeout = dicom.dimse_timeout
         ae.network_timeout = dicom.network_timeout
-        if not dicom.accept_unknown_peers:
-            # pynetdicom treats an empty allow-list as "everyone": with no peers, require an unguessable title.
-            titles = [peer.ae_title for peer in dicom.peers.values()] or [secrets.token_hex(8)]
-            ae.require_calling_aet = titles
         handlers: list[Any] = [
             (evt.EVT_CONN_OPEN, self._on_conn_open),
+            (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_ACCEPTED, self._on_accepted),
             (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_RELEASED, self._on_closed),
@@ -173,8 +160,6 @@ class Receiver:
         )
         if server is None:  # only a blocking start returns None
             raise RuntimeError("pynetdicom did not return a server")
-        if server.ssl_context is not None:
-            server.get_request = self._tls_get_request  # type: ignore[method-assign]
         self._server = server
         self._ae = ae
         log.info(
@@ -184,6 +169,9 @@ class Receiver:
             port=self.port,
             tls=dicom.tls.enabled,
             receiver_id=self.receiver_id,
+            max_associations=dicom.max_associations,
+            max_connections_per_address=dicom.max_connections_per_address,
+            artim_timeout=dicom.artim_timeout,
         )
 
     def stop(self, timeout: float = 30.0) -> None:
@@ -195,8 +183,8 @@ class Receiver:
         socketserver.BaseServer.shutdown(server)  # stop the accept loop ...
         server.server_close()  # ... and close the listening socket; accepted associations keep running
         deadline = time.monotonic() + timeout
-        # Wait only for established associations: a connection still negotiating (or a failed TLS
-        # handshake, which pynetdicom keeps until the ACSE timeout) has nothing in flight to lose.
+        # Wait only for established associations: a connection still negotiating (or still silent, which
+        # ARTIM closes) has nothing in flight to lose.
         while any(a.is_established for a in server.active_associations) and time.monotonic() < deadline:
             time.sleep(0.05)
         leftover = server.active_associations
@@ -211,23 +199,6 @@ class Receiver:
         self.ingestor.committer.stop()
         self._server = None
         log.info("receiver_stopped", aborted=len(leftover))
-
-    def _tls_get_request(self) -> tuple[socket.socket, Any]:
-        """Accept and wrap without handshaking on the accept thread.
-
-        pynetdicom's default handshakes inside ``accept``: a slow or hostile client stalls the listener for
-        everyone, and a failed handshake leaks the raw socket. Here the TLS handshake happens implicitly on
-        the association's own thread at its first read; a failure there just ends that connection.
-        """
-        server = self._server
-        assert server is not None and server.socket is not None and server.ssl_context is not None
-        client_socket, address = server.socket.accept()
-        try:
-            wrapped = server.ssl_context.wrap_socket(client_socket, server_side=True, do_handshake_on_connect=False)
-        except (OSError, ValueError):
-            client_socket.close()
-            raise
-        return wrapped, address
 
     # ------------------------------------------------------------------ associations table
     def _close_stale_associations(self) -> None:
@@ -270,6 +241,44 @@ class Receiver:
         except (AttributeError, OSError) as exc:
             log.warning("tcp_nodelay_failed", error=str(exc))
 
+    def _on_requested(self, event: evt.Event) -> None:
+        """Admit or reject an A-ASSOCIATE-RQ before pynetdicom negotiates it (an association slot is taken here)."""
+        assoc = event.assoc
+        requestor = assoc.requestor
+        # pynetdicom copies the calling AE title to ``requestor`` only while negotiating, after this event.
+        primitive = requestor.primitive
+        calling_ae = str(primitive.calling_ae_title if primitive is not None else "").strip()
+        peer = f"{requestor.address}:{requestor.port}"
+        ticket = ticket_of(assoc)
+        try:
+            rejection = self.admission.request_association(ticket, calling_ae) if ticket is not None else None
+        except Exception:  # P4: nothing escapes to pynetdicom; refuse rather than run without a slot
+            log.exception("association_admission_failed", peer=peer)
+            rejection = Rejection(0x02, 0x02, 0x01, "admission_failed")
+        if rejection is None:
+            return
+        if rejection.reason == "association_limit":
+            log.warning(
+                "association_rejected_limit",
+                calling_ae=calling_ae,
+                peer=peer,
+                limit=self.admission.max_associations,
+                in_use=self.admission.associations_in_use(),
+                transient=True,
+            )
+        else:
+            log.warning(
+                "association_rejected",
+                calling_ae=calling_ae,
+                peer=peer,
+                reason=rejection.reason,
+                transient=rejection.result == 0x02,
+            )
+        # As pynetdicom does for its own rejections: send the A-ASSOCIATE-RJ, then wait (ARTIM) for the
+        # peer to close, so the reject is on the wire before the socket is shut.
+        assoc.acse.send_reject(rejection.result, rejection.source, rejection.diagnostic)
+        assoc.kill()
+
     def _on_accepted(self, event: evt.Event) -> None:
         state = self._state(event.assoc)
         # Handlers of one association run on its own thread: bind log context once for all of them (P10).
@@ -282,15 +291,23 @@ class Receiver:
         log.info("association_accepted", calling_ae=state.calling_ae_title, peer=state.address, row_id=state.row_id)
 
     def _on_rejected(self, event: evt.Event) -> None:
+        """pynetdicom's own rejections (ours are logged by :meth:`_on_requested`), with the RJ fields."""
         requestor = event.assoc.requestor
+        primitive = event.assoc.acceptor.primitive
         log.warning(
             "association_rejected",
             calling_ae=str(requestor.ae_title or "").strip(),
             peer=f"{requestor.address}:{requestor.port}",
-            reason="calling AE title not recognised or association limit reached",
+            reason="pynetdicom",
+            result=getattr(primitive, "result", None),
+            source=getattr(primitive, "result_source", None),
+            diagnostic=getattr(primitive, "diagnostic", None),
         )
 
     def _on_closed(self, event: evt.Event) -> None:
+        ticket = ticket_of(event.assoc)
+        if ticket is not None:  # the slot is free as soon as the association is over
+            self.admission.release_association(ticket)
         with self._lock:
             state = self._associations.pop(id(event.assoc), None)
         if state is None:
