@@ -7,9 +7,11 @@ import os
 import signal
 import socket
 import threading
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pynetdicom import AE
@@ -17,6 +19,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from tests.conftest import free_port
+from tests.support.connections import associate, close, rejection
 from tests.support.receiver import (
     dataset_bytes,
     dcmtk,
@@ -138,22 +141,31 @@ def test_killed_child_is_restarted_and_closes_its_stale_associations(tmp_path, m
     settings = _settings(make_settings, db_url)
     item = read_dicom_file(synthetic_series(tmp_path / "held", 1, seed=1)[0])
     with running_pool(settings, session_factory) as pool:
-        # Hold 8 associations open: some land on each process (all on one: a 2**-7 chance).
+        # Hold associations open until each process has at least one (the kernel picks the process), so
+        # neither check below can pass vacuously on an empty set.
         ae = AE(ae_title="HOLDER")
         ae.add_requested_context(item.sop_class_uid, item.transfer_syntax_uid)
-        held = [ae.associate("127.0.0.1", pool.port, ae_title="TRIAGED") for _ in range(8)]
+        held: list[Any] = []
+        victim_id = f"{pool.receiver_id}:0"
         try:
-            assert all(assoc.is_established for assoc in held)
-            wait_for(lambda: len(_associations(session_factory)) == 8)
-            victim_id = f"{pool.receiver_id}:0"
+            while len({a.receiver_id for a in _associations(session_factory)}) < 2:
+                assert len(held) < 64, "64 connections all landed on one process"
+                held.append(ae.associate("127.0.0.1", pool.port, ae_title="TRIAGED"))
+                assert held[-1].is_established
+                wait_for(lambda: len(_associations(session_factory)) == len(held))
+            on_victim = sum(a.receiver_id == victim_id for a in _associations(session_factory))
+            assert 0 < on_victim < len(held)
+            assert pool.associations_in_use() == len(held)
             victim_pid = pool.pids[0]
             os.kill(victim_pid, signal.SIGKILL)
             wait_for(lambda: pool.restarts == 1, timeout=30)
             assert victim_pid not in pool.pids and len(pool.pids) == 2
             # The restarted process closed the rows its predecessor left open; the other process's stay open.
             rows = _associations(session_factory)
-            assert all(a.closed_at is not None for a in rows if a.receiver_id == victim_id)
-            assert all(a.closed_at is None for a in rows if a.receiver_id != victim_id)
+            assert sum(a.closed_at is not None for a in rows if a.receiver_id == victim_id) == on_victim
+            assert sum(a.closed_at is None for a in rows if a.receiver_id != victim_id) == len(held) - on_victim
+            # The dead child's slots were given back with its row of the shared table; the others' are held.
+            assert pool.associations_in_use() == len(held) - on_victim
         finally:
             for assoc in held:
                 assoc.abort()
@@ -163,10 +175,47 @@ def test_killed_child_is_restarted_and_closes_its_stale_associations(tmp_path, m
         series = [synthetic_series(tmp_path / f"s{i}", 1, seed=500 + i) for i in range(N_ASSOCIATIONS)]
         results = _send_concurrently(pool, series)
         assert len(results) == N_ASSOCIATIONS and all(r.status == 0 for r in results)
-        wait_for(lambda: sum(a.closed_at is not None for a in _associations(session_factory)) == 8 + N_ASSOCIATIONS)
-    later = _associations(session_factory)[8:]
+        wait_for(
+            lambda: sum(a.closed_at is not None for a in _associations(session_factory)) == len(held) + N_ASSOCIATIONS
+        )
+    later = _associations(session_factory)[len(held) :]
     assert {a.receiver_id for a in later} == {f"{pool.receiver_id}:0", f"{pool.receiver_id}:1"}
     assert len(instance_rows(session_factory)) == N_ASSOCIATIONS
+
+
+def test_max_associations_holds_in_total_over_three_processes(make_settings, db_url, session_factory):
+    """16 means 16 wherever the kernel puts them (it used to be ceil(16 / 3) = 6 per process, 18 in all)."""
+    settings = receiver_settings(
+        make_settings,
+        dicom={"max_associations": 16, "receiver_processes": 3},
+        database={"url": db_url},
+        log_level="warning",
+    )
+    held: list[tuple[AE, Any]] = []
+    with running_pool(settings, session_factory) as pool:
+        try:
+            for index in range(16):
+                held.append(associate(pool.port, calling_ae=f"HOLD{index:02d}"))
+                assert held[-1][1].is_established, f"association {index + 1} of 16 was refused"
+            wait_for(lambda: len(_associations(session_factory)) == 16)
+            per_process = Counter(a.receiver_id for a in _associations(session_factory))
+            # Spread over the processes (all 16 on one: a 3**-15 chance), so no single one enforced it alone.
+            assert len(per_process) >= 2, per_process
+            assert pool.associations_in_use() == 16
+            # The 17th, 18th, ...: each lands on some process, and each is refused, transiently.
+            for index in range(6):
+                ae, extra = associate(pool.port, calling_ae=f"EXTRA{index}")
+                assert rejection(extra) == (0x02, 0x03, 0x02)
+                close(ae, extra)
+            ae, last = held.pop()
+            close(ae, last)
+            wait_for(lambda: pool.associations_in_use() == 15)
+            held.append(associate(pool.port, calling_ae="AGAIN"))
+            assert held[-1][1].is_established
+        finally:
+            for ae, assoc in held:
+                close(ae, assoc)
+    assert len(_associations(session_factory)) == 17  # rejected requests leave no association row
 
 
 @pytest.mark.parametrize("processes", [1, 2])
