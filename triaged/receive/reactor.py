@@ -248,17 +248,30 @@ def _association_kill(self: Association) -> None:
 
 
 def _association_run_reactor(self: Association) -> None:
-    """pynetdicom 3.0.4 ``Association._run_reactor`` with the 1 ms sleep replaced by an event wait."""
+    """pynetdicom 3.0.4 ``Association._run_reactor`` with the 1 ms sleep replaced by an event wait.
+
+    Two changes to the pause handshake with the user's ``send_*``/``release`` calls (which clear
+    ``_reactor_checkpoint``, spin until ``_is_paused`` and then read the response from the same queue):
+
+    - the loop counts as paused while it waits for work, so such a call never waits for it to wake;
+    - after the checkpoint it looks again: a call that paused it between ``wait()`` returning and
+      ``_is_paused = False`` has already seen "paused" and will read its response itself. pynetdicom's
+      loop has this window too (1 ms polls make it rare); losing that race took the response away from
+      the caller ("Received unexpected C-ECHO service message", then a DIMSE timeout) on a loaded machine.
+    """
     wake: threading.Event = self._triaged_wake  # type: ignore[attr-defined]
     self._is_paused = False
     busy = False
     while not self._kill:
+        self._is_paused = True  # not touching the queues from here until the checks below
         if not busy:  # a message was served last turn: look again before blocking, another may be queued
             wake.wait(MAX_WAIT_S)
             wake.clear()
-        self._is_paused = True
         self._reactor_checkpoint.wait()
         self._is_paused = False
+        if not self._reactor_checkpoint.is_set():
+            busy = True  # paused again meanwhile: wait at the checkpoint, not for new work
+            continue
         context_id, msg = self.dimse.get_msg(block=False)
         busy = msg is not None
         if msg:
