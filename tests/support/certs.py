@@ -1,4 +1,8 @@
-"""Test certificates made with the openssl CLI: a CA, a server and client signed by it, and a rogue client."""
+"""Test certificates made with the openssl CLI: a CA, a server and client signed by it, and a rogue client.
+
+Also server certificates for refusal paths: one expired (``-days -1``: not after is before not before) and
+one whose names (``DNS:other.example``) do not match 127.0.0.1 or localhost, both signed by the CA.
+"""
 
 from __future__ import annotations
 
@@ -19,6 +23,11 @@ class Certs:
     client_key: Path
     rogue_cert: Path
     rogue_key: Path
+    expired_server_cert: Path
+    expired_server_key: Path
+    wrong_name_server_cert: Path
+    wrong_name_server_key: Path
+    rogue_ca: Path
 
 
 def _openssl(*args: str) -> None:
@@ -45,14 +54,20 @@ def _ca(directory: Path, name: str) -> tuple[Path, Path]:
     return cert, key
 
 
-def _leaf(directory: Path, name: str, ca: tuple[Path, Path], *, server: bool) -> tuple[Path, Path]:
+def _leaf(
+    directory: Path,
+    name: str,
+    ca: tuple[Path, Path],
+    *,
+    server: bool,
+    days: int = 2,
+    names: str = "IP:127.0.0.1,DNS:localhost",
+) -> tuple[Path, Path]:
     key, csr, cert = directory / f"{name}.key", directory / f"{name}.csr", directory / f"{name}.pem"
     _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(csr), "-subj", f"/CN={name}")
     ext = directory / f"{name}.ext"
     ext.write_text(
-        "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n"
-        if server
-        else "extendedKeyUsage=clientAuth\n"
+        f"subjectAltName={names}\nextendedKeyUsage=serverAuth\n" if server else "extendedKeyUsage=clientAuth\n"
     )
     _openssl(
         "x509",
@@ -67,7 +82,7 @@ def _leaf(directory: Path, name: str, ca: tuple[Path, Path], *, server: bool) ->
         "-out",
         str(cert),
         "-days",
-        "2",
+        str(days),
         "-extfile",
         str(ext),
     )
@@ -83,4 +98,8 @@ def make_certs(directory: Path) -> Certs:
     server = _leaf(directory, "server", ca, server=True)
     client = _leaf(directory, "client", ca, server=False)
     rogue = _leaf(directory, "rogue", rogue_ca, server=False)
-    return Certs(ca[0], server[0], server[1], client[0], client[1], rogue[0], rogue[1])
+    expired = _leaf(directory, "expired-server", ca, server=True, days=-1)
+    wrong_name = _leaf(directory, "wrong-name-server", ca, server=True, names="DNS:other.example")
+    return Certs(
+        ca[0], server[0], server[1], client[0], client[1], rogue[0], rogue[1], *expired, *wrong_name, rogue_ca[0]
+    )
