@@ -14,7 +14,9 @@ the checks pynetdicom makes on each turn (ARTIM and idle timers, peer gone). The
 pynetdicom's own, unchanged apart from the wait (``_dul_run_reactor`` and ``_association_run_reactor``
 follow pynetdicom 3.0.4 line by line), so the state machine sees exactly the same sequence of events. One
 addition: an acceptor whose connection ends before its A-ASSOCIATE-RQ is told at once instead of after
-the ACSE timeout (:func:`_connection_ended_before_request`).
+the ACSE timeout (:func:`_connection_ended_before_request`); and an exception from a state machine action
+aborts the association as one from the loop body does, instead of killing the DUL thread
+(:func:`_abort_after_error`).
 
 Installed once by :func:`install` (the composition root calls it through ``configure_pynetdicom``); it
 refuses other pynetdicom versions, leaving their stock loops in place.
@@ -168,17 +170,7 @@ def _dul_run_reactor(self: DULServiceProvider) -> None:
                 elif self._is_transport_event():
                     self._idle_timer.restart()
             except Exception as exc:
-                pynetdicom.dul.LOGGER.error("Exception in DUL.run(), aborting association")
-                pynetdicom.dul.LOGGER.exception(exc)
-                abort_pdu = A_ABORT_RQ()
-                abort_pdu.source = 0x02
-                abort_pdu.reason_diagnostic = 0x00
-                if self.socket is not None:
-                    self.socket.send(abort_pdu.encode())
-                self.assoc.is_aborted = True
-                self.assoc.is_established = False
-                self.assoc._kill = True
-                self._kill_thread = True
+                _abort_after_error(self, exc)
                 return
             try:
                 event = self.event_queue.get(block=False)
@@ -186,7 +178,11 @@ def _dul_run_reactor(self: DULServiceProvider) -> None:
                 sleep = True
                 continue
             previous = self.state_machine.current_state
-            self.state_machine.do_action(event)
+            try:
+                self.state_machine.do_action(event)
+            except Exception as exc:  # e.g. a DIMSE command set without CommandField (found by fuzzing)
+                _abort_after_error(self, exc)
+                return
             if previous == "Sta2" and self.state_machine.current_state == "Sta1":
                 _connection_ended_before_request(self)
             sleep = False
@@ -194,6 +190,27 @@ def _dul_run_reactor(self: DULServiceProvider) -> None:
     finally:
         pipe.close()
         _wake_association(self.assoc)
+
+
+def _abort_after_error(self: DULServiceProvider, exc: Exception) -> None:
+    """pynetdicom's own handling of an exception in the DUL loop: A-ABORT to the peer, end the association.
+
+    Also used for exceptions from the state machine's actions, which pynetdicom lets escape the thread:
+    its DIMSE decoder raises on malformed command sets (``AttributeError`` for a missing CommandField),
+    which killed the DUL thread with an unhandled exception and left the peer without an A-ABORT.
+    """
+    pynetdicom.dul.LOGGER.error("Exception in DUL.run(), aborting association")
+    pynetdicom.dul.LOGGER.exception(exc)
+    abort_pdu = A_ABORT_RQ()
+    abort_pdu.source = 0x02
+    abort_pdu.reason_diagnostic = 0x00
+    if self.socket is not None:
+        with contextlib.suppress(OSError):  # the peer may be gone already
+            self.socket.send(abort_pdu.encode())
+    self.assoc.is_aborted = True
+    self.assoc.is_established = False
+    self.assoc._kill = True
+    self._kill_thread = True
 
 
 def _connection_ended_before_request(self: DULServiceProvider) -> None:
