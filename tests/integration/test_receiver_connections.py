@@ -9,7 +9,15 @@ from __future__ import annotations
 
 from structlog.testing import capture_logs
 
-from tests.support.connections import associate, close, closed_by_peer, connect_from, idle_connections, rejection
+from tests.support.connections import (
+    associate,
+    close,
+    closed_by_peer,
+    connect_from,
+    idle_connections,
+    real_request,
+    rejection,
+)
 from tests.support.receiver import (
     dcmtk,
     instance_rows,
@@ -145,3 +153,24 @@ def test_association_limit_is_a_transient_reject_logged_apart_from_an_unknown_ca
         "calling_ae_not_recognised",
         False,
     )
+
+
+def test_a_connection_aborted_for_a_malformed_request_is_freed_when_the_peer_closes(make_settings, session_factory):
+    """pynetdicom aborts an A-ASSOCIATE-RQ it cannot decode (here: a non-ASCII byte in the called AE title)
+    and then waits in Sta13; the peer closing must end it then, not after ARTIM (600 s here)."""
+    settings = receiver_settings(make_settings, dicom={"artim_timeout": 600, "max_connections_per_address": 1})
+    with running_receiver(settings, session_factory) as receiver:
+        request = bytearray(real_request())
+        request[10] = 0xFF  # inside the called AE title (bytes 10-25 of the PDU)
+        sock = connect_from("127.0.0.6", receiver.port)
+        try:
+            sock.sendall(bytes(request))
+            assert sock.recv(1) == b"\x07"  # A-ABORT
+        finally:
+            sock.close()
+        wait_for(lambda: receiver.admission.connections_from("127.0.0.6") == 0, timeout=60)
+        ae, assoc = associate(receiver.port, calling_ae="NEXT", source="127.0.0.6")
+        try:
+            assert assoc.is_established
+        finally:
+            close(ae, assoc)

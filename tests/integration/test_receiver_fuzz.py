@@ -19,11 +19,10 @@ kept as ``@example`` cases.
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
+import itertools
 import os
 import socket
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -35,6 +34,7 @@ from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage
 from pynetdicom import AE
 from sqlalchemy.orm import Session, sessionmaker
 
+from tests.support.connections import real_request, recv_exactly
 from tests.support.receiver import (
     dataset_bytes,
     instance_rows,
@@ -109,40 +109,6 @@ def _still_up(receiver: Receiver) -> None:
 
 
 # ---------------------------------------------------------------------- raw bytes at the socket
-@functools.cache
-def real_request() -> bytes:
-    """The A-ASSOCIATE-RQ PDU pynetdicom sends, read off a plain socket (the real bytes, not a hand encoding).
-
-    Captured on first use (during a test), not at import: collecting the suite opens no sockets.
-    """
-    with socket.socket() as listener:
-        listener.bind(("127.0.0.1", 0))
-        listener.listen()
-        port = int(listener.getsockname()[1])
-        ae = AE(ae_title="FUZZER")
-        ae.add_requested_context(MRImageStorage, ExplicitVRLittleEndian)
-        ae.acse_timeout = 5
-        requester = threading.Thread(target=ae.associate, args=("127.0.0.1", port), daemon=True)
-        requester.start()
-        conn, _ = listener.accept()
-        with conn:
-            header = _recv_exactly(conn, 6)
-            body = _recv_exactly(conn, int.from_bytes(header[2:6], "big"))
-        requester.join(30)
-        ae.shutdown()
-    return header + body
-
-
-def _recv_exactly(sock: socket.socket, n: int) -> bytes:
-    data = b""
-    while len(data) < n:
-        chunk = sock.recv(n - len(data))
-        if not chunk:
-            raise EOFError("peer closed")
-        data += chunk
-    return data
-
-
 @st.composite
 def _mutated(draw: st.DrawFn, base: bytes) -> bytes:
     """``base`` with some bytes replaced, a piece cut out or inserted, and/or truncated."""
@@ -171,23 +137,25 @@ _pdu_shaped = st.builds(
 RAW_BYTES = st.one_of(st.binary(max_size=512), _pdu_shaped, st.deferred(lambda: _mutated(real_request())))
 
 
+_RAW_SOURCES = itertools.cycle([f"127.0.1.{n}" for n in range(1, 255)])
+
+
 def _exchange(port: int, data: bytes) -> bytes:
-    """Send ``data`` on a fresh connection, close our side, and read whatever comes back until EOF."""
-    with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+    """Send ``data`` on a fresh connection, close our side, and read whatever comes back until EOF.
+
+    Each example connects from the next of 254 loopback addresses, so the per-address connection limit
+    (which counts a connection until the receiver's thread for it has ended) never refuses an example.
+    """
+    with socket.socket() as sock:
+        sock.settimeout(60)
+        sock.bind((next(_RAW_SOURCES), 0))
+        sock.connect(("127.0.0.1", port))
         try:
             sock.sendall(data)
             sock.shutdown(socket.SHUT_WR)
-        except (BrokenPipeError, ConnectionResetError):
-            return b""
-        received = b""
-        while True:
-            try:
-                chunk = sock.recv(65536)
-            except ConnectionResetError:
-                return received
-            if not chunk:
-                return received
-            received += chunk
+        except OSError:  # the receiver closed first (reset, or not connected any more): read what it sent
+            pass
+        return _read_until_eof(sock)
 
 
 @FUZZ
@@ -232,8 +200,9 @@ def _datasets(draw: st.DrawFn, base: bytes) -> bytes:
 class _Sender:
     """One association to the receiver, opened again whenever the receiver aborts it."""
 
-    def __init__(self, port: int) -> None:
-        self.port = port
+    def __init__(self, receiver: Receiver) -> None:
+        self.receiver = receiver
+        self.port = receiver.port
         self.ae = AE(ae_title="FUZZSCU")
         self.ae.add_requested_context(MRImageStorage, ExplicitVRLittleEndian)
         self.ae.acse_timeout = self.ae.dimse_timeout = self.ae.network_timeout = 60
@@ -242,7 +211,11 @@ class _Sender:
     def store(self, path: Path) -> int | None:
         if self.assoc is None or not self.assoc.is_established:
             self.assoc = self.ae.associate("127.0.0.1", self.port, ae_title="TRIAGED")
-            assert self.assoc.is_established
+            admission = self.receiver.admission
+            assert self.assoc.is_established, (
+                f"associations in use {admission.associations_in_use()}, "
+                f"connections from 127.0.0.1 {admission.connections_from('127.0.0.1')}"
+            )
         rsp = self.assoc.send_c_store(path)
         return int(rsp.Status) if "Status" in rsp else None
 
@@ -254,7 +227,7 @@ class _Sender:
 
 @pytest.fixture(scope="module")
 def sender(fuzz_env: dict[str, Any]) -> Iterator[_Sender]:
-    peer = _Sender(fuzz_env["receiver"].port)
+    peer = _Sender(fuzz_env["receiver"])
     yield peer
     peer.close()
 
@@ -324,8 +297,8 @@ def store_pdus(fuzz_env: dict[str, Any]) -> list[bytes]:
 
 
 def _read_pdu(sock: socket.socket) -> bytes:
-    header = _recv_exactly(sock, 6)
-    return header + _recv_exactly(sock, int.from_bytes(header[2:6], "big"))
+    header = recv_exactly(sock, 6)
+    return header + recv_exactly(sock, int.from_bytes(header[2:6], "big"))
 
 
 def _read_until_eof(sock: socket.socket) -> bytes:
@@ -333,7 +306,7 @@ def _read_until_eof(sock: socket.socket) -> bytes:
     while True:
         try:
             chunk = sock.recv(65536)
-        except ConnectionResetError:
+        except OSError:  # reset by the receiver
             return received
         if not chunk:
             return received

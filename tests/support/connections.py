@@ -7,10 +7,13 @@ the receiver a distinct peer address per N without any network set-up.
 from __future__ import annotations
 
 import contextlib
+import functools
 import socket
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
+from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage
 from pynetdicom import AE
 from pynetdicom.association import Association
 
@@ -77,3 +80,38 @@ def close(ae: AE, assoc: Association) -> None:
         with contextlib.suppress(OSError):
             sock.close()
     ae.shutdown()
+
+
+@functools.cache
+def real_request() -> bytes:
+    """The A-ASSOCIATE-RQ PDU pynetdicom sends, read off a plain socket (the real bytes, not a hand encoding).
+
+    Captured on first use (during a test), not at import: collecting the suite opens no sockets.
+    """
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = int(listener.getsockname()[1])
+        ae = AE(ae_title="FUZZER")
+        ae.add_requested_context(MRImageStorage, ExplicitVRLittleEndian)
+        ae.acse_timeout = 5
+        requester = threading.Thread(target=ae.associate, args=("127.0.0.1", port), daemon=True)
+        requester.start()
+        conn, _ = listener.accept()
+        with conn:
+            header = recv_exactly(conn, 6)
+            body = recv_exactly(conn, int.from_bytes(header[2:6], "big"))
+        requester.join(30)
+        ae.shutdown()
+    return header + body
+
+
+def recv_exactly(sock: socket.socket, n: int) -> bytes:
+    """Exactly ``n`` bytes from ``sock`` (``EOFError`` if the peer closes first)."""
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            raise EOFError("peer closed")
+        data += chunk
+    return data

@@ -152,6 +152,7 @@ def _dul_run_reactor(self: DULServiceProvider) -> None:
     self._idle_timer.start()
     sleep = False
     socket_only_wake = False
+    requested = False
     pipe: _WakePipe = self._triaged_wake  # type: ignore[attr-defined]
     try:
         while True:
@@ -183,7 +184,9 @@ def _dul_run_reactor(self: DULServiceProvider) -> None:
             except Exception as exc:  # e.g. a DIMSE command set without CommandField (found by fuzzing)
                 _abort_after_error(self, exc)
                 return
-            if previous == "Sta2" and self.state_machine.current_state == "Sta1":
+            current = self.state_machine.current_state
+            requested = requested or current == "Sta3"  # an A-ASSOCIATE-RQ was received and handed on
+            if current == "Sta1" and previous != "Sta1" and not requested:
                 _connection_ended_before_request(self)
             sleep = False
             socket_only_wake = False
@@ -214,7 +217,8 @@ def _abort_after_error(self: DULServiceProvider, exc: Exception) -> None:
 
 
 def _connection_ended_before_request(self: DULServiceProvider) -> None:
-    """The connection closed, or ARTIM expired, before an A-ASSOCIATE-RQ arrived (Sta2 -> Sta1).
+    """The connection closed before an A-ASSOCIATE-RQ was handed on: silent until ARTIM expired or the peer
+    closed (Sta2 -> Sta1), or a malformed request was aborted and the connection then closed (Sta13 -> Sta1).
 
     pynetdicom's acceptor keeps waiting for the request for its whole ACSE timeout even then, holding
     the connection's thread (and its admission ticket). An empty item is what that wait returns on a
