@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import multiprocessing
 import os
 import threading
 import zlib
@@ -37,8 +38,6 @@ def address_bucket(address: str) -> int:
 
 def new_counts(processes: int, ctx: Any = None) -> Any:
     """A zeroed shared ``int`` array for :class:`SlotTable` (``ctx``: the multiprocessing context of the pool)."""
-    import multiprocessing
-
     context = ctx if ctx is not None else multiprocessing
     return context.RawArray("i", processes * (ADDRESS_BUCKETS + 1))
 
