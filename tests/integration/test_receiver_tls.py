@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import socket
 import ssl
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -258,3 +259,27 @@ def test_a_stalled_handshake_is_closed_after_artim(certs, make_settings, session
         assert failure["reason"] == "timeout" and failure["peer"].startswith("127.0.0.2:")
         wait_for(lambda: receiver.admission.connections_from("127.0.0.2") == 0)
     assert _rows(session_factory) == []
+
+
+def test_a_trickling_handshake_is_closed_after_artim_in_all(certs, make_settings, session_factory):
+    """One byte of the ClientHello record every 0.1 s (512 to come, about 51 s): ARTIM (0.5 s) bounds the
+    whole handshake, not each read, so the receiver closes long before the record is complete."""
+    settings = receiver_settings(
+        make_settings, dicom={"tls": _tls(certs, require_client_cert=False), "artim_timeout": 0.5}
+    )
+    with running_receiver(settings, session_factory) as receiver, capture_logs() as logs:
+        sock = _stall(receiver, "127.0.0.2")
+        sent = 0
+        try:
+            while sent < 512 and not closed_by_peer(sock):
+                try:
+                    sock.sendall(b"\x00")
+                except OSError:  # reset by the receiver
+                    break
+                sent += 1
+                time.sleep(0.1)  # the trickle's pace, not a wait for the receiver
+        finally:
+            sock.close()
+        assert sent < 512, "the receiver waited for the whole trickled record"
+        (failure,) = _handshake_failures(logs, 1)
+        assert failure["reason"] == "timeout", failure

@@ -137,7 +137,11 @@ class GuardedRequestHandler(RequestHandler):
 
 
 def _handshake(sock: ssl.SSLSocket, timeout: float, peer: str) -> bool:
-    """Complete the server side of the TLS handshake within ``timeout`` s; log why when it fails."""
+    """Complete the server side of the TLS handshake within ``timeout`` s; log why when it fails.
+
+    CPython applies a socket timeout to the handshake as one deadline for the whole call, not per read, so
+    a client trickling its ClientHello cannot stretch it (tested).
+    """
     try:
         sock.settimeout(timeout)
         sock.do_handshake()
