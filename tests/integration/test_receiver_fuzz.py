@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage
 from pynetdicom import AE
@@ -44,7 +44,7 @@ from tests.support.receiver import (
     wait_for,
 )
 from triaged.dicom.part10 import file_meta_bytes, read_identifiers
-from triaged.dicom.send import echo, read_dicom_file
+from triaged.dicom.send import close_socket, echo, read_dicom_file
 from triaged.dicom.uids import validate_uid
 from triaged.receive.scp import Receiver
 from triaged.receive.storage import TEMP_DIR_NAME
@@ -210,6 +210,8 @@ class _Sender:
 
     def store(self, path: Path) -> int | None:
         if self.assoc is None or not self.assoc.is_established:
+            if self.assoc is not None:
+                close_socket(self.assoc)  # pynetdicom leaves an aborted requestor's socket open
             self.assoc = self.ae.associate("127.0.0.1", self.port, ae_title="TRIAGED")
             admission = self.receiver.admission
             assert self.assoc.is_established, (
@@ -220,8 +222,10 @@ class _Sender:
         return int(rsp.Status) if "Status" in rsp else None
 
     def close(self) -> None:
-        if self.assoc is not None and self.assoc.is_established:
-            self.assoc.release()
+        if self.assoc is not None:
+            if self.assoc.is_established:
+                self.assoc.release()
+            close_socket(self.assoc)
         self.ae.shutdown()
 
 
@@ -243,6 +247,9 @@ def test_data_sets_through_a_real_c_store(fuzz_env: dict[str, Any], sender: _Sen
     session_factory = fuzz_env["session_factory"]
     base = _base_dataset(fuzz_env)
     dataset = data.draw(_datasets(base), label="dataset")
+    # A data set that starts with (0002,xxxx) elements cannot be sent from a Part 10 file: pynetdicom's
+    # file sender reads them as File Meta Information and leaves them out (found by this harness).
+    assume(dataset[:2] != b"\x02\x00")
     request_uid = read_dicom_file(fuzz_env["source"]).sop_instance_uid
     path = _part10(fuzz_env["root"], dataset, request_uid)
     rows_before = {r.id: r.sha256 for r in instance_rows(session_factory)}

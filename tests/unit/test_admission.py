@@ -84,3 +84,13 @@ def test_rejection_fields_are_those_of_ps3_8():
     # PS3.8 9.3.4: result 1 permanent / 2 transient; source 1 user, 3 provider (presentation).
     assert (ASSOCIATION_LIMIT.result, ASSOCIATION_LIMIT.source, ASSOCIATION_LIMIT.diagnostic) == (2, 3, 2)
     assert (UNKNOWN_CALLING_AE.result, UNKNOWN_CALLING_AE.source, UNKNOWN_CALLING_AE.diagnostic) == (1, 1, 3)
+
+
+def test_defaults_leave_room_for_a_site_with_many_modalities():
+    """Issue 12: at least 32 associations by default; ARTIM short (10 s, was the 30 s ACSE timeout)."""
+    from triaged.config import DicomSettings
+
+    dicom = DicomSettings()
+    assert dicom.max_associations >= 32
+    assert dicom.max_connections_per_address >= dicom.max_associations  # one busy PACS may use every slot
+    assert dicom.artim_timeout == 10

@@ -16,7 +16,7 @@ follow pynetdicom 3.0.4 line by line), so the state machine sees exactly the sam
 addition: an acceptor whose connection ends before its A-ASSOCIATE-RQ is told at once instead of after
 the ACSE timeout (:func:`_connection_ended_before_request`); and an exception from a state machine action
 aborts the association as one from the loop body does, instead of killing the DUL thread
-(:func:`_abort_after_error`).
+(:func:`_abort_after_error`); and a socket is closed even when its shutdown fails (:func:`_shutdown_socket`).
 
 Installed once by :func:`install` (the composition root calls it through ``configure_pynetdicom``); it
 refuses other pynetdicom versions, leaving their stock loops in place.
@@ -28,6 +28,7 @@ import contextlib
 import os
 import queue
 import select
+import socket
 import ssl
 import threading
 import time
@@ -40,6 +41,7 @@ from pynetdicom import evt
 from pynetdicom.association import Association
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ
+from pynetdicom.transport import AssociationSocket
 
 log = structlog.get_logger()
 
@@ -332,6 +334,23 @@ def _association_run_reactor(self: Association) -> None:
             return
 
 
+# ---------------------------------------------------------------------- socket close
+def _shutdown_socket(self: AssociationSocket) -> None:
+    """pynetdicom 3.0.4 ``AssociationSocket._shutdown_socket``, closing the socket even if shutdown fails.
+
+    pynetdicom skips ``close()`` when ``shutdown()`` raises, which it does whenever the peer has already
+    reset the connection: the descriptor then stays open until the socket object is garbage-collected
+    (a ``ResourceWarning``). Found by the fuzz harness.
+    """
+    sock = self.socket
+    if sock is None:
+        return
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
+    with contextlib.suppress(OSError):
+        sock.close()
+
+
 def is_supported(version: str) -> bool:
     """Whether ``version`` is a pynetdicom release whose loop bodies the replacements copy."""
     return version.startswith(SUPPORTED_VERSIONS)
@@ -357,5 +376,6 @@ def install() -> bool:
         Association.__init__ = _association_init  # type: ignore[method-assign]
         Association.kill = _association_kill  # type: ignore[method-assign]
         Association._run_reactor = _association_run_reactor  # type: ignore[method-assign]
+        AssociationSocket._shutdown_socket = _shutdown_socket  # type: ignore[method-assign]
         _state["installed"] = True
         return True
