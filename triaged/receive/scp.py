@@ -31,7 +31,7 @@ from triaged.config import Settings
 from triaged.db.models import Association
 from triaged.dicom.contexts import configure_pynetdicom, scp_contexts
 from triaged.receive import status
-from triaged.receive.admission import Admission, Rejection
+from triaged.receive.admission import ADMISSION_FAILED, ASSOCIATION_LIMIT, REJECTED_TRANSIENT, Admission
 from triaged.receive.ingest import Ingestor, StoreRequest
 from triaged.receive.server import ReceiverAE, ticket_of
 from triaged.receive.slots import SlotTable
@@ -257,10 +257,10 @@ class Receiver:
             rejection = self.admission.request_association(ticket, calling_ae) if ticket is not None else None
         except Exception:  # P4: nothing escapes to pynetdicom; refuse rather than run without a slot
             log.exception("association_admission_failed", peer=peer)
-            rejection = Rejection(0x02, 0x02, 0x01, "admission_failed")
+            rejection = ADMISSION_FAILED
         if rejection is None:
             return
-        if rejection.reason == "association_limit":
+        if rejection is ASSOCIATION_LIMIT:
             log.warning(
                 "association_rejected_limit",
                 calling_ae=calling_ae,
@@ -275,7 +275,7 @@ class Receiver:
                 calling_ae=calling_ae,
                 peer=peer,
                 reason=rejection.reason,
-                transient=rejection.result == 0x02,
+                transient=rejection.result == REJECTED_TRANSIENT,
             )
         # As pynetdicom does for its own rejections: send the A-ASSOCIATE-RJ, then wait (ARTIM) for the
         # peer to close, so the reject is on the wire before the socket is shut.
