@@ -127,6 +127,13 @@ def evaluate_command(  # noqa: PLR0917 (one parameter per CLI option)
     compare: Annotated[
         list[Path] | None, typer.Option(help="Evaluated model directories to compare with in the model card.")
     ] = None,
+    cam_select: Annotated[
+        bool,
+        typer.Option(
+            "--cam-select/--no-cam-select",
+            help="Choose the Grad-CAM layer and method on validation (slow on a CPU) or keep model.json's.",
+        ),
+    ] = True,
 ) -> None:
     """Evaluate a model directory; writes evaluation.json/.md and PNG plots (and MODEL_CARD.md with --calibrate)."""
     from triaged.training.evaluate import EvalOptions, evaluate_model
@@ -145,6 +152,7 @@ def evaluate_command(  # noqa: PLR0917 (one parameter per CLI option)
         precision=precision,
         threads=threads,
         compare=tuple(compare or ()),
+        select_cam=cam_select,
     )
     for other in options.compare:
         if not (other / "evaluation" / "evaluation.json").is_file():

@@ -53,6 +53,7 @@ class EvalOptions:
     precision: str = "auto"
     threads: int | None = None
     compare: tuple[Path, ...] = ()
+    select_cam: bool = True
 
 
 def _logits(predictor: Predictor, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -179,9 +180,12 @@ def evaluate_model(model_dir: Path, data_root: Path, out_dir: Path, options: Eva
         _write_predictions(out_dir / f"predictions_{name}.csv", sets[name], probs, classes)
     report["precision_parity"] = _precision_parity(predictor, images["test"][:300], temperature)
     report["roc"] = _roc_curves(softmax(logits["test"] / temperature), labels["test"], classes)
-    cam_choice, report["gradcam_selection_on_val"] = _select_cam(
-        predictor, data_root, sets["val"], images["val"], labels["val"], rounds=options.rounds
-    )
+    if options.select_cam:
+        cam_choice, report["gradcam_selection_on_val"] = _select_cam(
+            predictor, data_root, sets["val"], images["val"], labels["val"], rounds=options.rounds
+        )
+    else:  # keep the layer and method model.json already names (e.g. chosen for the model it continued from)
+        cam_choice, report["gradcam_selection_on_val"] = predictor.cam_config, []
     predictor.cam_config = cam_choice
     report["gradcam"], cam_examples = _cam_report(
         predictor, data_root, sets["test"], images["test"], labels["test"], options=options
