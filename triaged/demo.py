@@ -26,10 +26,10 @@ from triaged.db.engine import make_engine, make_session_factory
 from triaged.db.models import Job, JobKind, JobState, Output, Result, Series
 from triaged.db.schema import upgrade
 from triaged.demo_phantom import image_files, phantom_series, slices_from_images
-from triaged.dicom.scu import Destination, SendOptions, send_files
-from triaged.dicom.sink import StorageSink
 from triaged.dicom.synthetic import derived_uid, write_mr_series
 from triaged.errors import TriagedError
+from triaged.outputs.scu import Destination, SendOptions, send_files
+from triaged.outputs.sink import StorageSink
 
 DEMO_CALLING_AE = "DEMOSCU"
 FINISHED = (JobState.DONE, JobState.FAILED, JobState.DEAD)

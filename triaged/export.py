@@ -30,11 +30,11 @@ from sqlalchemy.orm import Session
 from triaged.config import Settings
 from triaged.db import queue
 from triaged.db.models import Instance, Job, Output, OutputKind, Result, ResultStatus, Series, SlicePrediction, utcnow
-from triaged.dicom.outputs import build_outputs, encode
-from triaged.dicom.scu import Destination, SendOptions, StoreResult, send_files
-from triaged.dicom.summary import BuiltOutput, KeySlice, TriageSummary
 from triaged.errors import ConfigError, JobError, OutputBuildError
 from triaged.log import uid_hash
+from triaged.outputs.build import build_outputs, encode
+from triaged.outputs.scu import Destination, SendOptions, StoreResult, send_files
+from triaged.outputs.summary import BuiltOutput, KeySlice, TriageSummary
 from triaged.runtime import Runtime
 
 log = structlog.get_logger()

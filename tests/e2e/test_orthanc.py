@@ -29,7 +29,7 @@ from tests.support.pipeline_support import (
 )
 from tests.support.triaged_daemon import TriagedDaemon
 from triaged.db.models import JobState, Output, Result, Series, Study
-from triaged.dicom.scu import Destination, SendOptions, send_files
+from triaged.outputs.scu import Destination, SendOptions, send_files
 
 pytestmark = [
     pytest.mark.orthanc,

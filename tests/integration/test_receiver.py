@@ -33,8 +33,8 @@ from tests.support.receiver import (
 )
 from triaged import metrics
 from triaged.db.models import Association, Series, SeriesAssociation, SeriesState, Study
-from triaged.dicom.send import echo
 from triaged.errors import DicomPeerError
+from triaged.outputs.send import echo
 from triaged.receive import status
 
 

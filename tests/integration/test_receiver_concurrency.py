@@ -19,7 +19,7 @@ from tests.support.receiver import (
     wait_for,
 )
 from triaged.db.models import Association, Series
-from triaged.dicom.send import SendResult
+from triaged.outputs.send import SendResult
 
 N_ASSOCIATIONS = 25
 PER_ASSOCIATION = 4

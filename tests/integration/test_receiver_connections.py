@@ -28,7 +28,7 @@ from tests.support.receiver import (
     synthetic_series,
     wait_for,
 )
-from triaged.dicom.send import echo
+from triaged.outputs.send import echo
 from triaged.receive.scp import Receiver
 
 IDLE_SOURCES = [f"127.0.0.{n}" for n in range(2, 12)]  # 10 addresses x 10 connections = 100

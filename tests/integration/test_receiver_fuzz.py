@@ -44,8 +44,8 @@ from tests.support.receiver import (
     wait_for,
 )
 from triaged.dicom.part10 import file_meta_bytes, read_identifiers
-from triaged.dicom.send import close_socket, echo, read_dicom_file
 from triaged.dicom.uids import validate_uid
+from triaged.outputs.send import close_socket, echo, read_dicom_file
 from triaged.receive.scp import Receiver
 from triaged.receive.storage import TEMP_DIR_NAME
 

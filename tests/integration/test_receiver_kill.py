@@ -19,8 +19,8 @@ from sqlalchemy import select
 from tests.conftest import REPO_ROOT
 from tests.support.receiver import wait_for
 from triaged.db.models import Association, Instance
-from triaged.dicom.send import close_socket, read_dicom_file
 from triaged.dicom.synthetic import write_mr_series
+from triaged.outputs.send import close_socket, read_dicom_file
 from triaged.receive.storage import TEMP_DIR_NAME
 
 pytestmark = pytest.mark.slow

@@ -36,8 +36,8 @@ from triaged.daemon import Daemon
 from triaged.db.engine import make_engine, make_session_factory
 from triaged.db.models import Association, utcnow
 from triaged.db.schema import upgrade
-from triaged.dicom.send import SendResult, close_socket, read_dicom_file
 from triaged.errors import ConfigError
+from triaged.outputs.send import SendResult, close_socket, read_dicom_file
 from triaged.receive.pool import ReceiverPool, ReceiverStartError
 from triaged.receive.scp import Receiver
 from triaged.receive.storage import InstanceStore

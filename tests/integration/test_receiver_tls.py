@@ -33,8 +33,8 @@ from tests.support.receiver import (
     wait_for,
 )
 from triaged.db.models import Association
-from triaged.dicom.send import echo
 from triaged.errors import DicomPeerError
+from triaged.outputs.send import echo
 from triaged.receive.scp import Receiver
 from triaged.receive.tls import client_ssl_context
 

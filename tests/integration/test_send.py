@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from tests.support.receiver import instance_rows, receiver_settings, running_receiver, synthetic_series
 from triaged.cli.app import app
-from triaged.dicom.send import DicomFile, _batches
+from triaged.outputs.send import DicomFile, _batches
 
 runner = CliRunner()
 

@@ -19,7 +19,7 @@ from tests.support.receiver import (
     wait_for,
 )
 from triaged.db.models import Association, Job, JobKind, JobState, Series, SeriesState
-from triaged.dicom.send import read_dicom_file
+from triaged.outputs.send import read_dicom_file
 from triaged.receive.series import sweep_complete_series
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from triaged.dicom.send import read_dicom_file, send_files
+from triaged.outputs.send import read_dicom_file, send_files
 
 _LISTENING = re.compile(r"^triaged listening: (?P<rest>.*)$")
 _DICOM_PORT = re.compile(r"DICOM \S+ on [\d.]+:(?P<port>\d+)")

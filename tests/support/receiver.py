@@ -18,8 +18,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from triaged.config import Settings
 from triaged.db.models import Instance
 from triaged.dicom.contexts import pynetdicom_config
-from triaged.dicom.send import SendResult, read_dicom_file, send_files
 from triaged.dicom.synthetic import write_mr_series
+from triaged.outputs.send import SendResult, read_dicom_file, send_files
 from triaged.receive.scp import Receiver
 from triaged.receive.storage import InstanceStore
 

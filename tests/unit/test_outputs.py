@@ -17,9 +17,9 @@ from pydicom.uid import (
 )
 
 from triaged.config import OutputSettings
-from triaged.dicom.outputs import build_outputs, encode
-from triaged.dicom.summary import KeySlice, TriageSummary, instance_uid, series_uid
 from triaged.dicom.synthetic import write_mr_series
+from triaged.outputs.build import build_outputs, encode
+from triaged.outputs.summary import KeySlice, TriageSummary, instance_uid, series_uid
 
 COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from triaged.dicom.render import (
+from triaged.outputs.render import (
     MIN_IMAGE_SIZE,
     Banner,
     OverlayStyle,
@@ -113,7 +113,7 @@ def test_overlay_stays_off_the_background_air() -> None:
 
 
 def test_gaussian_smooth_preserves_mass_and_spreads() -> None:
-    from triaged.dicom.render import gaussian_smooth
+    from triaged.outputs.render import gaussian_smooth
 
     impulse = np.zeros((31, 31))
     impulse[15, 15] = 1.0

@@ -14,8 +14,8 @@ import typer
 
 from triaged.cli.common import echo_json, fail, settings_from
 from triaged.config import Settings
-from triaged.dicom.send import SendResult, echo, iter_files, read_dicom_file, send_files
 from triaged.errors import TriagedError
+from triaged.outputs.send import SendResult, echo, iter_files, read_dicom_file, send_files
 from triaged.receive.status import status_name
 from triaged.receive.tls import client_ssl_context
 

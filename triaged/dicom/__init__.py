@@ -1,6 +1,7 @@
 """What receiving and delivering share: pixels, UIDs, presentation contexts, Part 10 files, synthetic series.
 
-Only ``dicom``, ``receive`` and the delivering side import pynetdicom (style section 1).
+The output side (building and delivering our objects) lives in :mod:`triaged.outputs`. Only ``dicom``,
+``receive`` and ``outputs`` import pynetdicom (style section 1).
 """
 
 from __future__ import annotations

@@ -1,28 +1,24 @@
-"""DICOM objects a triage result becomes: Secondary Captures (here), KOS and SR (reports.py), all via highdicom.
+"""Secondary Capture of a key slice (highdicom ``sc``): the slice, its Grad-CAM overlay and the burned-in banner.
 
-This module knows nothing of the database or the model: it takes plain summaries (summary.py) and source
-datasets and returns datasets whose UIDs are derived from the result.
+The picture is drawn by render.py; this module turns it into an SC instance in the source study that
+references the source image, with identities derived from the result (summary.py).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from io import BytesIO
 
 import highdicom as hd
 from pydicom.dataset import Dataset
-from pydicom.uid import UID, ExplicitVRLittleEndian
+from pydicom.uid import ExplicitVRLittleEndian
 
 from triaged import __version__
-from triaged.config import OutputSettings
 from triaged.dicom.pixels import DecodedSlice, decode_instance
-from triaged.dicom.render import Banner, render_secondary_capture
-from triaged.dicom.reports import build_key_object_selection, build_structured_report
-from triaged.dicom.summary import (
+from triaged.errors import OutputBuildError, PixelDecodeError
+from triaged.outputs.render import Banner, render_secondary_capture
+from triaged.outputs.summary import (
     MANUFACTURER,
     MANUFACTURER_MODEL_NAME,
-    SERIES_NUMBER_OFFSET,
-    BuiltOutput,
     KeySlice,
     TriageSummary,
     contributing_equipment,
@@ -31,7 +27,6 @@ from triaged.dicom.summary import (
     series_description,
     series_uid,
 )
-from triaged.errors import OutputBuildError, PixelDecodeError
 
 
 def source_slice(dataset: Dataset, frame_number: int | None) -> DecodedSlice:
@@ -147,52 +142,3 @@ def _image_reference(source: Dataset, frame_number: int | None) -> Dataset:
     if frame_number is not None and int(getattr(source, "NumberOfFrames", 1) or 1) > 1:
         item.ReferencedFrameNumber = frame_number
     return item
-
-
-def build_outputs(
-    summary: TriageSummary,
-    key_slices: Sequence[KeySlice],
-    evidence: Sequence[Dataset],
-    options: OutputSettings,
-    *,
-    fallback_slice: Dataset | None = None,
-) -> list[BuiltOutput]:
-    """All objects for one result, in send order (SCs, then KOS, then SR), honouring ``options``.
-
-    ``evidence`` are the source datasets the KOS/SR reference (headers suffice); ``fallback_slice`` is the
-    slice shown on a "not assessed" SC when ``options.not_assessable == "sc"``.
-    """
-    if options.mode == "none" or (options.mode == "urgent" and not summary.urgent):
-        return []
-    built: list[BuiltOutput] = []
-    base = options.series_number
-    if not summary.assessed:
-        if options.not_assessable == "sc" and fallback_slice is not None:
-            sc = build_secondary_capture(summary, KeySlice(fallback_slice), index=0, total=1, series_number=base)
-            built.append(BuiltOutput("sc", 0, sc))
-        elif options.not_assessable == "sr":
-            sr = build_structured_report(summary, [], evidence, series_number=base + SERIES_NUMBER_OFFSET["sr"])
-            built.append(BuiltOutput("sr", 0, sr))
-        return built
-    if options.secondary_captures:
-        for index, key in enumerate(key_slices):
-            sc = build_secondary_capture(summary, key, index=index, total=len(key_slices), series_number=base)
-            built.append(BuiltOutput("sc", index, sc))
-    if options.key_object_selection and key_slices:
-        kos = build_key_object_selection(summary, key_slices, series_number=base + SERIES_NUMBER_OFFSET["kos"])
-        built.append(BuiltOutput("kos", 0, kos))
-    if options.structured_report:
-        sr = build_structured_report(summary, key_slices, evidence, series_number=base + SERIES_NUMBER_OFFSET["sr"])
-        built.append(BuiltOutput("sr", 0, sr))
-    return built
-
-
-def encode(dataset: Dataset) -> bytes:
-    """The Part 10 file bytes of ``dataset`` (preamble, file meta, dataset in its transfer syntax)."""
-    buffer = BytesIO()
-    dataset.save_as(buffer, enforce_file_format=True)
-    return buffer.getvalue()
-
-
-def transfer_syntax(dataset: Dataset) -> UID:
-    return UID(dataset.file_meta.TransferSyntaxUID)

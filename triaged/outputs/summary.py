@@ -119,3 +119,12 @@ def contributing_equipment(summary: TriageSummary) -> list[hd.ContributingEquipm
             contribution_description=f"AI triage model sha256 {summary.model_sha256[:16]}",
         )
     ]
+
+
+def header_only(dataset: Dataset) -> Dataset:
+    """A copy without pixel data: the evidence lists need identities, not pixels."""
+    copy = Dataset()
+    for element in dataset:
+        if element.tag.group != 0x7FE0:
+            copy.add(element)
+    return copy
