@@ -124,6 +124,7 @@ class WorkerSettings(_Section):
     heartbeat_seconds: float = Field(default=10.0, gt=0)
     poll_seconds: float = Field(default=0.5, gt=0)
     max_attempts: int = Field(default=5, ge=1)
+    export_count: int = Field(default=1, ge=0, description="export-only worker threads (0: the workers export too)")
     export_max_attempts: int = Field(default=10, ge=1)
     backoff_base_seconds: float = Field(default=5.0, gt=0)
     backoff_max_seconds: float = Field(default=3600.0, gt=0)
@@ -149,6 +150,10 @@ class OutputSettings(_Section):
     structured_report: bool = True
     not_assessable: Literal["none", "sc", "sr"] = "none"
     series_number: int = Field(default=9900, ge=1, le=99999)
+    max_age_hours: float = Field(default=72.0, gt=0, description="an export not delivered by then is dead")
+    probe_base_seconds: float = Field(default=5.0, gt=0, description="first C-ECHO probe of a down destination")
+    probe_max_seconds: float = Field(default=300.0, gt=0, description="probe backoff ceiling")
+    probe_timeout_seconds: float = Field(default=10.0, gt=0, description="connect/ACSE/DIMSE timeout of a probe")
 
 
 class HttpSettings(_Section):

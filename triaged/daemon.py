@@ -32,6 +32,7 @@ log = structlog.get_logger()
 
 REAPER_INTERVAL_SECONDS = 5.0
 GAUGE_INTERVAL_SECONDS = 5.0
+DESTINATION_INTERVAL_SECONDS = 0.5  # only looks for due probes; the probes themselves back off
 PURGE_INTERVAL_SECONDS = 3600.0  # at most; about four purges per retention period
 SHUTDOWN_GRACE_SECONDS = 30.0  # then still-running jobs are released and run again elsewhere
 
@@ -60,6 +61,19 @@ def refresh_job_gauges(runtime: Runtime) -> None:
     for (kind, state), n in counts.items():
         metrics.JOBS_BY_STATE.labels(kind=kind, state=state).set(n)
     metrics.QUEUE_DEPTH.set(sum(n for (_, state), n in counts.items() if state == "queued"))
+
+
+def destinations_housekeeping(runtime: Runtime) -> None:
+    """Probe down destinations that are due, expire exports older than ``outputs.max_age_hours``, gauges."""
+    from triaged.outputs.destinations import (
+        expire_old_exports,
+        probe_due_destinations,
+        refresh_destination_gauges,
+    )
+
+    probe_due_destinations(runtime.session_factory, runtime.settings)
+    expire_old_exports(runtime.session_factory, runtime.settings)
+    refresh_destination_gauges(runtime.session_factory)
 
 
 def _guarded(name: str, func: Callable[[], Any]) -> Callable[[], None]:
@@ -111,13 +125,15 @@ class Daemon:
             self.http.start()
         if self.housekeeping:
             self._start_scheduler(runtime)
-        self._workers = start_worker_threads(runtime, workers, self.stop_event)
+        export_workers = settings.worker.export_count if workers > 0 else 0
+        self._workers = start_worker_threads(runtime, workers, self.stop_event, export_count=export_workers)
         triage = runtime.triage
         log.info(
             "daemon_started",
             dicom_port=self.receiver.port if self.receiver else None,
             http_port=self.http.port if self.http else None,
             workers=workers,
+            export_workers=export_workers,
             model=triage.model_name if triage else None,
             model_version=triage.model_version if triage else None,
             # the resolved placement when the model API exposes it (model_loaded logs it too), else the setting
@@ -195,6 +211,14 @@ class Daemon:
             "interval",
             seconds=GAUGE_INTERVAL_SECONDS,
             id="job_gauges",
+        )
+        # Its own task (APScheduler runs tasks on a thread pool): a probe waiting on a hung PACS until its
+        # timeouts never delays the series sweep or the reaper.
+        scheduler.add_job(
+            _guarded("destinations", lambda: destinations_housekeeping(runtime)),
+            "interval",
+            seconds=DESTINATION_INTERVAL_SECONDS,
+            id="destinations",
         )
         retention = settings.storage.retention_days
         if retention is not None:

@@ -51,6 +51,20 @@ class DicomPeerError(DicomSendError):
     """The peer could not be reached or refused the association."""
 
 
+class DestinationDownError(TriagedError):
+    """The destination did not answer (refused, timed out, rejected the association): wait for it, spend nothing.
+
+    Not a failure of the job: the worker gives the attempt back and the job waits until a probe finds the
+    destination up again (:mod:`triaged.outputs.destinations`).
+    """
+
+    retryable = True
+
+    def __init__(self, message: str | None = None, *, destination: str) -> None:
+        super().__init__(message)
+        self.destination = destination
+
+
 class PixelDecodeError(TriagedError):
     """The pixel data of an instance cannot become 2-D brain slices."""
 

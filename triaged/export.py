@@ -9,7 +9,11 @@ Order matters for exactly-once delivery to a PACS that de-duplicates by SOP Inst
 3. complete the job in a final transaction.
 
 All network work happens outside database transactions (SQLite has one writer lock, the receiver needs it).
-Send failures raise retryable errors; the worker's ``queue.fail`` applies the backoff and, in the end, ``dead``.
+A destination that does not answer (refused, timed out, rejected the association) is not the job's fault: the
+job raises :class:`~triaged.errors.DestinationDownError`, the worker marks the destination down and gives the
+attempt back, and the job waits until a probe finds the destination up (:mod:`triaged.outputs.destinations`).
+Only a peer that answered and refused an object spends an attempt; ``queue.fail`` applies the backoff and, in
+the end, ``dead``.
 """
 
 from __future__ import annotations
@@ -27,13 +31,24 @@ from pydicom.errors import InvalidDicomError
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from triaged.config import Settings
-from triaged.db import queue
-from triaged.db.models import Instance, Job, Output, OutputKind, Result, ResultStatus, Series, SlicePrediction, utcnow
-from triaged.errors import ConfigError, JobError, OutputBuildError
+from triaged.db import destinations, queue
+from triaged.db.models import (
+    DestinationState,
+    Instance,
+    Job,
+    Output,
+    OutputKind,
+    Result,
+    ResultStatus,
+    Series,
+    SlicePrediction,
+    utcnow,
+)
+from triaged.errors import DestinationDownError, DicomPeerError, JobError, OutputBuildError
 from triaged.log import uid_hash
 from triaged.outputs.build import build_outputs, encode
-from triaged.outputs.scu import Destination, SendOptions, StoreResult, send_files
+from triaged.outputs.destinations import resolve_destination
+from triaged.outputs.scu import SendOptions, StoreResult, send_files
 from triaged.outputs.summary import BuiltOutput, KeySlice, TriageSummary
 from triaged.runtime import Runtime
 
@@ -52,25 +67,6 @@ class _Plan:
     middle_instance: str | None
     outputs: tuple[tuple[int, str, bool], ...]  # output id, relative file path, already sent
     superseded: bool = False  # newer instances re-opened the series: a newer result will follow
-
-
-def resolve_destination(settings: Settings, calling_ae_title: str) -> Destination:
-    """``outputs.destination`` if set, else the configured peer whose AE title sent the study."""
-    peers = settings.dicom.peers
-    name = settings.outputs.destination
-    if name is not None:
-        if name not in peers:
-            raise ConfigError(f"outputs.destination {name!r} is not a peer in [dicom.peers]")
-        peer = peers[name]
-    else:
-        found = settings.dicom.peer_for_ae(calling_ae_title) if calling_ae_title else None
-        if found is None:
-            raise ConfigError(
-                f"no destination for outputs: outputs.destination is not set and the sending AE title "
-                f"{calling_ae_title or '(unknown)'!r} is not a configured peer in [dicom.peers]"
-            )
-        name, peer = found
-    return Destination(name=name, ae_title=peer.ae_title, host=peer.host, port=peer.port)
 
 
 def _summary(result: Result, series: Series) -> TriageSummary:
@@ -209,6 +205,10 @@ def run_export_job(runtime: Runtime, job: Job) -> None:
         log.info("export_superseded", generation=plan.summary.generation)
         return
     destination = resolve_destination(runtime.settings, plan.calling_ae_title)
+    with runtime.session_factory.begin() as session:
+        state = destinations.prepare_export(session, job.id, destination.name)
+    if state == DestinationState.DOWN:
+        raise DestinationDownError(f"destination {destination.name} is down", destination=destination.name)
     built_count = 0
     if not plan.outputs:
         built = _build(runtime, plan)
@@ -226,9 +226,15 @@ def run_export_job(runtime: Runtime, job: Job) -> None:
         network_timeout=dicom.network_timeout,
     )
     by_path = {path: output_id for output_id, path in pending}
-    sent = send_files(
-        [path for _, path in pending], destination, options, on_stored=_mark_sent(runtime, by_path, destination.name)
-    )
+    try:
+        sent = send_files(
+            [path for _, path in pending],
+            destination,
+            options,
+            on_stored=_mark_sent(runtime, by_path, destination.name),
+        )
+    except DicomPeerError as exc:  # no answer at all: the destination is down, not this job's objects
+        raise DestinationDownError(str(exc), destination=destination.name) from exc
     with runtime.session_factory.begin() as session:
         queue.complete(session, job.id, worker_id)
     log.info(

@@ -25,3 +25,24 @@ INFERENCE_SECONDS = Histogram(
     registry=REGISTRY,
 )
 EXPORT_FAILURES = Counter("triaged_export_failures", "Failed sends of outputs to a PACS", registry=REGISTRY)
+DESTINATION_UP = Gauge(
+    "triaged_destination_up", "1 while the destination answers, 0 while it is down", ["destination"], registry=REGISTRY
+)
+OUTPUTS_PENDING = Gauge(
+    "triaged_outputs_pending",
+    "Export jobs (one result's outputs each) waiting for or being sent to the destination",
+    ["destination"],
+    registry=REGISTRY,
+)
+OLDEST_PENDING_URGENT_SECONDS = Gauge(
+    "triaged_oldest_pending_urgent_output_age_seconds",
+    "Age of the oldest urgent result not yet delivered to the destination (0 when none)",
+    ["destination"],
+    registry=REGISTRY,
+)
+EXPORTS_DEAD = Counter(
+    "triaged_exports_dead",
+    "Export jobs given up (attempts: the peer kept refusing the objects; max_age: never delivered in time)",
+    ["reason"],
+    registry=REGISTRY,
+)

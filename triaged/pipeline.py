@@ -24,6 +24,7 @@ from triaged import metrics
 from triaged.config import Settings
 from triaged.db import queue
 from triaged.db.models import (
+    URGENT_EXPORT_PRIORITY,
     Instance,
     Job,
     JobKind,
@@ -44,8 +45,6 @@ from triaged.ml.registry import NO_TUMOUR
 from triaged.runtime import Runtime
 
 log = structlog.get_logger()
-
-URGENT_EXPORT_PRIORITY = 10  # an urgent finding reaches the PACS before any other queued work
 
 
 @dataclass(frozen=True)

@@ -17,8 +17,9 @@ from collections.abc import Callable, Sequence
 import structlog
 
 from triaged import metrics
-from triaged.db import queue, repo
+from triaged.db import destinations, queue, repo
 from triaged.db.models import Job, JobKind, JobState
+from triaged.errors import DestinationDownError
 from triaged.runtime import Runtime
 
 log = structlog.get_logger()
@@ -143,6 +144,8 @@ class Worker:
         except queue.LeaseLostError as exc:
             log.warning("job_lease_lost", error=queue.error_line(exc), seconds=round(time.perf_counter() - started, 3))
             return JobState.RUNNING
+        except DestinationDownError as exc:
+            return self._deferred(job, exc)
         except Exception as exc:
             return self._failed(job, exc, time.perf_counter() - started)
         finally:
@@ -165,6 +168,30 @@ class Worker:
             time.sleep(self.runtime.settings.worker.poll_seconds)
         log.info("job_hold_released")
 
+    def _deferred(self, job: Job, exc: DestinationDownError) -> JobState:
+        """The destination did not answer: mark it down and give the attempt back, in one transaction."""
+        from triaged.outputs.destinations import probe_delay
+
+        error = queue.error_line(exc)
+        try:
+            with self.runtime.session_factory.begin() as session:
+                went_down = destinations.mark_down(
+                    session, exc.destination, error, first_probe_after=probe_delay(self.runtime.settings, 0)
+                )
+                queue.defer(session, job.id, self.worker_id, destination=exc.destination, error=error)
+        except queue.LeaseLostError:
+            log.warning("job_deferred_after_lease_lost", error=error)
+            return JobState.RUNNING
+        except Exception as db_error:  # cannot record it now: the lease expires and the reaper retries
+            log.error("job_defer_unrecorded", error=error, db_error=queue.error_line(db_error))
+            return JobState.RUNNING
+        if went_down:
+            metrics.DESTINATION_UP.labels(destination=exc.destination).set(0)
+            log.warning("destination_down", destination=exc.destination, error=error)
+        log.info("job_waiting_for_destination", destination=exc.destination)
+        structlog.contextvars.clear_contextvars()
+        return JobState.QUEUED
+
     def _failed(self, job: Job, exc: Exception, seconds: float) -> JobState:
         settings = self.runtime.settings.worker
         try:
@@ -186,17 +213,33 @@ class Worker:
             repo.mark_series_failed(self.runtime.session_factory, job, exc)
         if job.kind == JobKind.EXPORT:
             metrics.EXPORT_FAILURES.inc()  # every failed send attempt, retried or not
+            if state == JobState.DEAD:
+                metrics.EXPORTS_DEAD.labels(reason="attempts").inc()
+                log.error("export_dead", reason="attempts", attempts=job.attempts, error=queue.error_line(exc))
         event = "job_retry_scheduled" if state == JobState.QUEUED else "job_failed"
         log.warning(event, new_state=str(state), error=queue.error_line(exc), seconds=round(seconds, 3))
         structlog.contextvars.clear_contextvars()
         return state
 
 
-def start_worker_threads(runtime: Runtime, count: int, stop: threading.Event) -> list[tuple[Worker, threading.Thread]]:
+def start_worker_threads(
+    runtime: Runtime, count: int, stop: threading.Event, *, export_count: int = 0
+) -> list[tuple[Worker, threading.Thread]]:
+    """``count`` workers, plus ``export_count`` that only export (then the others only infer).
+
+    Separate export slots mean a destination that hangs until its timeouts holds an export thread, never
+    the thread an urgent series needs to be assessed.
+    """
+    kinds: list[tuple[JobKind, ...] | None] = [None] * count
+    if export_count > 0:
+        infer_only: tuple[JobKind, ...] | None = (JobKind.INFER,)
+        export_only: tuple[JobKind, ...] | None = (JobKind.EXPORT,)
+        kinds = [infer_only] * count + [export_only] * export_count
     workers = []
-    for index in range(count):
-        worker = Worker(runtime, worker_id=make_worker_id(index), stop=stop)
-        thread = threading.Thread(target=worker.run, name=f"worker-{index}", daemon=True)
+    for index, worker_kinds in enumerate(kinds):
+        worker = Worker(runtime, worker_id=make_worker_id(index), stop=stop, kinds=worker_kinds)
+        name = "export" if worker_kinds == (JobKind.EXPORT,) else "worker"
+        thread = threading.Thread(target=worker.run, name=f"{name}-{index}", daemon=True)
         thread.start()
         workers.append((worker, thread))
     return workers

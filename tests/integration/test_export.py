@@ -37,8 +37,9 @@ from triaged.db.models import (
 )
 from triaged.db.schema import upgrade
 from triaged.dicom.synthetic import write_mr_series
-from triaged.errors import ConfigError, DicomPeerError, DicomSendError
-from triaged.export import resolve_destination, run_export_job
+from triaged.errors import ConfigError, DestinationDownError, DicomPeerError, DicomSendError
+from triaged.export import run_export_job
+from triaged.outputs.destinations import resolve_destination
 from triaged.receive.storage import InstanceStore
 from triaged.resend import requeue_dead_exports, resend_series
 from triaged.runtime import Runtime
@@ -246,8 +247,10 @@ def test_unreachable_pacs_is_retryable_and_keeps_built_outputs(
     )
     scenario = _seed(settings, session_factory, tmp_path)
     job = _claim(scenario.runtime)
-    with pytest.raises(DicomPeerError):
+    with pytest.raises(DestinationDownError) as info:
         run_export_job(scenario.runtime, job)
+    assert info.value.retryable and info.value.destination == "pacs"
+    assert isinstance(info.value.__cause__, DicomPeerError)
     outputs = _outputs(scenario.runtime)
     assert len(outputs) == 3 and all(o.sent_at is None for o in outputs)
 
@@ -329,15 +332,15 @@ def test_resend_series_sends_again_with_the_same_uids(
     assert pacs.sop_instance_uids() == first + first
 
 
-@REFUSED_SOCKET
 def test_dead_exports_are_requeued(
-    make_settings: Callable[..., Settings], session_factory: sessionmaker[Session], tmp_path: Path
+    pacs: FakePacs, make_settings: Callable[..., Settings], session_factory: sessionmaker[Session], tmp_path: Path
 ) -> None:
-    scenario = _seed(_settings(make_settings, free_port()), session_factory, tmp_path)
+    scenario = _seed(_settings(make_settings, pacs.port), session_factory, tmp_path)
+    pacs.statuses = [0xA700]  # the peer answers and refuses: that spends the (only) attempt
     job = _claim(scenario.runtime)
     with session_factory.begin() as session:
         session.get(Job, job.id).max_attempts = 1  # type: ignore[union-attr]
-    with pytest.raises(DicomPeerError) as info:
+    with pytest.raises(DicomSendError) as info:
         run_export_job(scenario.runtime, job)
     assert queue.fail(session_factory, job.id, WORKER, info.value) == JobState.DEAD
     with session_factory.begin() as session:

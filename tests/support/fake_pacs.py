@@ -8,10 +8,16 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from pydicom.dataset import Dataset
-from pydicom.uid import ExplicitVRLittleEndian, KeyObjectSelectionDocumentStorage, SecondaryCaptureImageStorage
+from pydicom.uid import (
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    KeyObjectSelectionDocumentStorage,
+    SecondaryCaptureImageStorage,
+)
 from pynetdicom import AE, evt
 
 COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
+VERIFICATION = "1.2.840.10008.1.1"
 STORED_STATUSES = (0x0000, 0xB000, 0xB006, 0xB007)
 
 
@@ -49,6 +55,7 @@ def running_fake_pacs(ae_title: str = "FAKEPACS") -> Iterator[FakePacs]:
     ae = AE(ae_title=ae_title)
     for sop_class in (SecondaryCaptureImageStorage, KeyObjectSelectionDocumentStorage, COMPREHENSIVE_3D_SR):
         ae.add_supported_context(sop_class, [ExplicitVRLittleEndian])
+    ae.add_supported_context(VERIFICATION, [ImplicitVRLittleEndian])  # answers the C-ECHO probes
     # port 0: the server binds a free port itself (no time-of-check/time-of-use gap), then we read it back
     server = ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, fake.handle_store)])
     assert server is not None

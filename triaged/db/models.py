@@ -105,6 +105,12 @@ class JobState(enum.StrEnum):
 
 
 ACTIVE_JOB_STATES = (JobState.QUEUED, JobState.RUNNING)
+URGENT_EXPORT_PRIORITY = 10  # an urgent finding reaches the PACS before any other queued work
+
+
+class DestinationState(enum.StrEnum):
+    UP = "up"
+    DOWN = "down"  # unreachable, timed out or rejecting associations: its exports wait, it is probed
 
 
 class ResultStatus(enum.StrEnum):
@@ -206,6 +212,9 @@ class Job(Base):
     generation: Mapped[int | None] = mapped_column(Integer)
     dedupe_key: Mapped[str] = mapped_column(String(200), doc="at most one active job per key")
     payload: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    destination: Mapped[str | None] = mapped_column(
+        String(64), doc="export jobs: the destination name, set on the first run; claims skip down destinations"
+    )
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     max_attempts: Mapped[int] = mapped_column(Integer, default=5)
     run_after: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
@@ -296,3 +305,24 @@ class Output(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
     result: Mapped[Result] = relationship(back_populates="outputs")
+
+
+class DestinationStatus(Base):
+    """The circuit breaker of one destination (a configured peer outputs are sent to), shared by every worker.
+
+    *Down* is a state of the destination, not a failure of a job: while down, its export jobs are not
+    claimed and spend no attempts; housekeeping probes it (C-ECHO) with backoff until it answers.
+    """
+
+    __tablename__ = "destinations"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    state: Mapped[DestinationState] = mapped_column(
+        _enum(DestinationState, "destination_state"), default=DestinationState.UP
+    )
+    down_since: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    probes: Mapped[int] = mapped_column(Integer, default=0, doc="failed probes since it went down")
+    next_probe_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    last_probe_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)

@@ -5,7 +5,9 @@ State machine (style P7)::
     queued --claim--> running --complete--> done
                          |--fail(permanent)--> failed
                          |--fail(retryable)--> queued (run_after = now + backoff) | dead (attempts exhausted)
+                         |--defer (destination down)--> queued, the attempt given back, not claimed while down
                          '--lease expired (reaper)--> queued | dead
+    queued export older than outputs.max_age_hours --expire--> dead
 
 A claim is one short write transaction: PostgreSQL ``SELECT … FOR UPDATE SKIP LOCKED``; SQLite's engine
 issues ``BEGIN IMMEDIATE`` so the select-then-conditional-update runs under the single writer lock.
@@ -20,11 +22,19 @@ from datetime import datetime, timedelta
 from typing import Any, cast
 
 import structlog
-from sqlalchemy import Executable, func, select, update
+from sqlalchemy import Executable, func, or_, select, update
 from sqlalchemy.engine import CursorResult
 from sqlalchemy.orm import Session, sessionmaker
 
-from triaged.db.models import ACTIVE_JOB_STATES, Job, JobKind, JobState, utcnow
+from triaged.db.models import (
+    ACTIVE_JOB_STATES,
+    DestinationState,
+    DestinationStatus,
+    Job,
+    JobKind,
+    JobState,
+    utcnow,
+)
 from triaged.errors import JobError, TriagedError
 
 log = structlog.get_logger()
@@ -89,15 +99,22 @@ def claim(
 ) -> Job | None:
     """Take the most urgent runnable job (highest priority, oldest ``run_after``) and lease it.
 
+    Jobs whose destination is down are not runnable: they wait, in their order, until it answers again.
     Returns a detached :class:`Job` already in state ``running`` (attempts incremented), or ``None``.
     """
     if not kinds:
         return None
     now = now or utcnow()
+    down = select(DestinationStatus.name).where(DestinationStatus.state == DestinationState.DOWN)
     with session_factory.begin() as session:
         query = (
             select(Job)
-            .where(Job.state == JobState.QUEUED, Job.run_after <= now, Job.kind.in_(list(kinds)))
+            .where(
+                Job.state == JobState.QUEUED,
+                Job.run_after <= now,
+                Job.kind.in_(list(kinds)),
+                or_(Job.destination.is_(None), Job.destination.not_in(down)),
+            )
             .order_by(Job.priority.desc(), Job.run_after.asc(), Job.id.asc())
             .limit(1)
         )
@@ -265,8 +282,9 @@ def reap_expired_leases(
 def requeue(session: Session, job_ids: Iterable[int], *, now: datetime | None = None) -> list[int]:
     """Put finished ``dead``/``failed`` jobs back in the queue with fresh attempts (CLI retry/resend).
 
-    Jobs with an active twin (same ``dedupe_key`` already queued/running) are left alone. Returns the
-    ids actually re-queued, in the caller's transaction.
+    A re-queued job starts a new life: ``created_at`` is reset, so ``outputs.max_age_hours`` counts again.
+    Jobs with an active twin (same ``dedupe_key`` already queued/running) are left alone. Returns the ids
+    actually re-queued, in the caller's transaction.
     """
     now = now or utcnow()
     requeued: list[int] = []
@@ -284,10 +302,63 @@ def requeue(session: Session, job_ids: Iterable[int], *, now: datetime | None = 
         job.lease_owner = None
         job.lease_expires_at = None
         job.finished_at = None
+        job.created_at = now
         job.updated_at = now
         session.flush()
         requeued.append(job.id)
     return requeued
+
+
+def defer(session: Session, job_id: int, worker_id: str, *, destination: str, error: str) -> None:
+    """Give a running job back to the queue without spending its attempt, waiting for ``destination``.
+
+    In the caller's transaction (the one that marks the destination down). ``run_after`` is kept, so the
+    jobs of a destination flow in their original order (urgent first, oldest first) once it is up again.
+    Raises :class:`LeaseLostError` if the job is no longer running under ``worker_id``.
+    """
+    now = utcnow()
+    updated = _rowcount(
+        session,
+        update(Job)
+        .where(Job.id == job_id, Job.state == JobState.RUNNING, Job.lease_owner == worker_id)
+        .values(
+            state=JobState.QUEUED,
+            lease_owner=None,
+            lease_expires_at=None,
+            attempts=Job.attempts - 1,
+            destination=destination,
+            last_error=error[:_ERROR_MAX_CHARS],
+            updated_at=now,
+        )
+        .execution_options(synchronize_session=False),
+    )
+    if updated != 1:
+        raise LeaseLostError(f"job {job_id} is no longer leased by {worker_id}")
+
+
+def expire_old_exports(
+    session_factory: sessionmaker[Session], max_age: timedelta, now: datetime | None = None
+) -> list[Job]:
+    """Queued export jobs created more than ``max_age`` ago become ``dead`` (returned, detached, for the event)."""
+    now = now or utcnow()
+    with session_factory.begin() as session:
+        query = select(Job).where(
+            Job.kind == JobKind.EXPORT, Job.state == JobState.QUEUED, Job.created_at < now - max_age
+        )
+        if session.get_bind().dialect.name == "postgresql":
+            query = query.with_for_update(skip_locked=True)
+        jobs = list(session.scalars(query.order_by(Job.id).limit(REAP_BATCH)))
+        hours = max_age.total_seconds() / 3600
+        for job in jobs:
+            waited = f" (last error: {job.last_error})" if job.last_error else ""
+            job.last_error = f"ExportExpiredError: not delivered within {hours:g} h{waited}"[:_ERROR_MAX_CHARS]
+            job.state = JobState.DEAD
+            job.finished_at = now
+            job.updated_at = now
+        session.flush()
+        for job in jobs:
+            session.expunge(job)
+    return jobs
 
 
 def release(session_factory: sessionmaker[Session], job_id: int, worker_id: str) -> bool:

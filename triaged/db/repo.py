@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Protocol
 
 import structlog
-from sqlalchemy import exists, select
+from sqlalchemy import and_, exists, or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from triaged.db import queue
@@ -40,10 +40,17 @@ def purge_received_files(
 ) -> int:
     """Delete received files older than ``older_than`` of finished series (results and outputs are kept).
 
-    Only series in a final state with no active job are touched: an export job may still need the
-    source files to build its outputs. Each batch is one short transaction.
+    Only series in a final state with no active job and no dead or failed export are touched: an export job
+    may still need the source files to build its outputs, and `triaged resend --dead` may revive a dead one
+    (conservative: it may already have built them). Each batch is one short transaction.
     """
-    active = exists().where(Job.series_id == Instance.series_id, Job.state.in_(ACTIVE_JOB_STATES))
+    active = exists().where(
+        Job.series_id == Instance.series_id,
+        or_(
+            Job.state.in_(ACTIVE_JOB_STATES),
+            and_(Job.kind == JobKind.EXPORT, Job.state.in_((JobState.DEAD, JobState.FAILED))),
+        ),
+    )
     purged = 0
     for _ in range(max_batches):
         with session_factory.begin() as session:
