@@ -84,3 +84,19 @@ def test_sqlite_pragmas_are_durable(sqlite_url: str) -> None:
         assert connection.exec_driver_sql("PRAGMA synchronous").scalar() == 2  # FULL
         assert connection.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
     engine.dispose()
+
+
+def test_daemon_refuses_the_schema_before_destinations_and_upgrade_downgrade_round_trips(db_url: str) -> None:
+    engine = make_engine(db_url)
+    upgrade(engine, "0001")
+    with pytest.raises(SchemaOutdatedError, match=r"at revision 0001.*triaged db upgrade"):
+        require_current_schema(engine)
+    upgrade(engine)
+    assert "destinations" in inspect(engine).get_table_names()
+    assert "destination" in {c["name"] for c in inspect(engine).get_columns("jobs")}
+    downgrade(engine, "0001")
+    assert "destinations" not in inspect(engine).get_table_names()
+    assert "destination" not in {c["name"] for c in inspect(engine).get_columns("jobs")}
+    upgrade(engine)
+    require_current_schema(engine)
+    engine.dispose()

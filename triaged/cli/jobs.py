@@ -53,6 +53,7 @@ def _job_dict(job: Job, series_uid: str | None) -> dict[str, Any]:
         "generation": job.generation,
         "attempts": job.attempts,
         "max_attempts": job.max_attempts,
+        "destination": job.destination,
         "run_after": _iso(job.run_after),
         "lease_owner": job.lease_owner,
         "last_error": job.last_error,
@@ -87,13 +88,14 @@ def list_jobs(
         echo_json(rows)
         return
     echo_table(
-        ["ID", "KIND", "STATE", "ATTEMPTS", "SERIES", "LAST ERROR"],
+        ["ID", "KIND", "STATE", "ATTEMPTS", "DESTINATION", "SERIES", "LAST ERROR"],
         [
             [
                 str(r["id"]),
                 r["kind"],
                 r["state"],
                 f"{r['attempts']}/{r['max_attempts']}",
+                r["destination"] or "-",
                 r["series_instance_uid"] or "-",
                 (r["last_error"] or "")[:80],
             ]
