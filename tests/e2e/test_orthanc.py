@@ -27,8 +27,9 @@ from tests.support.pipeline_support import (
     shipped_model_available,
     wait_for,
 )
+from tests.support.tcp_proxy import TcpProxy, running_proxy
 from tests.support.triaged_daemon import TriagedDaemon
-from triaged.db.models import JobState, Output, Result, Series, Study
+from triaged.db.models import DestinationState, DestinationStatus, Job, JobKind, JobState, Output, Result, Series, Study
 from triaged.outputs.scu import Destination, SendOptions, send_files
 
 pytestmark = [
@@ -70,13 +71,6 @@ def _stack(tmp_path: Path, model_dir: Path, *, quiet_seconds: float = 1.0) -> St
 @pytest.fixture
 def stack(tmp_path: Path, random_model: Path) -> Iterator[Stack]:
     yield from _running_stack(_stack(tmp_path, random_model))
-
-
-@pytest.fixture
-def slow_quiet_stack(tmp_path: Path, random_model: Path) -> Iterator[Stack]:
-    """A quiet period long enough that Orthanc is surely down before the outputs are due, even on a busy machine
-    (with 1 s, a slow Orthanc shutdown let the first export succeed)."""
-    yield from _running_stack(_stack(tmp_path, random_model, quiet_seconds=5.0))
 
 
 def _running_stack(running: Stack) -> Iterator[Stack]:
@@ -186,46 +180,109 @@ def test_outputs_arrive_in_the_source_study_and_render(stack: Stack, tmp_path: P
     )
 
 
+OLD_RETRY_BUDGET = 3  # export_max_attempts here: before destinations were state, the outage killed the job after this
+
+
+@pytest.fixture
+def outage_stack(tmp_path: Path, random_model: Path) -> Iterator[tuple[Stack, TcpProxy]]:
+    """Orthanc behind a test-controlled TCP proxy on triaged's outbound path (Orthanc pushes to triaged directly)."""
+    orthanc_binary()
+    orthanc = Orthanc(root=tmp_path / "orthanc", modalities={})
+    with running_proxy("127.0.0.1", orthanc.dicom_port) as proxy:
+        triaged = TriagedDaemon(
+            root=tmp_path / "triaged",
+            model_dir=random_model,
+            peers={"orthanc": {"ae_title": orthanc.ae_title, "host": "127.0.0.1", "port": proxy.port}},
+            outputs={"destination": "orthanc", "probe_base_seconds": 0.2, "probe_max_seconds": 0.5},
+            worker={"export_max_attempts": OLD_RETRY_BUDGET, "export_count": 1},
+        )
+        orthanc.modalities = {"triaged": ("TRIAGED", triaged.dicom_port)}
+        for running in _running_stack(Stack(orthanc, triaged)):
+            yield running, proxy
+
+
+def _destination(stack: Stack, name: str = "orthanc") -> DestinationStatus | None:
+    with stack.triaged.session_factory() as session:
+        row = session.get(DestinationStatus, name)
+        if row is not None:
+            session.expunge(row)
+        return row
+
+
+def _export_job_of(stack: Stack, study_uid: str) -> Job | None:
+    with stack.triaged.session_factory() as session:
+        job = session.scalars(
+            select(Job)
+            .join(Series, Series.id == Job.series_id)
+            .join(Study, Study.id == Series.study_id)
+            .where(Job.kind == JobKind.EXPORT, Study.study_instance_uid == study_uid)
+        ).first()
+        if job is not None:
+            session.expunge(job)
+        return job
+
+
+def _waiting(job: Job | None) -> bool:
+    """Queued for the down destination with no attempt spent."""
+    return job is not None and job.state == JobState.QUEUED and job.attempts == 0 and job.destination == "orthanc"
+
+
 @pytest.mark.slow
-def test_fault_pacs_down_then_back_every_output_arrives_once(slow_quiet_stack: Stack, tmp_path: Path) -> None:
-    stack = slow_quiet_stack
+def test_fault_pacs_down_then_back_every_output_arrives_once(
+    outage_stack: tuple[Stack, TcpProxy], tmp_path: Path
+) -> None:
+    stack, proxy = outage_stack
+    proxy.down()  # the outage starts before anything is due, and lasts exactly as long as this test says
     files = kaggle_files("meningioma")[:5]
     paths = labelled_series(tmp_path / "series", files, seed="orthanc-fault", size=(256, 256))
     series_id, study_uid = _upload_series(stack.orthanc, paths)
     stack.orthanc.push("triaged", [series_id])
-    stack.orthanc.stop()  # before the quiet period ends: every output is due while the PACS is down
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        jobs = stack.triaged.export_jobs()
-        if jobs and jobs[0].attempts >= 2 and jobs[0].last_error:
-            break
-        time.sleep(0.3)
-    else:
-        raise AssertionError(f"export never retried: {stack.triaged.export_jobs()}\n{stack.triaged.log_tail()}")
-    assert jobs[0].state in (JobState.QUEUED, JobState.RUNNING)
-    assert "DicomPeerError" in (jobs[0].last_error or "")
-    # Orthanc's shutdown can overlap the first attempt: some outputs may be stored, at least one is not.
-    assert any(row.sent_at is None for row in _output_rows(stack, study_uid))
-    # The PACS being down blocks neither receiving nor inference: a second series is triaged meanwhile.
+    wait_for(lambda: _waiting(_export_job_of(stack, study_uid)), timeout=180, what="first export waiting")
+    # Down for longer than the old retry budget would have lasted: counted in probes, not in seconds.
+    wait_for(
+        lambda: (_destination(stack) or DestinationStatus(probes=0)).probes >= 2 * OLD_RETRY_BUDGET,
+        timeout=180,
+        what=f"{2 * OLD_RETRY_BUDGET} probes of the down destination",
+    )
+    assert proxy.refused >= 1 + 2 * OLD_RETRY_BUDGET
+    down = _destination(stack)
+    assert down is not None and down.state == DestinationState.DOWN
+    first = _export_job_of(stack, study_uid)
+    assert _waiting(first), first and (first.state, first.attempts, first.last_error)
+    assert first is not None and "DestinationDownError" in (first.last_error or "")
+    assert len(stack.orthanc.study_instances(study_uid)) == len(paths)  # nothing got through
+    # The PACS being down blocks neither receiving nor inference: a second study is triaged meanwhile.
     other = labelled_series(tmp_path / "other", kaggle_files("glioma")[:3], seed="orthanc-fault-2", size=(256, 256))
     send_files(other, Destination("triaged", "TRIAGED", "127.0.0.1", stack.triaged.dicom_port), SendOptions("ORTHANC"))
     other_study = str(pydicom.dcmread(other[0], stop_before_pixels=True).StudyInstanceUID)
-    wait_for(lambda: bool(_output_rows(stack, other_study)), timeout=60, what="second series triaged while PACS down")
-    stack.orthanc.start()  # same storage, same ports
-    outputs = _wait_outputs(stack, study_uid, timeout=120)
-    rows = _output_rows(stack, study_uid)
-    assert rows
-    for row in rows:
-        found = stack.orthanc.post(
-            "/tools/find", {"Level": "Instance", "Query": {"SOPInstanceUID": row.sop_instance_uid}}
-        )
-        assert len(found) == 1, f"{row.kind} missing or duplicated"
-    total = len(stack.orthanc.study_instances(study_uid))
-    assert total == len(paths) + len(rows)
-    assert sum(len(v) for v in outputs.values()) == len(rows)
-    wait_for(lambda: stack.triaged.export_jobs()[0].state == JobState.DONE, timeout=30, what="first export done")
-    assert stack.triaged.export_jobs()[0].attempts >= 2
+    wait_for(lambda: _waiting(_export_job_of(stack, other_study)), timeout=180, what="second export waiting")
+    assert _waiting(_export_job_of(stack, study_uid))
+    proxy.up()  # the outage ends now
+    studies = {study_uid: len(paths), other_study: 0}  # the second study went to triaged only
+    for uid in studies:
+        _wait_outputs(stack, uid, timeout=180)
+    wait_for(
+        lambda: all(job.state == JobState.DONE for job in stack.triaged.export_jobs()), timeout=60, what="exports done"
+    )
+    jobs = stack.triaged.export_jobs()
+    assert len(jobs) == 2 and all(job.attempts == 1 for job in jobs), [(j.state, j.attempts) for j in jobs]
+    rows_by_result: dict[int, list[Output]] = {}
+    for uid, sources in studies.items():
+        rows = _output_rows(stack, uid)
+        assert rows
+        for row in rows:
+            found = stack.orthanc.post(
+                "/tools/find", {"Level": "Instance", "Query": {"SOPInstanceUID": row.sop_instance_uid}}
+            )
+            assert len(found) == 1, f"{row.kind} missing or duplicated"
+            rows_by_result.setdefault(row.result_id, []).append(row)
+        assert len(stack.orthanc.study_instances(uid)) == sources + len(rows)
+    # Once up, the waiting exports flowed urgent first, then oldest first: one result's objects after the other's.
+    expected = [j.payload["result_id"] for j in sorted(jobs, key=lambda j: (-j.priority, j.run_after, j.id))]
+    earlier, later = (rows_by_result[result_id] for result_id in expected)
+    assert max(r.sent_at for r in earlier if r.sent_at) <= min(r.sent_at for r in later if r.sent_at)
     # `triaged resend` sends the same instances again; Orthanc de-duplicates by SOP Instance UID.
+    total = len(stack.orthanc.study_instances(study_uid))
     series_uid = stack.orthanc.get(f"/series/{series_id}")["MainDicomTags"]["SeriesInstanceUID"]
     resent = stack.triaged.cli("resend", series_uid)
     assert resent.returncode == 0, resent.stderr
