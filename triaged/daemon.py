@@ -25,6 +25,7 @@ from triaged.db.engine import make_engine
 from triaged.db.models import utcnow
 from triaged.db.schema import require_current_schema
 from triaged.http import HealthServer
+from triaged.outputs.headers import quiet_person_name_warnings
 from triaged.runtime import Runtime, build_runtime
 from triaged.worker import Worker, start_worker_threads, stop_workers
 
@@ -106,6 +107,7 @@ class Daemon:
     def start(self) -> None:
         settings = self.settings
         check_schema(settings)
+        quiet_person_name_warnings()
         workers = settings.worker.count
         self.runtime = runtime = build_runtime(settings, load_model=workers > 0)
         if self.receive:

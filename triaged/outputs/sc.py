@@ -22,6 +22,7 @@ from triaged.outputs.summary import (
     KeySlice,
     TriageSummary,
     contributing_equipment,
+    decision_line,
     instance_uid,
     pretty_label,
     series_description,
@@ -65,10 +66,6 @@ def banner_for(summary: TriageSummary, key: KeySlice | None, index: int, total: 
         )
     ranked = sorted(summary.probabilities.items(), key=lambda item: -item[1])
     probs = ", ".join(f"{pretty_label(name)} {value:.2f}" for name, value in ranked)
-    urgency = "-" if summary.urgency is None else f"{summary.urgency:.2f}"
-    threshold = "-" if summary.threshold is None else f"{summary.threshold:.2f}"
-    decision = "URGENT" if summary.urgent else "not urgent"
-    relation = "≥" if summary.urgent else "<"
     slice_line = f"Key image {index + 1} of {total}"
     if key is not None and key.tumour_probability is not None:
         slice_line += f": slice tumour probability {key.tumour_probability:.2f}"
@@ -77,7 +74,7 @@ def banner_for(summary: TriageSummary, key: KeySlice | None, index: int, total: 
         headline,
         (
             f"Series class probabilities: {probs}",
-            f"Urgency {urgency} {relation} threshold {threshold} → {decision}",
+            decision_line(summary),
             slice_line,
             model,
         ),
@@ -105,7 +102,8 @@ def build_secondary_capture(
             photometric_interpretation="RGB",
             bits_allocated=8,
             coordinate_system="PATIENT",
-            patient_orientation=orientation or ("L", "P"),
+            # highdicom takes one letter per direction; an oblique one ("LP") is set in full below
+            patient_orientation=(orientation[0][0], orientation[1][0]) if orientation else ("L", "P"),
             series_instance_uid=series_uid(summary, "sc"),
             series_number=series_number,
             sop_instance_uid=instance_uid(summary, "sc", index),
@@ -119,8 +117,8 @@ def build_secondary_capture(
         )
     except (ValueError, TypeError, AttributeError) as exc:
         raise OutputBuildError(f"cannot build Secondary Capture: {exc}") from exc
-    if orientation is None:
-        sc.PatientOrientation = []  # Type 2: unknown, rather than a made-up direction
+    # Type 2: unknown stays empty rather than a made-up direction; oblique keeps all its letters (PS3.3 C.7.6.1.1.1)
+    sc.PatientOrientation = list(orientation) if orientation is not None else []
     if source.get("BodyPartExamined"):
         sc.BodyPartExamined = source.BodyPartExamined
     sc.BurnedInAnnotation = "YES"

@@ -21,6 +21,7 @@ from triaged.outputs.summary import (
     KeySlice,
     TriageSummary,
     contributing_equipment,
+    decision_line,
     header_only,
     instance_uid,
     pretty_label,
@@ -71,6 +72,7 @@ def _findings(summary: TriageSummary) -> list[hd.sr.ContentItem]:
         )
     decision = codes.SCT.Yes if summary.urgent else codes.SCT.No
     items.append(hd.sr.CodeContentItem(_private("urgent", "Flagged urgent"), decision, relationship_type=contains))
+    items.append(hd.sr.TextContentItem(codes.DCM.Comment, decision_line(summary, ascii_only=True), contains))
     return items
 
 

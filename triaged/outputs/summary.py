@@ -94,6 +94,34 @@ def instance_uid(summary: TriageSummary, kind: OutputKindName, index: int) -> st
     return derived_uid(summary, "instance", kind, str(index))
 
 
+def distinct_digits(value: float, other: float, *, minimum: int = 2, maximum: int = 6) -> tuple[str, str]:
+    """``value`` and ``other`` with the fewest decimals (at least ``minimum``) that keep them apart.
+
+    So a banner never reads "0.99 < threshold 0.99": the printed numbers differ, and compare the same way as
+    the numbers themselves, whenever the numbers differ by at least 10**-maximum.
+    """
+    for digits in range(minimum, maximum + 1):
+        a, b = f"{value:.{digits}f}", f"{other:.{digits}f}"
+        if (float(a) > float(b)) == (value > other) and (float(a) < float(b)) == (value < other):
+            return a, b
+    return f"{value:.{maximum}f}", f"{other:.{maximum}f}"
+
+
+def decision_line(summary: TriageSummary, *, ascii_only: bool = False) -> str:
+    """``Urgency 0.9938 < threshold 0.9942 → not urgent``: the banner's and the SR's wording of the decision.
+
+    ``ascii_only`` for text stored in DICOM (the source's character set may be the default repertoire).
+    """
+    if summary.urgency is None or summary.threshold is None:
+        urgency = "-" if summary.urgency is None else f"{summary.urgency:.2f}"
+        threshold = "-" if summary.threshold is None else f"{summary.threshold:.2f}"
+    else:
+        urgency, threshold = distinct_digits(summary.urgency, summary.threshold)
+    relation = (">=" if ascii_only else "≥") if summary.urgent else "<"
+    arrow = "->" if ascii_only else "→"
+    return f"Urgency {urgency} {relation} threshold {threshold} {arrow} {'URGENT' if summary.urgent else 'not urgent'}"
+
+
 def pretty_label(label: str | None) -> str:
     return {"notumor": "no tumour", None: "none"}.get(label, str(label))
 
