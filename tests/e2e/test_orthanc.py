@@ -7,7 +7,9 @@ Orthanc through its REST API; Orthanc pushes them to triaged; triaged's outputs 
 from __future__ import annotations
 
 import io
+import json
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -222,6 +224,11 @@ def _export_job_of(stack: Stack, study_uid: str) -> Job | None:
         return job
 
 
+def _metrics(stack: Stack) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{stack.triaged.http_port}/metrics", timeout=10) as response:
+        return str(response.read().decode())
+
+
 def _waiting(job: Job | None) -> bool:
     """Queued for the down destination with no attempt spent."""
     return job is not None and job.state == JobState.QUEUED and job.attempts == 0 and job.destination == "orthanc"
@@ -251,6 +258,19 @@ def test_fault_pacs_down_then_back_every_output_arrives_once(
     assert _waiting(first), first and (first.state, first.attempts, first.last_error)
     assert first is not None and "DestinationDownError" in (first.last_error or "")
     assert len(stack.orthanc.study_instances(study_uid)) == len(paths)  # nothing got through
+    # Visible to operators: /metrics says the destination is down with an export pending; `jobs list` says why.
+    wait_for(
+        lambda: (
+            'triaged_destination_up{destination="orthanc"} 0.0' in _metrics(stack)
+            and 'triaged_outputs_pending{destination="orthanc"} 1.0' in _metrics(stack)
+        ),
+        timeout=60,
+        what="destination down in /metrics",
+    )
+    listed = stack.triaged.cli("jobs", "list", "--kind", "export", "--json")
+    assert listed.returncode == 0, listed.stderr
+    (row,) = json.loads(listed.stdout)
+    assert (row["state"], row["attempts"], row["destination"]) == ("queued", 0, "orthanc")
     # The PACS being down blocks neither receiving nor inference: a second study is triaged meanwhile.
     other = labelled_series(tmp_path / "other", kaggle_files("glioma")[:3], seed="orthanc-fault-2", size=(256, 256))
     send_files(other, Destination("triaged", "TRIAGED", "127.0.0.1", stack.triaged.dicom_port), SendOptions("ORTHANC"))
