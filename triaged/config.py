@@ -44,6 +44,22 @@ def _check_ae_title(value: str) -> str:
     return stripped
 
 
+class PeerTls(_Section):
+    """TLS for associations *we* open to a peer (outputs, probes): the peer's certificate is verified."""
+
+    enabled: bool = False
+    ca_file: Path | None = Field(default=None, description="CA that signed the peer's certificate (default: system)")
+    cert_file: Path | None = Field(default=None, description="our client certificate, when the peer requires one")
+    key_file: Path | None = None
+    check_hostname: bool = Field(default=False, description="peers are addressed by IP; the CA file pins them")
+
+    @model_validator(mode="after")
+    def _key_with_cert(self) -> PeerTls:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together")
+        return self
+
+
 class Peer(_Section):
     """A DICOM node we accept associations from and may send outputs to."""
 
@@ -51,6 +67,7 @@ class Peer(_Section):
     host: str = "127.0.0.1"
     port: int = Field(default=104, ge=1, le=65535)
     quiet_seconds: float | None = Field(default=None, ge=0)
+    tls: PeerTls = PeerTls()
 
     _ae = field_validator("ae_title")(_check_ae_title)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ssl
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -50,14 +51,20 @@ class FakePacs:
 
 
 @contextmanager
-def running_fake_pacs(ae_title: str = "FAKEPACS") -> Iterator[FakePacs]:
+def running_fake_pacs(ae_title: str = "FAKEPACS", *, ssl_context: ssl.SSLContext | None = None) -> Iterator[FakePacs]:
+    """The fake PACS on loopback; ``ssl_context`` makes it a TLS peer (PS3.15 B.1)."""
     fake = FakePacs(port=0, ae_title=ae_title)
     ae = AE(ae_title=ae_title)
     for sop_class in (SecondaryCaptureImageStorage, KeyObjectSelectionDocumentStorage, COMPREHENSIVE_3D_SR):
         ae.add_supported_context(sop_class, [ExplicitVRLittleEndian])
     ae.add_supported_context(VERIFICATION, [ImplicitVRLittleEndian])  # answers the C-ECHO probes
     # port 0: the server binds a free port itself (no time-of-check/time-of-use gap), then we read it back
-    server = ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, fake.handle_store)])
+    server = ae.start_server(
+        ("127.0.0.1", 0),
+        block=False,
+        evt_handlers=[(evt.EVT_C_STORE, fake.handle_store)],
+        ssl_context=ssl_context,
+    )
     assert server is not None
     fake.port = int(server.server_address[1])
     try:

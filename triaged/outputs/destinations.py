@@ -21,6 +21,7 @@ from triaged.db.models import DestinationState, utcnow
 from triaged.errors import ConfigError, DicomPeerError
 from triaged.outputs.scu import Destination
 from triaged.outputs.send import echo
+from triaged.outputs.tls import destination_ssl_context
 
 log = structlog.get_logger()
 
@@ -41,7 +42,8 @@ def resolve_destination(settings: Settings, calling_ae_title: str) -> Destinatio
                 f"{calling_ae_title or '(unknown)'!r} is not a configured peer in [dicom.peers]"
             )
         name, peer = found
-    return Destination(name=name, ae_title=peer.ae_title, host=peer.host, port=peer.port)
+    context = destination_ssl_context(peer.tls, name)
+    return Destination(name=name, ae_title=peer.ae_title, host=peer.host, port=peer.port, ssl_context=context)
 
 
 def probe_delay(settings: Settings, probes: int) -> timedelta:
@@ -65,6 +67,7 @@ def probe(settings: Settings, name: str) -> None:
         called_ae_title=peer.ae_title,
         calling_ae_title=settings.dicom.ae_title,
         timeout=settings.outputs.probe_timeout_seconds,
+        ssl_context=destination_ssl_context(peer.tls, name),
     )
 
 

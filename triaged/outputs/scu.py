@@ -11,8 +11,9 @@ association that cannot be made is a :class:`~triaged.errors.DicomPeerError` —
 from __future__ import annotations
 
 import socket
+import ssl
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import structlog
@@ -35,12 +36,13 @@ MAX_CONTEXTS = 128
 
 @dataclass(frozen=True)
 class Destination:
-    """Where outputs go: a configured peer (name for messages, AE title, address)."""
+    """Where outputs go: a configured peer (name for messages, AE title, address, TLS when it requires it)."""
 
     name: str
     ae_title: str
     host: str
     port: int
+    ssl_context: ssl.SSLContext | None = field(default=None, compare=False, repr=False)
 
     def __str__(self) -> str:
         return f"{self.name} ({self.ae_title}@{self.host}:{self.port})"
@@ -101,11 +103,13 @@ def _associate(items: Sequence[_Item], destination: Destination, options: SendOp
     ae.connection_timeout = options.connection_timeout
     for sop_class_uid, transfer_syntax_uid in contexts:
         ae.add_requested_context(sop_class_uid, transfer_syntax_uid)
+    context = destination.ssl_context
     assoc = ae.associate(
         destination.host,
         destination.port,
         ae_title=destination.ae_title,
         evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay)],
+        tls_args=(context, destination.host) if context is not None else None,
     )
     if assoc.is_established:
         return assoc
