@@ -185,22 +185,33 @@ def test_outputs_arrive_in_the_source_study_and_render(stack: Stack, tmp_path: P
 OLD_RETRY_BUDGET = 3  # export_max_attempts here: before destinations were state, the outage killed the job after this
 
 
-@pytest.fixture
-def outage_stack(tmp_path: Path, random_model: Path) -> Iterator[tuple[Stack, TcpProxy]]:
+def _proxied_stack(tmp_path: Path, model_dir: Path, **dicom: Any) -> Iterator[tuple[Stack, TcpProxy]]:
     """Orthanc behind a test-controlled TCP proxy on triaged's outbound path (Orthanc pushes to triaged directly)."""
     orthanc_binary()
     orthanc = Orthanc(root=tmp_path / "orthanc", modalities={})
     with running_proxy("127.0.0.1", orthanc.dicom_port) as proxy:
         triaged = TriagedDaemon(
             root=tmp_path / "triaged",
-            model_dir=random_model,
+            model_dir=model_dir,
             peers={"orthanc": {"ae_title": orthanc.ae_title, "host": "127.0.0.1", "port": proxy.port}},
             outputs={"destination": "orthanc", "probe_base_seconds": 0.2, "probe_max_seconds": 0.5},
             worker={"export_max_attempts": OLD_RETRY_BUDGET, "export_count": 1},
+            dicom=dicom,
         )
         orthanc.modalities = {"triaged": ("TRIAGED", triaged.dicom_port)}
         for running in _running_stack(Stack(orthanc, triaged)):
             yield running, proxy
+
+
+@pytest.fixture
+def outage_stack(tmp_path: Path, random_model: Path) -> Iterator[tuple[Stack, TcpProxy]]:
+    yield from _proxied_stack(tmp_path, random_model)
+
+
+@pytest.fixture
+def hang_stack(tmp_path: Path, random_model: Path) -> Iterator[tuple[Stack, TcpProxy]]:
+    """ACSE/DIMSE timeouts far longer than the test: a hung PACS stays hung until the test ends the hang."""
+    yield from _proxied_stack(tmp_path, random_model, acse_timeout=600, dimse_timeout=600, network_timeout=600)
 
 
 def _destination(stack: Stack, name: str = "orthanc") -> DestinationStatus | None:
@@ -314,6 +325,42 @@ def test_fault_pacs_down_then_back_every_output_arrives_once(
         what="resend done",
     )
     assert len(stack.orthanc.study_instances(study_uid)) == total
+
+
+@pytest.mark.slow
+def test_a_hung_pacs_never_blocks_inference(hang_stack: tuple[Stack, TcpProxy], tmp_path: Path) -> None:
+    stack, proxy = hang_stack
+    proxy.hang()  # accepts TCP, never answers: the export's association waits on its (long) timeout
+    paths = labelled_series(tmp_path / "series", kaggle_files("meningioma")[:4], seed="orthanc-hang", size=(256, 256))
+    series_id, study_uid = _upload_series(stack.orthanc, paths)
+    stack.orthanc.push("triaged", [series_id])
+    wait_for(
+        lambda: (
+            proxy.hung >= 1 and (job := _export_job_of(stack, study_uid)) is not None and job.state == JobState.RUNNING
+        ),
+        timeout=180,
+        what="first export hanging on the PACS",
+    )
+    # While that export is stuck, a second series is received and assessed: inference has its own worker.
+    other = labelled_series(tmp_path / "other", kaggle_files("glioma")[:3], seed="orthanc-hang-2", size=(256, 256))
+    send_files(other, Destination("triaged", "TRIAGED", "127.0.0.1", stack.triaged.dicom_port), SendOptions("ORTHANC"))
+    other_study = str(pydicom.dcmread(other[0], stop_before_pixels=True).StudyInstanceUID)
+    wait_for(lambda: _export_job_of(stack, other_study) is not None, timeout=180, what="second series assessed")
+    stuck = _export_job_of(stack, study_uid)
+    assert stuck is not None and stuck.state == JobState.RUNNING and proxy.hung >= 1
+    proxy.up()  # ends the hang: the stuck association is reset, the destination is down, probed, and up again
+    for uid in (study_uid, other_study):
+        _wait_outputs(stack, uid, timeout=180)
+    wait_for(
+        lambda: all(job.state == JobState.DONE for job in stack.triaged.export_jobs()), timeout=60, what="exports done"
+    )
+    assert [job.attempts for job in stack.triaged.export_jobs()] == [1, 1]
+    for uid in (study_uid, other_study):
+        for row in _output_rows(stack, uid):
+            found = stack.orthanc.post(
+                "/tools/find", {"Level": "Instance", "Query": {"SOPInstanceUID": row.sop_instance_uid}}
+            )
+            assert len(found) == 1, f"{row.kind} missing or duplicated"
 
 
 @pytest.mark.slow

@@ -56,6 +56,7 @@ class TriagedDaemon:
     dicom_port: int = field(default_factory=free_port)
     http_port: int = field(default_factory=free_port)
     worker: dict[str, Any] = field(default_factory=dict)
+    dicom: dict[str, Any] = field(default_factory=dict)
     process: subprocess.Popen[bytes] | None = None
     _engine: Engine | None = None
 
@@ -77,6 +78,7 @@ class TriagedDaemon:
                 "port": self.dicom_port,
                 "accept_unknown_peers": False,
                 "peers": self.peers,
+                **self.dicom,
             },
             "storage": {"min_free_bytes": 0},
             "series": {"quiet_seconds": self.quiet_seconds, "sweep_interval_seconds": 0.25},
