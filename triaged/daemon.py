@@ -25,6 +25,7 @@ from triaged.db.engine import make_engine
 from triaged.db.models import utcnow
 from triaged.db.schema import require_current_schema
 from triaged.http import HealthServer
+from triaged.outputs.destinations import expire_old_exports, probe_due_destinations, refresh_destination_gauges
 from triaged.outputs.headers import quiet_person_name_warnings
 from triaged.runtime import Runtime, build_runtime
 from triaged.worker import Worker, start_worker_threads, stop_workers
@@ -66,12 +67,6 @@ def refresh_job_gauges(runtime: Runtime) -> None:
 
 def destinations_housekeeping(runtime: Runtime) -> None:
     """Probe down destinations that are due, expire exports older than ``outputs.max_age_hours``, gauges."""
-    from triaged.outputs.destinations import (
-        expire_old_exports,
-        probe_due_destinations,
-        refresh_destination_gauges,
-    )
-
     probe_due_destinations(runtime.session_factory, runtime.settings)
     expire_old_exports(runtime.session_factory, runtime.settings)
     refresh_destination_gauges(runtime.session_factory)

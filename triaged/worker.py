@@ -20,6 +20,7 @@ from triaged import metrics
 from triaged.db import destinations, queue, repo
 from triaged.db.models import Job, JobKind, JobState
 from triaged.errors import DestinationDownError
+from triaged.outputs.destinations import probe_delay
 from triaged.runtime import Runtime
 
 log = structlog.get_logger()
@@ -170,8 +171,6 @@ class Worker:
 
     def _deferred(self, job: Job, exc: DestinationDownError) -> JobState:
         """The destination did not answer: mark it down and give the attempt back, in one transaction."""
-        from triaged.outputs.destinations import probe_delay
-
         error = queue.error_line(exc)
         try:
             with self.runtime.session_factory.begin() as session:

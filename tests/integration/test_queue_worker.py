@@ -202,3 +202,13 @@ def test_hold_file_holds_a_claimed_job_with_its_lease_alive(
         hold.touch()
         thread.join(60)
     assert started.is_set() and states == [JobState.DONE]
+
+
+def test_exports_get_their_own_worker_slots(runtime: Runtime) -> None:
+    stop = threading.Event()
+    workers = start_worker_threads(runtime, 2, stop, export_count=1)
+    assert [worker.kinds for worker, _ in workers] == [(JobKind.INFER,), (JobKind.INFER,), (JobKind.EXPORT,)]
+    assert len({worker.worker_id for worker, _ in workers}) == 3
+    stop.set()
+    stop_workers(runtime, workers, grace_seconds=5)
+    assert not any(thread.is_alive() for _, thread in workers)
