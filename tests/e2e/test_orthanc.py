@@ -241,7 +241,9 @@ def _metrics(stack: Stack) -> str:
 
 
 def _waiting(job: Job | None) -> bool:
-    """Queued for the down destination with no attempt spent."""
+    """Queued for the down destination with no attempt spent (fails at once if the export gave up instead)."""
+    if job is not None and job.state in (JobState.DEAD, JobState.FAILED):
+        raise AssertionError(f"export job {job.id} is {job.state} after {job.attempts} attempts: {job.last_error}")
     return job is not None and job.state == JobState.QUEUED and job.attempts == 0 and job.destination == "orthanc"
 
 
