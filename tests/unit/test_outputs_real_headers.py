@@ -27,7 +27,7 @@ from pydicom.tag import Tag
 from pydicom.valuerep import validate_value
 from structlog.testing import capture_logs
 
-from tests.conftest import shared_data
+from tests.conftest import SHARED_DATA, shared_data
 from triaged.config import OutputSettings
 from triaged.dicom.synthetic import write_mr_series
 from triaged.outputs.build import build_outputs, encode
@@ -94,7 +94,7 @@ def _roundtrip(ds: Dataset) -> Dataset:
     return pydicom.dcmread(BytesIO(encode(ds)))
 
 
-SERIES = _brain_series() if (Path(__file__).resolve().parents[3] / "shared" / "data" / "README.md").is_file() else {}
+SERIES = _brain_series() if (SHARED_DATA / "README.md").is_file() else {}  # missing: one test that skips
 
 
 @pytest.mark.parametrize("series", list(SERIES) or ["missing"], ids=lambda key: key.split("|")[0])
