@@ -136,18 +136,39 @@ def _load_cam(runtime: Runtime, relative: str | None) -> NDArray[np.float32] | N
         raise OutputBuildError(f"cannot read Grad-CAM map {relative}: {exc}") from exc
 
 
+def _key_slices(runtime: Runtime, plan: _Plan, datasets: dict[str, Dataset]) -> list[KeySlice]:
+    """The key slices whose source and Grad-CAM map can be read; one that cannot costs only its own SC."""
+    keys: list[KeySlice] = []
+    for position, (sop_instance_uid, frame_number, cam_path, tumour_probability) in enumerate(plan.keys):
+        try:
+            if sop_instance_uid not in datasets:
+                datasets[sop_instance_uid] = _read_source(runtime, plan, sop_instance_uid, pixels=True)
+            cam = _load_cam(runtime, cam_path)
+        except OutputBuildError as exc:
+            log.warning("output_source_unreadable", key_index=position, error=type(exc.__cause__ or exc).__name__)
+            continue
+        keys.append(KeySlice(datasets[sop_instance_uid], frame_number, cam, tumour_probability))
+    return keys
+
+
+def _evidence(runtime: Runtime, plan: _Plan, datasets: dict[str, Dataset]) -> list[Dataset]:
+    """Headers of every readable source instance, for the KOS/SR evidence (unreadable ones are counted, once)."""
+    evidence: list[Dataset] = []
+    unreadable = 0
+    for uid in sorted(plan.instance_files):
+        try:
+            evidence.append(datasets.get(uid) or _read_source(runtime, plan, uid, pixels=False))
+        except OutputBuildError:
+            unreadable += 1
+    if unreadable:
+        log.warning("output_evidence_unreadable", instances=unreadable, of=len(plan.instance_files))
+    return evidence
+
+
 def _build(runtime: Runtime, plan: _Plan) -> list[BuiltOutput]:
     datasets: dict[str, Dataset] = {}
-    keys: list[KeySlice] = []
-    for sop_instance_uid, frame_number, cam_path, tumour_probability in plan.keys:
-        if sop_instance_uid not in datasets:
-            datasets[sop_instance_uid] = _read_source(runtime, plan, sop_instance_uid, pixels=True)
-        keys.append(
-            KeySlice(datasets[sop_instance_uid], frame_number, _load_cam(runtime, cam_path), tumour_probability)
-        )
-    evidence = [
-        datasets.get(uid) or _read_source(runtime, plan, uid, pixels=False) for uid in sorted(plan.instance_files)
-    ]
+    keys = _key_slices(runtime, plan, datasets)
+    evidence = _evidence(runtime, plan, datasets)
     fallback = None
     if not plan.summary.assessed and plan.middle_instance is not None:
         fallback = _read_source(runtime, plan, plan.middle_instance, pixels=True)

@@ -13,6 +13,7 @@ import pytest
 from pydicom.uid import SecondaryCaptureImageStorage
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
+from structlog.testing import capture_logs
 from typer.testing import CliRunner
 
 from tests.conftest import free_port
@@ -375,3 +376,26 @@ def test_resend_cli(pacs: FakePacs, tmp_path: Path, sqlite_url: str) -> None:
     result = runner.invoke(app, ["--config", str(config), "resend", "--dead"])
     assert result.exit_code == 0 and "re-queued 0 export job(s)" in result.stdout
     engine.dispose()
+
+
+def test_an_unreadable_key_slice_costs_only_its_own_secondary_capture(
+    pacs: FakePacs, make_settings: Callable[..., Settings], session_factory: sessionmaker[Session], tmp_path: Path
+) -> None:
+    scenario = _seed(_settings(make_settings, pacs.port), session_factory, tmp_path)
+    with session_factory() as session:
+        most_suspicious = session.scalars(
+            select(Instance).where(Instance.sop_instance_uid == scenario.source_uids[2])
+        ).one()
+    scenario.runtime.store.path_for(most_suspicious.file_path).unlink()  # lost from the store, row still there
+    with capture_logs() as logs:
+        run_export_job(scenario.runtime, _claim(scenario.runtime))
+    outputs = _outputs(scenario.runtime)
+    assert [o.kind for o in outputs] == [
+        OutputKind.SECONDARY_CAPTURE,
+        OutputKind.KEY_OBJECT_SELECTION,
+        OutputKind.STRUCTURED_REPORT,
+    ]
+    assert pacs.received[0].SourceImageSequence[0].ReferencedSOPInstanceUID == scenario.source_uids[1]
+    assert sorted(pacs.sop_instance_uids()) == sorted(o.sop_instance_uid for o in outputs)
+    events = [e["event"] for e in logs]
+    assert events.count("output_source_unreadable") == 1 and events.count("output_evidence_unreadable") == 1
