@@ -23,7 +23,7 @@ from triaged.outputs.destinations import probe_due_destinations, resolve_destina
 from triaged.runtime import Runtime
 from triaged.worker import Worker
 
-pytestmark = [REFUSED_SOCKET, pytest.mark.filterwarnings("ignore::ResourceWarning")]
+pytestmark = [REFUSED_SOCKET]
 
 
 @pytest.fixture(scope="module")

@@ -25,6 +25,7 @@ from pynetdicom.association import Association
 
 from triaged.errors import DicomPeerError, DicomSendError
 from triaged.log import uid_hash
+from triaged.outputs.send import close_socket
 
 log = structlog.get_logger()
 
@@ -113,6 +114,7 @@ def _associate(items: Sequence[_Item], destination: Destination, options: SendOp
     )
     if assoc.is_established:
         return assoc
+    close_socket(assoc)  # pynetdicom can leave a failed requestor's socket open (e.g. a refused TLS handshake)
     why = "rejected the association" if assoc.is_rejected else "could not be reached or aborted the association"
     raise DicomPeerError(f"{destination} {why}")
 
