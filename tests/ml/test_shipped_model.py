@@ -6,18 +6,28 @@ trained on).
 
 from __future__ import annotations
 
+import dataclasses
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from triaged.ml.gate import gate_reason
 from triaged.ml.inference import Predictor, Triage
 from triaged.ml.registry import read_spec
+from triaged.ml.results import SeriesMeta
+from triaged.training.data import read_manifest
 from triaged.training.dataset import load_image
 
 REPO = Path(__file__).resolve().parents[2]
-MODEL_DIR = REPO / "models" / "densenet121-brainmri-v1"
+MODEL_DIR = REPO / "models" / "densenet121-brainmri-v1"  # the daemon's default
+CANDIDATE_DIR = REPO / "models" / "densenet121-brainmri-v2"  # 2.0.0, provisional: fails one release criterion
+TOSHIBA_DWI_PATH = "neurolabusc_dcm_qa_toshiba/In/Galan/8006_DTI_AX_30d"
+UIH_T1_PATH = "neurolabusc_dcm_qa_uih/In/DTI_132225/t1_gre_fsp_3d_sag__132750"
+XA30_MPRAGE_PATH = "neurolabusc_dcm_qa_xa30/In/6_anat-T1w_acq-tfl"
+VOLUME_PATIENTS = ("TCGA_DU_7018", "TCGA_HT_7616")
 DATA = REPO.parent / "shared" / "data"
 EXPECTED = {
     "kaggle_4class/Testing/glioma/Te-gl_0131.jpg": "glioma",
@@ -63,3 +73,63 @@ def test_diffusion_series_from_dicom_is_not_assessable(data_root: Path) -> None:
     assert not result.assessable and not result.urgent
     assert "diffusion" in (result.reason or "")
     assert torch.get_num_threads() == 1
+
+
+def _series_from_dicom(path: Path) -> tuple[list[np.ndarray], SeriesMeta]:
+    """Slices and gate metadata the way the daemon reads them (decode_series + the pipeline's mapping)."""
+    from triaged.dicom.pixels import decode_series
+    from triaged.training.series_eval import series_meta_of
+
+    files = sorted(path.iterdir()) if path.is_dir() else [path]
+    decoded = decode_series(files)
+    return [s.pixels for s in decoded.slices], series_meta_of(decoded.header, len(decoded.slices))
+
+
+def test_a_diffusion_b0_series_whose_metadata_says_nothing_is_not_flagged(data_root: Path) -> None:
+    """A Toshiba DTI b0 with description, b-values and EPI flag stripped passes the metadata gate and must never
+    come back urgent. (The issue asks the OOD score to refuse it; for 2.0.0 its feature distance, 1.14, is below
+    the threshold 3.23, so today it is assessed as no tumour: recorded in the issue note, not hidden here.)"""
+    slices, meta = _series_from_dicom(data_root / "dicom" / TOSHIBA_DWI_PATH)
+    stripped = dataclasses.replace(
+        meta, series_description="AX", protocol_name="", diffusion_b_values=(), scanning_sequence=("SE",)
+    )
+    assert gate_reason(stripped) is None
+    result = Triage(CANDIDATE_DIR, device="cpu", threads=1).assess(slices, stripped, cam_top_k=0)
+    assert not result.urgent, (result.label, result.urgency, result.threshold)
+
+
+@pytest.mark.parametrize("model_dir", [MODEL_DIR, CANDIDATE_DIR], ids=["default", "candidate"])
+def test_accepts_the_real_anatomical_series(data_root: Path, model_dir: Path) -> None:
+    """Neither the gate nor the OOD score refuses the real normal T1 volumes; the default model does not flag them
+    (the candidate flags the MPRAGE: that is its failed release criterion, reported in its card)."""
+    triage = Triage(model_dir, device="cpu", threads=1)
+    for relative in (UIH_T1_PATH, XA30_MPRAGE_PATH):
+        slices, meta = _series_from_dicom(data_root / "dicom" / relative)
+        result = triage.assess(slices, meta, cam_top_k=0)
+        assert result.assessable, (relative, result.reason)
+        if model_dir == MODEL_DIR:
+            assert not result.urgent, (relative, result.urgency, result.threshold)
+
+
+def test_bf16_agrees_with_fp32_on_every_release_decision(data_root: Path) -> None:
+    """Reduced precision must not flip a decision: same assessability, same urgent flag, urgency within 0.02, on
+    the release series and on fixed tcga_lgg test volumes (whose urgencies sit near the threshold more often)."""
+    from triaged.training.release import RELEASE_SERIES
+    from triaged.training.series_eval import assess_dicom_files, volume_series, write_volume_series
+
+    fp32 = Triage(CANDIDATE_DIR, device="cpu", precision="fp32", threads=1)
+    bf16 = Triage(CANDIDATE_DIR, device="cpu", precision="bf16", threads=1)
+    paths: list[list[Path]] = []
+    for _, relative, _ in RELEASE_SERIES:
+        target = data_root / "dicom" / relative
+        paths.append(sorted(target.iterdir()) if target.is_dir() else [target])
+    samples = read_manifest(CANDIDATE_DIR / "manifest.csv")
+    volumes = [v for v in volume_series(samples, "test") if v.patient in VOLUME_PATIENTS]
+    with tempfile.TemporaryDirectory() as tmp:
+        paths += [write_volume_series(data_root, v, Path(tmp) / v.patient / v.contrast) for v in volumes]
+        for files in paths:
+            a = assess_dicom_files(fp32, files, cam_top_k=0)
+            b = assess_dicom_files(bf16, files, cam_top_k=0)
+            assert (a.assessable, a.urgent) == (b.assessable, b.urgent), (files[0].parent.name, a.urgency, b.urgency)
+            if a.urgency is not None and b.urgency is not None:
+                assert abs(a.urgency - b.urgency) <= 0.02
