@@ -70,7 +70,7 @@ def samples(shared_data: Path) -> list[Sample]:
     return lgg_samples(shared_data)
 
 
-def test_no_patient_on_two_sides_and_no_unseen_site_in_training(samples: list) -> None:  # type: ignore[type-arg]
+def test_no_patient_on_two_sides_and_no_unseen_site_in_training(samples: list[Sample]) -> None:
     sides: dict[str, set[str]] = defaultdict(set)
     for s in samples:
         sides[lgg_patient(s.path)].add(s.split)
@@ -79,7 +79,7 @@ def test_no_patient_on_two_sides_and_no_unseen_site_in_training(samples: list) -
     assert len(sides) == 80
 
 
-def test_flair_copies_never_count_as_t1(samples: list) -> None:  # type: ignore[type-arg]
+def test_flair_copies_never_count_as_t1(samples: list[Sample]) -> None:
     copies = [s for s in samples if s.exclude_reason == "duplicated_channel"]
     assert copies and all("/flair/" not in s.path for s in copies)
     assert not [s for s in training_samples(samples, "train") if s.exclude_reason]

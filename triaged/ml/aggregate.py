@@ -91,13 +91,6 @@ def brain_measures(images: np.ndarray, signal: np.ndarray | None = None) -> Brai
     )
 
 
-def brain_fraction(images: np.ndarray) -> np.ndarray:
-    """Fraction of each preprocessed image (N, 1, S, S) brighter than :data:`BRAIN_INTENSITY` (tissue, not air)."""
-    flat = images.reshape(images.shape[0], -1)
-    result: np.ndarray = (flat > BRAIN_INTENSITY).mean(axis=1).astype(np.float32)
-    return result
-
-
 def in_brain_mask(measures: BrainMeasures, aggregation: Mapping[str, Any]) -> np.ndarray:
     """Slices that show brain, judged relative to the head so any field of view and skull-stripped volumes pass.
 

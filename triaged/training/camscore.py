@@ -16,6 +16,11 @@ from triaged.ml.transforms import content_box
 from triaged.training.metrics import bootstrap_ci, with_ci
 
 
+def evenly_spaced(rows: list[int], limit: int) -> list[int]:
+    """At most ``limit`` of ``rows``, spread evenly over them (deterministic, so every evaluation scores the same)."""
+    return rows[:: max(1, len(rows) // max(1, limit))][:limit]
+
+
 def mask_to_model_space(mask: np.ndarray, size: int) -> np.ndarray:
     """Map a (H, W) mask through the same resize-longest-side + centre-pad geometry as the images."""
     top, left, h, w = content_box((int(mask.shape[0]), int(mask.shape[1])), size)

@@ -26,11 +26,11 @@ from triaged.ml.inference import Predictor, Triage, energy_score, softmax
 from triaged.ml.networks import cam_layer_candidates
 from triaged.ml.ood import OOD_FILE, FeatureOOD
 from triaged.ml.registry import default_aggregation, load_model, sha256_file, write_spec
-from triaged.training.camscore import cheng_mask_path, load_masks, score_cams
+from triaged.training.camscore import cheng_mask_path, evenly_spaced, load_masks, score_cams
 from triaged.training.data import Sample, evaluation_samples, read_manifest, split_summary, training_samples
 from triaged.training.dataset import preprocess_files, sample_labels, sample_paths
 from triaged.training.evaluate_volumes import flair_pointing_game, per_source_table, volume_evaluation
-from triaged.training.lgg import is_lgg
+from triaged.training.lgg import is_lgg, trained_sites
 from triaged.training.metrics import fit_temperature, roc_curve, sensitivity_threshold, youden_threshold
 from triaged.training.report import set_report
 
@@ -234,7 +234,9 @@ def evaluate_model(model_dir: Path, data_root: Path, out_dir: Path, options: Eva
     if "lgg_test" in logits:
         source_samples = sets["test"] + sets["lgg_test"]
         source_probs = np.concatenate([softmax(logits[n] / temperature) for n in ("test", "lgg_test")])
-        report["per_source"] = per_source_table(source_samples, source_probs, classes, urgency_threshold)
+        report["per_source"] = per_source_table(
+            source_samples, source_probs, classes, urgency_threshold, trained_sites(samples)
+        )
     if options.calibrate:
         final = dataclasses.replace(
             new_spec,
@@ -310,8 +312,7 @@ def _cheng_masks(data_root: Path, samples: list[Sample], rows: list[int], size: 
 
 
 def _cheng_rows(samples: list[Sample], limit: int) -> list[int]:
-    rows = [i for i, s in enumerate(samples) if s.source == "cheng"]
-    return rows[:: max(1, len(rows) // max(1, limit))][:limit]
+    return evenly_spaced([i for i, s in enumerate(samples) if s.source == "cheng"], limit)
 
 
 def _select_cam(

@@ -16,9 +16,9 @@ import numpy as np
 import torch
 
 from triaged.ml.inference import Predictor, Triage
-from triaged.training.camscore import load_masks, score_cams
+from triaged.training.camscore import evenly_spaced, load_masks, score_cams
 from triaged.training.data import Sample
-from triaged.training.lgg import UNSEEN_SITE, is_lgg, lgg_contrast, lgg_mask_path, lgg_site
+from triaged.training.lgg import UNSEEN_SITE, is_lgg, lgg_contrast, lgg_mask_path, lgg_site, trained_sites
 from triaged.training.metrics import roc_auc, sens_spec
 from triaged.training.series_eval import (
     choose_threshold,
@@ -30,16 +30,16 @@ from triaged.training.series_eval import (
 SERIES_TARGET_SENSITIVITY = 0.95
 
 
-def slice_source(sample: Sample) -> str:
-    """Source of a slice for the per-source table: kaggle, cheng, or tcga_lgg by site (seen or unseen)."""
+def slice_source(sample: Sample, seen: frozenset[str]) -> str:
+    """Source of a slice for the per-source table: kaggle, cheng, or tcga_lgg by site (seen = trained on)."""
     if not is_lgg(sample):
         return sample.source
     site = lgg_site(sample.path)
-    return f"tcga_lgg:{site} ({'unseen site' if site == UNSEEN_SITE else 'seen site'})"
+    return f"tcga_lgg:{site} ({'seen site' if site in seen else 'unseen site'})"
 
 
 def per_source_table(
-    samples: Sequence[Sample], probs: np.ndarray, classes: Sequence[str], threshold: float
+    samples: Sequence[Sample], probs: np.ndarray, classes: Sequence[str], threshold: float, seen: frozenset[str]
 ) -> list[dict[str, Any]]:
     """Slice-level tumour AUC and sensitivity/specificity at the series threshold, for each source (and contrast of
     tcga_lgg): how far sensitivity moves from the sources the model trained on to the one it did not."""
@@ -48,9 +48,10 @@ def per_source_table(
     truth = np.array([s.label != "notumor" for s in samples], dtype=int)
     groups: dict[str, list[int]] = {}
     for i, s in enumerate(samples):
-        groups.setdefault(slice_source(s), []).append(i)
+        source = slice_source(s, seen)
+        groups.setdefault(source, []).append(i)
         if is_lgg(s):
-            groups.setdefault(f"{slice_source(s)} {lgg_contrast(s.path)}", []).append(i)
+            groups.setdefault(f"{source} {lgg_contrast(s.path)}", []).append(i)
     rows = []
     for key in sorted(groups):
         idx = np.array(groups[key])
@@ -80,8 +81,10 @@ def flair_pointing_game(
     rounds: int,
 ) -> dict[str, Any]:
     """Grad-CAM pointing game on tcga_lgg FLAIR tumour slices against their FLAIR-abnormality masks."""
-    rows = [i for i, s in enumerate(samples) if is_lgg(s) and lgg_contrast(s.path) == "flair" and s.label != "notumor"]
-    rows = rows[:: max(1, len(rows) // max(1, limit))][:limit]
+    rows = evenly_spaced(
+        [i for i, s in enumerate(samples) if is_lgg(s) and lgg_contrast(s.path) == "flair" and s.label != "notumor"],
+        limit,
+    )
     if not rows:
         return {"n": 0}
     masks = load_masks(
@@ -120,6 +123,6 @@ def volume_evaluation(
             if choose
             else "threshold as shipped in model.json"
         ),
-        "val": series_report(val, threshold),
-        "test": series_report(test, threshold),
+        "val": series_report(val, threshold, trained_sites(samples)),
+        "test": series_report(test, threshold, trained_sites(samples)),
     }

@@ -127,6 +127,11 @@ def lgg_samples(data_root: Path, *, seed: int = SPLIT_SEED) -> list[Sample]:
     return samples
 
 
+def trained_sites(samples: Sequence[Sample]) -> frozenset[str]:
+    """Sites with at least one training slice: the "seen" sites of every report (EZ's only patient is test)."""
+    return frozenset(lgg_site(s.path) for s in samples if is_lgg(s) and s.split == "train" and not s.excluded)
+
+
 def is_lgg(sample: Sample) -> bool:
     return sample.source == SOURCE
 

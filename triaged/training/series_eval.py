@@ -31,7 +31,6 @@ from triaged.ml.results import SeriesAssessment, SeriesMeta
 from triaged.training.camscore import localisation_scores
 from triaged.training.data import Sample
 from triaged.training.lgg import (
-    UNSEEN_SITE,
     is_lgg,
     lgg_contrast,
     lgg_mask_path,
@@ -264,15 +263,16 @@ def _group_report(outcomes: Sequence[SeriesOutcome], threshold: float) -> dict[s
     }
 
 
-def series_report(outcomes: Sequence[SeriesOutcome], threshold: float) -> dict[str, Any]:
+def series_report(outcomes: Sequence[SeriesOutcome], threshold: float, seen: frozenset[str]) -> dict[str, Any]:
     """Per contrast, per site (seen vs unseen) and overall: series sensitivity at ``threshold`` with a Wilson CI,
-    not-assessable counts, urgency quantiles, slice-level tumour AUC against the masks, key images on the lesion."""
+    not-assessable counts, urgency quantiles, slice-level tumour AUC against the masks, key images on the lesion.
+    ``seen`` are the sites the model trained on (:func:`triaged.training.lgg.trained_sites`)."""
     by: dict[str, list[SeriesOutcome]] = defaultdict(list)
     for o in outcomes:
         by["all"].append(o)
         by[f"contrast:{o.contrast}"].append(o)
         by[f"site:{o.site}"].append(o)
-        by["unseen_site" if o.site == UNSEEN_SITE else "seen_sites"].append(o)
+        by["seen_sites" if o.site in seen else "unseen_sites"].append(o)
     return {
         "threshold": threshold,
         "groups": {name: _group_report(group, threshold) for name, group in sorted(by.items())},
