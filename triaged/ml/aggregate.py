@@ -53,21 +53,11 @@ def relative_signal(raw_slices: Sequence[np.ndarray]) -> np.ndarray:
 
 
 def _span(t: np.ndarray, axis: int) -> np.ndarray:
-    """Mask of the pixels between the first and last tissue pixel of each row (axis 2) or column (axis 1)."""
-    size = t.shape[axis]
-    first = np.argmax(t, axis=axis)
-    last = size - 1 - np.argmax(np.flip(t, axis=axis), axis=axis)
-    present: np.ndarray = np.asarray(t.any(axis=axis))
-    pos = np.arange(size)
-    span: np.ndarray
-    if axis == 2:
-        span = (
-            (pos[None, None, :] >= first[:, :, None]) & (pos[None, None, :] <= last[:, :, None]) & present[:, :, None]
-        )
-    else:
-        span = (
-            (pos[None, :, None] >= first[:, None, :]) & (pos[None, :, None] <= last[:, None, :]) & present[:, None, :]
-        )
+    """Mask of the pixels between the first and last tissue pixel along ``axis`` (inclusive): tissue seen so far
+    from one end and also from the other."""
+    from_start = np.logical_or.accumulate(t, axis=axis)
+    from_end = np.flip(np.logical_or.accumulate(np.flip(t, axis=axis), axis=axis), axis=axis)
+    span: np.ndarray = from_start & from_end
     return span
 
 
