@@ -141,21 +141,7 @@ def _gate_refusal(
     if reason is None:
         return None
     log.info("series_not_decoded_but_refused", reason=reason, decode_error=queue.error_line(error))
-    assessment = SeriesAssessment(
-        assessable=False,
-        reason=reason,
-        label=None,
-        class_probabilities={},
-        urgency=None,
-        threshold=triage.threshold,
-        urgent=False,
-        slice_probabilities=np.zeros((0, len(triage.classes)), dtype=np.float32),
-        slice_in_brain=np.zeros(0, dtype=bool),
-        key_slice_indices=(),
-        cams={},
-        ood_score=None,
-        timings={},
-    )
+    assessment = triage.refused(reason, 0)  # no slice was decoded
     return DecodedSeries(slices=(), header=header), assessment, {}
 
 

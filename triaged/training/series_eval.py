@@ -170,7 +170,7 @@ def assess_dicom_files(triage: Triage, paths: Sequence[Path], *, cam_top_k: int 
         reason = gate_reason(series_meta_of(header, images))
         if reason is None:
             raise
-        return triage.refused(reason, images)
+        return triage.refused(reason, 0)  # as run_infer_job: no slice was decoded
     meta = series_meta_of(decoded.header, len(decoded.slices))
     return triage.assess([s.pixels for s in decoded.slices], meta, cam_top_k=cam_top_k)
 
