@@ -23,9 +23,7 @@ _REFUSED_DESCRIPTION = {
     "EPI / functional": r"epi|ep2d|ep3d|bold|fmri|f_mri|resting|\brest\b|task",
     "perfusion": r"perf|dsc|dce|asl|pcasl|\bpwi\b|cbf|cbv|\bmtt\b|\btt?p\b",
     "localizer": r"locali[sz]er|scout|survey|\bloc\b|3.?plane|tracker|aahead|aascout",
-    "field map / calibration": (
-        r"field.?map|fmap|b1.?map|calibration|\bcal\b|shim|asset.?cal|sense.?ref|coil.?survey|\bref.?scan"
-    ),
+    "field map / calibration": (r"field.?map|fmap|b1.?map|calibration|\bcal\b|shim|asset.?cal|sense.?ref|\bref.?scan"),
     "proton density": r"\bpd\b|\bpdw|proton.?dens|\bpd.?t2\b|\bdp\b",
     "T2* gradient echo": r"t2\*|t2.?star|\bmerge\b|hemo|\bgre.?t2|t2.?gre|\bt2.?ffe|\bffe.?t2",
     "angiography": r"\btof\b|angio|\bmra\b|\bmip\b",
@@ -66,8 +64,7 @@ PD_MAX_TE = 45.0
 T2STAR_MIN_TE = 12.0
 
 
-def _timing_reason(meta: SeriesMeta) -> str | None:
-    scanning = {s.strip().upper() for s in meta.scanning_sequence}
+def _timing_reason(meta: SeriesMeta, scanning: set[str]) -> str | None:
     te, tr = meta.echo_time, meta.repetition_time
     inverted = "IR" in scanning or (meta.inversion_time or 0.0) > 0.0
     if te is None or inverted:
@@ -104,4 +101,4 @@ def gate_reason(meta: SeriesMeta) -> str | None:
     for kind, pattern in _REFUSED_DESCRIPTION.items():
         if re.search(pattern, text) or re.search(pattern, spaced):
             return f"{kind} series (description {meta.series_description or meta.protocol_name!r})"
-    return _timing_reason(meta)
+    return _timing_reason(meta, scanning)

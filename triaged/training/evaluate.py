@@ -222,8 +222,7 @@ def evaluate_model(model_dir: Path, data_root: Path, out_dir: Path, options: Eva
             },
         )
         write_spec(model_dir, new_spec)
-    has_volumes = any(is_lgg(s) for s in samples)
-    if has_volumes:
+    if any(is_lgg(s) for s in samples):
         triage = Triage(model_dir, device=options.device, precision=options.precision, threads=options.threads)
         urgency_threshold, report["volumes"] = volume_evaluation(
             triage, data_root, samples, choose=options.calibrate, threshold=urgency_threshold
@@ -246,12 +245,11 @@ def evaluate_model(model_dir: Path, data_root: Path, out_dir: Path, options: Eva
         write_spec(model_dir, final)
     if options.release and (data_root / "dicom").is_dir():
         triage = Triage(model_dir, device=options.device, precision=options.precision, threads=options.threads)
-        from triaged.training.release import evaluate_release  # reads DICOM with pydicom: evaluation only
+        # reads DICOM with pydicom: evaluation only
+        from triaged.training.release import evaluate_release, volume_release
 
         report["release"] = evaluate_release(triage, data_root / "dicom")
         if "volumes" in report:
-            from triaged.training.release import volume_release
-
             report["release"]["volumes"] = volume_release(report["volumes"]["test"])
             report["release"]["passed"] = report["release"]["passed"] and report["release"]["volumes"]["passed"]
     report["ood_check"] = {
