@@ -30,6 +30,7 @@ from triaged.ml.inference import Triage
 from triaged.ml.results import SeriesAssessment, SeriesMeta
 from triaged.training.camscore import localisation_scores
 from triaged.training.data import Sample
+from triaged.training.dataset import load_image
 from triaged.training.lgg import (
     is_lgg,
     lgg_contrast,
@@ -117,11 +118,7 @@ def volume_series(samples: Sequence[Sample], split: str) -> list[VolumeSeries]:
 
 def load_volume(data_root: Path, series: VolumeSeries) -> list[np.ndarray]:
     """The 8-bit slices of a volume as float32 arrays (the values a viewer of the JPEGs sees)."""
-    out = []
-    for s in series.samples:
-        with Image.open(data_root / s.path) as img:
-            out.append(np.asarray(img.convert("L"), dtype=np.float32))
-    return out
+    return [load_image(data_root / s.path) for s in series.samples]
 
 
 def write_volume_series(data_root: Path, series: VolumeSeries, out_dir: Path) -> list[Path]:
