@@ -7,10 +7,7 @@ thresholds) so no parameter is hard-coded elsewhere.
 
 from __future__ import annotations
 
-import hashlib
 import json
-from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,103 +18,35 @@ from torch import nn
 from triaged.errors import ModelError
 from triaged.ml.networks import build_network
 from triaged.ml.ood import FeatureOOD
-from triaged.ml.transforms import PreprocessingConfig
+from triaged.ml.spec import (
+    DEFAULT_CLASSES,
+    FORMAT_VERSION,
+    MODEL_JSON,
+    NO_TUMOUR,
+    WEIGHTS_FILE,
+    ModelSpec,
+    PreprocessingConfig,
+    read_spec,
+    sha256_file,
+)
 
-MODEL_JSON = "model.json"
-WEIGHTS_FILE = "model.safetensors"
-FORMAT_VERSION = 1
-DEFAULT_CLASSES = ("glioma", "meningioma", "notumor", "pituitary")
-NO_TUMOUR = "notumor"
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """The parsed ``model.json``; ``extra`` keeps every other key (metrics, training record, ...)."""
-
-    name: str
-    version: str
-    arch: str
-    classes: tuple[str, ...]
-    preprocessing: PreprocessingConfig
-    weights_sha256: str
-    temperature: float = 1.0
-    thresholds: Mapping[str, float] = field(default_factory=dict)
-    aggregation: Mapping[str, Any] = field(default_factory=dict)
-    ood: Mapping[str, Any] = field(default_factory=dict)
-    provisional: bool = False
-    extra: Mapping[str, Any] = field(default_factory=dict)
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "format_version": FORMAT_VERSION,
-            "name": self.name,
-            "version": self.version,
-            "arch": self.arch,
-            "classes": list(self.classes),
-            "in_channels": 1,
-            "input_size": self.preprocessing.input_size,
-            "preprocessing": self.preprocessing.to_dict(),
-            "temperature": self.temperature,
-            "thresholds": dict(self.thresholds),
-            "aggregation": dict(self.aggregation),
-            "ood": dict(self.ood),
-            "provisional": self.provisional,
-            "weights_file": WEIGHTS_FILE,
-            "weights_sha256": self.weights_sha256,
-            **dict(self.extra),
-        }
-
-
-_KNOWN = {
-    "format_version",
-    "name",
-    "version",
-    "arch",
-    "classes",
-    "in_channels",
-    "input_size",
-    "preprocessing",
-    "temperature",
-    "thresholds",
-    "aggregation",
-    "ood",
-    "provisional",
-    "weights_file",
-    "weights_sha256",
-}
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def read_spec(model_dir: Path) -> ModelSpec:
-    """Parse ``model.json``; raises :class:`ModelError` with the reason when it is missing or malformed."""
-    path = model_dir / MODEL_JSON
-    try:
-        data = json.loads(path.read_text())
-        return ModelSpec(
-            name=str(data["name"]),
-            version=str(data["version"]),
-            arch=str(data["arch"]),
-            classes=tuple(str(c) for c in data["classes"]),
-            preprocessing=PreprocessingConfig.from_dict(data["preprocessing"]),
-            weights_sha256=str(data["weights_sha256"]),
-            temperature=float(data.get("temperature", 1.0)),
-            thresholds={str(k): float(v) for k, v in data.get("thresholds", {}).items()},
-            aggregation=dict(data.get("aggregation", {})),
-            ood=dict(data.get("ood", {})),
-            provisional=bool(data.get("provisional", False)),
-            extra={k: v for k, v in data.items() if k not in _KNOWN},
-        )
-    except FileNotFoundError as exc:
-        raise ModelError(f"model directory {model_dir} has no {MODEL_JSON}") from exc
-    except (ValueError, KeyError, TypeError) as exc:
-        raise ModelError(f"{path} is malformed: {exc}") from exc
+# The spec half of a model directory lives in the torch-free ml.spec; it is re-exported here for existing callers.
+__all__ = [
+    "DEFAULT_CLASSES",
+    "FORMAT_VERSION",
+    "MODEL_JSON",
+    "NO_TUMOUR",
+    "WEIGHTS_FILE",
+    "ModelSpec",
+    "build_random_model_dir",
+    "default_aggregation",
+    "load_model",
+    "load_ood",
+    "read_spec",
+    "save_model_dir",
+    "sha256_file",
+    "write_spec",
+]
 
 
 def load_model(model_dir: Path) -> tuple[ModelSpec, nn.Module]:

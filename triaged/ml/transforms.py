@@ -7,9 +7,6 @@ inputs must look; nothing here depends on where the pixels came from (PNG/JPEG o
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass
-from typing import Any
 
 import numpy as np
 import torch
@@ -22,35 +19,10 @@ from monai.transforms import (
     SpatialPad,
 )
 
-PREPROCESSING_KIND = "percentile-resize-pad-v1"
+from triaged.ml.spec import PREPROCESSING_KIND, PreprocessingConfig
 
-
-@dataclass(frozen=True)
-class PreprocessingConfig:
-    """Parameters of :func:`build_preprocess`, stored verbatim in ``model.json``."""
-
-    input_size: int = 128
-    lower_percentile: float = 0.5
-    upper_percentile: float = 99.5
-    interpolation: str = "bilinear"
-    kind: str = PREPROCESSING_KIND
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> PreprocessingConfig:
-        """Build from ``model.json``; unknown kinds are refused so old code never misreads a new model."""
-        kind = str(data.get("kind", PREPROCESSING_KIND))
-        if kind != PREPROCESSING_KIND:
-            raise ValueError(f"unsupported preprocessing kind {kind!r}")
-        return cls(
-            input_size=int(data["input_size"]),
-            lower_percentile=float(data["lower_percentile"]),
-            upper_percentile=float(data["upper_percentile"]),
-            interpolation=str(data.get("interpolation", "bilinear")),
-            kind=kind,
-        )
+# PreprocessingConfig lives in the torch-free ml.spec (`model info` reads it without torch); re-exported here.
+__all__ = ["PREPROCESSING_KIND", "PreprocessingConfig", "build_preprocess", "content_box", "preprocess_slice"]
 
 
 def build_preprocess(config: PreprocessingConfig) -> Compose:
