@@ -30,6 +30,13 @@ from sqlalchemy import (
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
+from triaged.db.states import DestinationState as DestinationState  # noqa: PLC0414 (re-exported)
+from triaged.db.states import JobKind as JobKind  # noqa: PLC0414 (re-exported)
+from triaged.db.states import JobState as JobState  # noqa: PLC0414 (re-exported)
+from triaged.db.states import OutputKind as OutputKind  # noqa: PLC0414 (re-exported)
+from triaged.db.states import ResultStatus as ResultStatus  # noqa: PLC0414 (re-exported)
+from triaged.db.states import SeriesState as SeriesState  # noqa: PLC0414 (re-exported)
+
 UID = String(64)
 AE_TITLE = String(16)
 
@@ -81,47 +88,8 @@ def _enum(cls: type[enum.Enum], name: str) -> Enum:
     )
 
 
-class SeriesState(enum.StrEnum):
-    RECEIVING = "receiving"
-    COMPLETE = "complete"
-    QUEUED = "queued"
-    PROCESSING = "processing"
-    DONE = "done"
-    FAILED = "failed"
-    SKIPPED = "skipped"
-
-
-class JobKind(enum.StrEnum):
-    INFER = "infer"
-    EXPORT = "export"
-
-
-class JobState(enum.StrEnum):
-    QUEUED = "queued"
-    RUNNING = "running"
-    DONE = "done"
-    FAILED = "failed"  # permanent error: retrying cannot help
-    DEAD = "dead"  # retryable errors until max_attempts ran out
-
-
 ACTIVE_JOB_STATES = (JobState.QUEUED, JobState.RUNNING)
 URGENT_EXPORT_PRIORITY = 10  # an urgent finding reaches the PACS before any other queued work
-
-
-class DestinationState(enum.StrEnum):
-    UP = "up"
-    DOWN = "down"  # unreachable, timed out or rejecting associations: its exports wait, it is probed
-
-
-class ResultStatus(enum.StrEnum):
-    ASSESSED = "assessed"
-    NOT_ASSESSABLE = "not_assessable"
-
-
-class OutputKind(enum.StrEnum):
-    SECONDARY_CAPTURE = "sc"
-    KEY_OBJECT_SELECTION = "kos"
-    STRUCTURED_REPORT = "sr"
 
 
 class Study(Base):

@@ -1,0 +1,48 @@
+"""The states and kinds stored in the database, as plain string enums (no SQLAlchemy needed to use them).
+
+The CLI's options are typed with them, so `triaged --help` can list the choices without importing SQLAlchemy;
+:mod:`triaged.db.models` maps them to columns and re-exports them.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class SeriesState(enum.StrEnum):
+    RECEIVING = "receiving"
+    COMPLETE = "complete"
+    QUEUED = "queued"
+    PROCESSING = "processing"
+    DONE = "done"
+    FAILED = "failed"
+    SKIPPED = "skipped"
+
+
+class JobKind(enum.StrEnum):
+    INFER = "infer"
+    EXPORT = "export"
+
+
+class JobState(enum.StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"  # permanent error: retrying cannot help
+    DEAD = "dead"  # retryable errors until max_attempts ran out
+
+
+class DestinationState(enum.StrEnum):
+    UP = "up"
+    DOWN = "down"  # unreachable, timed out or rejecting associations: its exports wait, it is probed
+
+
+class ResultStatus(enum.StrEnum):
+    ASSESSED = "assessed"
+    NOT_ASSESSABLE = "not_assessable"
+
+
+class OutputKind(enum.StrEnum):
+    SECONDARY_CAPTURE = "sc"
+    KEY_OBJECT_SELECTION = "kos"
+    STRUCTURED_REPORT = "sr"
