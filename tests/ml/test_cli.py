@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import typer
@@ -22,6 +23,21 @@ def test_model_info(random_model_dir: Path) -> None:
     assert "random-smallcnn" in result.output and "provisional" in result.output
     as_json = runner.invoke(app, ["info", str(random_model_dir), "--json"])
     assert '"weights_sha256"' in as_json.output
+
+
+def test_model_info_defaults_to_the_configured_model(random_model_dir: Path) -> None:
+    result = runner.invoke(app, ["info"], env={"TRIAGED_MODEL__DIRECTORY": str(random_model_dir)})
+    assert result.exit_code == 0, result.output
+    assert "random-smallcnn" in result.output and str(random_model_dir) in result.output
+
+
+def test_model_info_refuses_modified_weights(random_model_dir: Path, tmp_path: Path) -> None:
+    model_dir = shutil.copytree(random_model_dir, tmp_path / "model")  # the fixture is shared by the session
+    weights = model_dir / "model.safetensors"
+    weights.write_bytes(weights.read_bytes() + b"\0")
+    result = runner.invoke(app, ["info", str(model_dir)])
+    assert result.exit_code == 1 and "does not match model.json" in result.output
+    assert "Traceback" not in result.output
 
 
 def test_bad_paths_give_one_line_errors(tmp_path: Path) -> None:

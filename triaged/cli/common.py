@@ -1,4 +1,8 @@
-"""Shared CLI plumbing: settings from the root callback, database access, one-line errors."""
+"""Shared CLI plumbing: settings from the root callback, database access, one-line errors.
+
+pydantic (settings), SQLAlchemy, Alembic and structlog are imported inside the helpers that use them, so
+`triaged --help` and the commands that never open the database start without them (tests/unit/test_cli_imports.py).
+"""
 
 from __future__ import annotations
 
@@ -8,17 +12,17 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import typer
-from sqlalchemy import Engine
-from sqlalchemy.orm import Session, sessionmaker
 
-from triaged.config import Settings, load_settings
-from triaged.db.engine import make_engine, make_session_factory
-from triaged.db.schema import require_current_schema
 from triaged.errors import TriagedError
-from triaged.log import configure_logging
+
+if TYPE_CHECKING:
+    from sqlalchemy import Engine
+    from sqlalchemy.orm import Session, sessionmaker
+
+    from triaged.config import Settings
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
@@ -40,14 +44,21 @@ def settings_from(ctx: typer.Context) -> Settings:
     state: CliState = ctx.ensure_object(CliState)
     if state.settings is None:
         try:
+            from triaged.config import load_settings
+
             state.settings = load_settings(state.config_file)
         except TriagedError as exc:
             fail(str(exc), EXIT_USAGE)
+        from triaged.log import configure_logging
+
         configure_logging(state.settings.log_level, state.settings.log_format)
     return state.settings
 
 
 def open_engine(settings: Settings, *, require_current: bool = True) -> Engine:
+    from triaged.db.engine import make_engine
+    from triaged.db.schema import require_current_schema
+
     engine = make_engine(settings.database_url, busy_timeout_ms=settings.database.busy_timeout_ms)
     if require_current:
         try:
@@ -60,6 +71,8 @@ def open_engine(settings: Settings, *, require_current: bool = True) -> Engine:
 @contextmanager
 def session_scope(settings: Settings) -> Iterator[Session]:
     """A session on an up-to-date database, committed on success."""
+    from triaged.db.engine import make_session_factory
+
     factory: sessionmaker[Session] = make_session_factory(open_engine(settings))
     with factory.begin() as session:
         yield session

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from triaged.cli.common import fail, settings_from
-from triaged.config import Settings
 from triaged.errors import TriagedError
+
+if TYPE_CHECKING:
+    from triaged.config import Settings
 
 DataDir = Annotated[
     Path | None,

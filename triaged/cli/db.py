@@ -5,7 +5,6 @@ from __future__ import annotations
 import typer
 
 from triaged.cli.common import open_engine, settings_from
-from triaged.db.schema import current_revision, head_revision, upgrade
 
 app = typer.Typer(help="Database schema.", no_args_is_help=True)
 
@@ -13,6 +12,8 @@ app = typer.Typer(help="Database schema.", no_args_is_help=True)
 @app.command("upgrade")
 def upgrade_command(ctx: typer.Context) -> None:
     """Migrate the database to the schema this version needs (safe to run again)."""
+    from triaged.db.schema import current_revision, upgrade
+
     settings = settings_from(ctx)
     engine = open_engine(settings, require_current=False)
     before = current_revision(engine)
@@ -24,6 +25,8 @@ def upgrade_command(ctx: typer.Context) -> None:
 @app.command("status")
 def status_command(ctx: typer.Context) -> None:
     """Show the schema revision and whether it is current."""
+    from triaged.db.schema import current_revision, head_revision
+
     settings = settings_from(ctx)
     engine = open_engine(settings, require_current=False)
     current = current_revision(engine)

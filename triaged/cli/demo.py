@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from triaged.cli.common import echo_json, echo_table, fail
-from triaged.demo import DemoError, DemoOptions, DemoReport, run_demo
 from triaged.errors import TriagedError
-from triaged.log import configure_logging
+
+if TYPE_CHECKING:  # the demo pulls in pydicom, SQLAlchemy and the model: imported when it runs
+    from triaged.demo import DemoReport
 
 
 def _fmt(value: float | None, digits: int = 2) -> str:
@@ -89,6 +90,9 @@ def demo(  # noqa: PLR0917 - Typer options
     """Run triaged end to end on a small study it builds itself, and write the outputs as PNG files."""
     if images is not None and not images.is_dir():
         fail(f"--images: not a directory: {images}", 2)
+    from triaged.demo import DemoError, DemoOptions, run_demo
+    from triaged.log import configure_logging
+
     configure_logging("warning", "console")
     logging.getLogger("apscheduler").setLevel(logging.ERROR)  # "skipped: max instances" noise on a busy CPU
     options = DemoOptions(

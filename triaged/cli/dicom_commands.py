@@ -8,16 +8,16 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from triaged.cli.common import echo_json, fail, settings_from
-from triaged.config import Settings
 from triaged.errors import TriagedError
-from triaged.outputs.send import SendResult, echo, iter_files, read_dicom_file, send_files
-from triaged.receive.status import status_name
-from triaged.receive.tls import client_ssl_context
+
+if TYPE_CHECKING:  # pydicom and pynetdicom are imported by the commands that talk DICOM, not by `triaged --help`
+    from triaged.config import Settings
+    from triaged.outputs.send import SendResult
 
 _LITERAL_PEER = re.compile(r"^(?P<ae>[^@]{1,16})@(?P<host>[^:]+):(?P<port>\d{1,5})$")
 
@@ -74,6 +74,8 @@ def _connection(
         "timeout": timeout,
     }
     if ca_file is not None or cert_file is not None:
+        from triaged.receive.tls import client_ssl_context
+
         try:
             kwargs["ssl_context"] = client_ssl_context(ca_file=ca_file, cert_file=cert_file, key_file=key_file)
         except TriagedError as exc:
@@ -92,6 +94,8 @@ def echo_command(  # noqa: PLR0917 - Typer options
     as_json: JsonOut = False,
 ) -> None:
     """C-ECHO a DICOM node (verification); exit 1 unless it answers success."""
+    from triaged.outputs.send import echo
+
     target, kwargs = _connection(ctx, peer, calling_ae, timeout, (tls_ca, tls_cert, tls_key))
     try:
         code = echo(target.host, target.port, **kwargs)
@@ -128,6 +132,9 @@ def send_command(  # noqa: PLR0917 - Typer options
     as_json: JsonOut = False,
 ) -> None:
     """C-STORE files unchanged (their own SOP class and transfer syntax); one status line per file."""
+    from triaged.outputs.send import SendResult, iter_files, read_dicom_file, send_files
+    from triaged.receive.status import status_name
+
     target, kwargs = _connection(ctx, to, calling_ae, timeout, (tls_ca, tls_cert, tls_key))
     files, skipped = [], []
     for path in iter_files(paths):

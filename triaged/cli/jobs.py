@@ -1,4 +1,7 @@
-"""`triaged jobs list`, `results show`, `reprocess`, `retry`, `purge`: thin shells over db/queue and db/repo."""
+"""`triaged jobs list`, `results show`, `reprocess`, `retry`, `purge`: thin shells over db/queue and db/repo.
+
+SQLAlchemy and the models are imported inside each command: `triaged --help` must not pay for them.
+"""
 
 from __future__ import annotations
 
@@ -6,23 +9,26 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from sqlalchemy import select
-from sqlalchemy.orm import Session
 
 from triaged.cli.common import echo_json, echo_table, fail, open_engine, settings_from
-from triaged.config import Settings
-from triaged.db import queue, repo
-from triaged.db.engine import make_session_factory
-from triaged.db.models import Job, JobKind, JobState, Result, Series, SeriesState, utcnow
+from triaged.db.states import JobKind, JobState, SeriesState
 from triaged.errors import NotFoundError
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
+    from triaged.config import Settings
+    from triaged.db.models import Job, Result
 
 
 @contextmanager
 def _session(settings: Settings) -> Iterator[Session]:
     """A committed-on-success session whose engine is disposed afterwards (no pooled connection leaks)."""
+    from triaged.db.engine import make_session_factory
+
     engine = open_engine(settings)
     try:
         with make_session_factory(engine).begin() as session:
@@ -71,6 +77,10 @@ def list_jobs(
     as_json: Json = False,
 ) -> None:
     """List jobs, newest first."""
+    from sqlalchemy import select
+
+    from triaged.db.models import Job, Series
+
     settings = settings_from(ctx)
     with _session(settings) as session:
         query = (
@@ -155,6 +165,11 @@ def show_results(
     as_json: Json = False,
 ) -> None:
     """Every result of one series (oldest first), with per-slice predictions."""
+    from sqlalchemy import select
+
+    from triaged.db import repo
+    from triaged.db.models import Result
+
     settings = settings_from(ctx)
     with _session(settings) as session:
         try:
@@ -211,6 +226,11 @@ def reprocess(  # noqa: PLR0917 - Typer options
     as_json: Json = False,
 ) -> None:
     """Queue series for processing again (a new result if the model changed; the old one is kept)."""
+    from sqlalchemy import select
+
+    from triaged.db import repo
+    from triaged.db.models import Series
+
     if uid is None and since is None and not failed:
         fail("name a series UID, a study UID with --study, --since or --failed", 2)
     if study and uid is None:
@@ -267,6 +287,11 @@ def retry(
     as_json: Json = False,
 ) -> None:
     """Put dead (or explicitly named failed) jobs back in the queue with fresh attempts."""
+    from sqlalchemy import select
+
+    from triaged.db import queue, repo
+    from triaged.db.models import Job
+
     if not job_ids and not all_dead:
         fail("name job ids or use --all", 2)
     settings = settings_from(ctx)
@@ -292,6 +317,9 @@ def purge(
     as_json: Json = False,
 ) -> None:
     """Delete received DICOM files of finished series older than N days; results and outputs are kept."""
+    from triaged.db import repo
+    from triaged.db.engine import make_session_factory
+    from triaged.db.models import utcnow
     from triaged.runtime import build_store
 
     settings = settings_from(ctx)

@@ -11,8 +11,9 @@ from typing import Annotated, NoReturn
 
 import typer
 
-from triaged.cli.common import EXIT_USAGE, fail
+from triaged.cli.common import EXIT_USAGE, fail, settings_from
 from triaged.errors import TriagedError
+from triaged.ml.spec import read_spec, verify_weights
 
 DEFAULT_DATA_ROOT = Path("../shared/data")
 
@@ -169,16 +170,21 @@ def evaluate_command(  # noqa: PLR0917 (one parameter per CLI option)
 
 
 def model_info_command(
-    model_dir: Annotated[Path, typer.Argument(help="Model directory.")],
+    ctx: typer.Context,
+    model_dir: Annotated[
+        Path | None,
+        typer.Argument(help="Model directory (default: the configured model.directory, TRIAGED_MODEL__DIRECTORY)."),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print model.json as JSON.")] = False,
 ) -> None:
-    """Show a model directory's identity and headline metrics (verifies the weights' sha256)."""
-    from triaged.ml.registry import load_model
-
+    """Show a model directory's identity and headline metrics (verifies the weights' sha256; no torch needed)."""
+    if model_dir is None:
+        model_dir = settings_from(ctx).model.directory
     if not (model_dir / "model.json").is_file():
         _fail(f"{model_dir} is not a model directory (no model.json)")
     try:
-        spec, _ = load_model(model_dir)
+        spec = read_spec(model_dir)
+        verify_weights(model_dir, spec)
     except TriagedError as exc:
         _fail(str(exc), 1)
     if as_json:
@@ -189,6 +195,7 @@ def model_info_command(
     typer.echo(
         f"  arch           {spec.arch}, input {spec.preprocessing.input_size} px, classes {', '.join(spec.classes)}"
     )
+    typer.echo(f"  directory      {model_dir}")
     typer.echo(f"  weights sha256 {spec.weights_sha256}")
     typer.echo(f"  temperature    {spec.temperature:.4f}; thresholds {dict(spec.thresholds)}")
     for key, value in metrics.items():

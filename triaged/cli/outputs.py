@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from triaged.cli.common import echo_json, echo_table, fail, session_scope, settings_from
 from triaged.errors import NotFoundError
-from triaged.resend import Requeued, requeue_dead_exports, resend_series, series_by_uid, series_of_study
+
+if TYPE_CHECKING:  # triaged.resend needs SQLAlchemy: imported when the command runs, not for `--help`
+    from triaged.resend import Requeued
 
 
 def resend(
@@ -23,6 +25,8 @@ def resend(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """Queue the outputs of a series (or a study) to be sent again, with the same SOP Instance UIDs."""
+    from triaged.resend import requeue_dead_exports, resend_series, series_by_uid, series_of_study
+
     chosen = sum(x is not None and x is not False for x in (series_instance_uid, study, dead))
     if chosen != 1:
         fail("give exactly one of: a SeriesInstanceUID, --study UID, --dead", 2)

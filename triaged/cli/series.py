@@ -5,16 +5,18 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from sqlalchemy import func, select
-from sqlalchemy.orm import Session
 
 from triaged.cli.common import echo_json, echo_table, fail, open_engine, settings_from
-from triaged.config import Settings
-from triaged.db.engine import make_session_factory
-from triaged.db.models import Instance, Job, Result, Series, SeriesState, Study
+from triaged.db.states import SeriesState
+
+if TYPE_CHECKING:  # SQLAlchemy is imported by the commands when they run, not by `triaged --help`
+    from sqlalchemy.orm import Session
+
+    from triaged.config import Settings
+    from triaged.db.models import Series
 
 app = typer.Typer(help="Received series.", no_args_is_help=True)
 
@@ -23,6 +25,8 @@ Json = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
 
 @contextmanager
 def _session(settings: Settings) -> Iterator[Session]:
+    from triaged.db.engine import make_session_factory
+
     engine = open_engine(settings)
     try:
         with make_session_factory(engine)() as session:
@@ -62,6 +66,10 @@ def list_series(
     as_json: Json = False,
 ) -> None:
     """Most recently received series first."""
+    from sqlalchemy import select
+
+    from triaged.db.models import Series, Study
+
     settings = settings_from(ctx)
     query = select(Series, Study.study_instance_uid).join(Study, Series.study_id == Study.id)
     if state is not None:
@@ -92,6 +100,10 @@ def list_series(
 
 
 def _show_data(session: Session, series_instance_uid: str) -> dict[str, Any] | None:
+    from sqlalchemy import func, select
+
+    from triaged.db.models import Instance, Job, Result, Series, Study
+
     row = session.execute(
         select(Series, Study.study_instance_uid)
         .join(Study, Series.study_id == Study.id)

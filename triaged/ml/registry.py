@@ -28,6 +28,7 @@ from triaged.ml.spec import (
     PreprocessingConfig,
     read_spec,
     sha256_file,
+    verify_weights,
 )
 
 # The spec half of a model directory lives in the torch-free ml.spec; it is re-exported here for existing callers.
@@ -55,15 +56,7 @@ def load_model(model_dir: Path) -> tuple[ModelSpec, nn.Module]:
     The network is returned in eval mode on the CPU in float32 (fp16-stored weights are upcast).
     """
     spec = read_spec(model_dir)
-    weights = model_dir / WEIGHTS_FILE
-    if not weights.is_file():
-        raise ModelError(f"model directory {model_dir} has no {WEIGHTS_FILE}")
-    actual = sha256_file(weights)
-    if actual != spec.weights_sha256:
-        raise ModelError(
-            f"{weights} sha256 {actual[:12]}… does not match model.json ({spec.weights_sha256[:12]}…); "
-            "the weights file was modified or belongs to another model"
-        )
+    weights = verify_weights(model_dir, spec)
     try:
         model = build_network(spec.arch, num_classes=len(spec.classes))
         state = {k: v.float() for k, v in load_file(str(weights)).items()}

@@ -141,3 +141,17 @@ def read_spec(model_dir: Path) -> ModelSpec:
         raise ModelError(f"model directory {model_dir} has no {MODEL_JSON}") from exc
     except (ValueError, KeyError, TypeError) as exc:
         raise ModelError(f"{path} is malformed: {exc}") from exc
+
+
+def verify_weights(model_dir: Path, spec: ModelSpec) -> Path:
+    """The weights file, after checking its sha256 against ``model.json`` (a modified or swapped file is refused)."""
+    weights = model_dir / WEIGHTS_FILE
+    if not weights.is_file():
+        raise ModelError(f"model directory {model_dir} has no {WEIGHTS_FILE}")
+    actual = sha256_file(weights)
+    if actual != spec.weights_sha256:
+        raise ModelError(
+            f"{weights} sha256 {actual[:12]}… does not match model.json ({spec.weights_sha256[:12]}…); "
+            "the weights file was modified or belongs to another model"
+        )
+    return weights
