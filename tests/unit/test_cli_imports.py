@@ -50,11 +50,11 @@ def _run(args: list[str], data_dir: Path) -> tuple[object, list[str]]:
     return report["code"], report["loaded"]
 
 
-@pytest.mark.parametrize("args", [["--help"], ["--version"], ["jobs", "list", "--help"]])
-def test_help_imports_nothing_heavy(args: list[str], tmp_path: Path) -> None:
-    code, loaded = _run(args, tmp_path)
+def test_help_imports_nothing_heavy(tmp_path: Path) -> None:
+    """`--help` builds every command of the tree (Typer reads all signatures), so this covers each module's imports."""
+    code, loaded = _run(["--help"], tmp_path)
     assert code in (0, None)
-    assert loaded == [], f"`triaged {' '.join(args)}` imported {loaded}: import them inside the command that needs them"
+    assert loaded == [], f"`triaged --help` imported {loaded}: import them inside the command that needs them"
 
 
 @pytest.mark.parametrize(
