@@ -1,6 +1,6 @@
 """Inference throughput of the ML API vs an eager fp32 batch-1 baseline, and Grad-CAM cost per slice.
 
-Usage: ``python benchmarks/inference.py [--model-dir models/densenet121-brainmri-v1] [--slices 64] [--json OUT]``.
+Usage: ``python benchmarks/inference.py [--model-dir models/densenet121-brainmri-v2] [--slices 64] [--json OUT]``.
 The baseline and the API run in the same process on the same slices, so the speed-up is comparable even on a
 busy machine (absolute numbers are not).
 """
@@ -48,7 +48,7 @@ def _cpu_model() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--model-dir", type=Path, default=Path("models/densenet121-brainmri-v1"))
+    parser.add_argument("--model-dir", type=Path, default=Path("models/densenet121-brainmri-v2"))
     parser.add_argument("--slices", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, default=None)

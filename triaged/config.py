@@ -26,7 +26,7 @@ from triaged.errors import ConfigError
 CONFIG_ENV_VAR = "TRIAGED_CONFIG"
 _AE_TITLE = re.compile(r"^[ -~]{1,16}$")
 REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_MODEL_DIR = REPO_ROOT / "models" / "densenet121-brainmri-v1"
+DEFAULT_MODEL_DIR = REPO_ROOT / "models" / "densenet121-brainmri-v2"
 
 
 def _default_data_dir() -> Path:

@@ -147,7 +147,10 @@ def _key_slices(runtime: Runtime, plan: _Plan, datasets: dict[str, Dataset]) -> 
         except OutputBuildError as exc:
             log.warning("output_source_unreadable", key_index=position, error=type(exc.__cause__ or exc).__name__)
             continue
-        keys.append(KeySlice(datasets[sop_instance_uid], frame_number, cam, tumour_probability))
+        pixels = None
+        if cam is not None and cam.ndim == 3:  # a reformatted slice: [Grad-CAM map, image] (pipeline._save_cams)
+            cam, pixels = cam[0], cam[1]
+        keys.append(KeySlice(datasets[sop_instance_uid], frame_number, cam, tumour_probability, pixels))
     return keys
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,12 +37,13 @@ from triaged.db.models import (
     Study,
     utcnow,
 )
-from triaged.dicom.pixels import DecodedSeries, SeriesHeader, decode_series, read_series_header
+from triaged.dicom.pixels import DecodedSeries, DecodedSlice, SeriesHeader, decode_series, read_series_header
 from triaged.errors import JobError, PixelDecodeError
 from triaged.log import uid_hash
 from triaged.ml.api import SeriesAssessment, SeriesMeta, Triage
 from triaged.ml.gate import gate_reason
 from triaged.ml.registry import NO_TUMOUR
+from triaged.ml.results import SliceGeometry
 from triaged.runtime import Runtime
 
 log = structlog.get_logger()
@@ -58,7 +60,25 @@ class _SeriesInput:
     files: tuple[tuple[str, Path], ...]  # (sop_instance_uid, absolute path)
 
 
-def series_meta(header: SeriesHeader, number_of_slices: int) -> SeriesMeta:
+def slice_geometry(slices: Sequence[DecodedSlice]) -> SliceGeometry | None:
+    """Where the decoded slices lie, when every slice says so and all share one orientation and spacing."""
+    orientations = {s.orientation for s in slices}
+    spacings = {s.pixel_spacing for s in slices}
+    if not slices or len(orientations) != 1 or len(spacings) != 1 or None in orientations or None in spacings:
+        return None
+    positions = tuple(s.position for s in slices)
+    if any(p is None for p in positions):
+        return None
+    orientation, spacing = next(iter(orientations)), next(iter(spacings))
+    assert orientation is not None and spacing is not None  # narrowed above
+    return SliceGeometry(
+        orientation=orientation,
+        positions=tuple(p for p in positions if p is not None),
+        pixel_spacing=spacing,
+    )
+
+
+def series_meta(header: SeriesHeader, number_of_slices: int, geometry: SliceGeometry | None = None) -> SeriesMeta:
     return SeriesMeta(
         modality=header.modality,
         body_part_examined=header.body_part_examined,
@@ -72,6 +92,7 @@ def series_meta(header: SeriesHeader, number_of_slices: int) -> SeriesMeta:
         echo_time=header.echo_time,
         repetition_time=header.repetition_time,
         inversion_time=header.inversion_time,
+        geometry=geometry,
     )
 
 
@@ -146,11 +167,17 @@ def _gate_refusal(
 
 
 def _save_cams(runtime: Runtime, data: _SeriesInput, triage: Triage, assessment: SeriesAssessment) -> dict[int, str]:
+    """One ``.npy`` per key slice: its Grad-CAM map, or for a reformatted series ``[map, image]`` stacked, since
+    no received instance holds a reformatted slice (the export renders the image from this file)."""
     paths: dict[int, str] = {}
     for index, cam in sorted(assessment.cams.items()):
         relative = f"cams/{data.series_id}/{data.generation}/{triage.weights_sha256[:16]}/{index:04d}.npy"
+        array = np.asarray(cam, dtype=np.float32)
+        image = assessment.key_images.get(index)
+        if image is not None:
+            array = np.stack([array, np.asarray(image, dtype=np.float32)])
         buffer = io.BytesIO()
-        np.save(buffer, np.asarray(cam, dtype=np.float32), allow_pickle=False)
+        np.save(buffer, array, allow_pickle=False)
         runtime.store.write_atomic(relative, buffer.getvalue())
         paths[index] = relative
     return paths
@@ -184,18 +211,25 @@ def _build_result(
         timings=timings,
     )
     probabilities = np.asarray(assessment.slice_probabilities, dtype=np.float32)
-    if probabilities.ndim != 2 or probabilities.shape[0] != len(decoded.slices):
+    sources: list[tuple[str, int | None]]  # (SOP instance UID, frame number) each row refers to
+    if assessment.reformat is not None and decoded.slices and probabilities.ndim == 2:
+        # Scored on an axial reformat: every row refers to the whole volume, named by its middle instance.
+        middle = decoded.slices[len(decoded.slices) // 2]
+        sources = [(middle.sop_instance_uid, None)] * probabilities.shape[0]
+    elif probabilities.ndim == 2 and probabilities.shape[0] == len(decoded.slices):
+        sources = [(s.sop_instance_uid, s.frame_number) for s in decoded.slices]
+    else:
         return result  # gate refused before inference: no per-slice rows
     classes = list(triage.classes)
     no_tumour = classes.index(NO_TUMOUR) if NO_TUMOUR in classes else None
     keys = set(assessment.key_slice_indices)
-    for index, (decoded_slice, row) in enumerate(zip(decoded.slices, probabilities, strict=True)):
+    for index, ((sop_instance_uid, frame_number), row) in enumerate(zip(sources, probabilities, strict=True)):
         tumour = 1.0 - float(row[no_tumour]) if no_tumour is not None else float(row.max())
         result.slice_predictions.append(
             SlicePrediction(
                 slice_index=index,
-                sop_instance_uid=decoded_slice.sop_instance_uid,
-                frame_number=decoded_slice.frame_number,
+                sop_instance_uid=sop_instance_uid,
+                frame_number=frame_number,
                 probabilities=[float(v) for v in row],
                 tumour_probability=tumour,
                 in_brain=bool(assessment.slice_in_brain[index]),
@@ -261,7 +295,7 @@ def run_infer_job(runtime: Runtime, job: Job) -> None:
         t = time.perf_counter()
         decoded = decode_series([path for _, path in data.files])
         timings["decode"] = time.perf_counter() - t
-        meta = series_meta(decoded.header, len(decoded.slices))
+        meta = series_meta(decoded.header, len(decoded.slices), slice_geometry(decoded.slices))
         t = time.perf_counter()
         assessment = triage.assess([s.pixels for s in decoded.slices], meta, cam_top_k=runtime.settings.model.cam_top_k)
         assess_seconds = time.perf_counter() - t
@@ -302,6 +336,7 @@ def run_infer_job(runtime: Runtime, job: Job) -> None:
         label=committed.label,
         urgent=committed.urgent,
         slices=len(decoded.slices),
+        reformat=assessment.reformat,
         exports=exports,
         completed_at=utcnow().isoformat(),
         **{f"{k}_s": round(v, 4) for k, v in timings.items()},

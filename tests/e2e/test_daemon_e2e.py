@@ -278,7 +278,7 @@ def _wait_while_progressing(progress: Callable[[], int], target: int, *, stall: 
 
 @pytest.mark.slow
 @pytest.mark.timeout(1200)  # its own budget, sized for a busy 2-core machine, not the suite's 300 s default
-@pytest.mark.skipif(not shipped_model_available(), reason="models/densenet121-brainmri-v1 not shipped yet")
+@pytest.mark.skipif(not shipped_model_available(), reason="models/densenet121-brainmri-v2 not shipped")
 def test_shipped_model_labels_and_normal_brains(
     tmp_path: Path, sqlite_url: str, sqlite_factory: sessionmaker[Session]
 ) -> None:

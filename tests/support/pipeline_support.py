@@ -18,7 +18,7 @@ from tests.conftest import shared_data
 from triaged.db.models import Job, Result, Series
 from triaged.dicom.synthetic import write_mr_series
 
-SHIPPED_MODEL = Path(__file__).resolve().parents[2] / "models" / "densenet121-brainmri-v1"
+SHIPPED_MODEL = Path(__file__).resolve().parents[2] / "models" / "densenet121-brainmri-v2"
 LABELS = ("glioma", "meningioma", "notumor", "pituitary")
 UIH_T1 = "neurolabusc_dcm_qa_uih/In/DTI_132225/t1_gre_fsp_3d_sag__132750"
 XA30_MPRAGE = "neurolabusc_dcm_qa_xa30/In/6_anat-T1w_acq-tfl"

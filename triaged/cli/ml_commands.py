@@ -135,9 +135,17 @@ def evaluate_command(  # noqa: PLR0917 (one parameter per CLI option)
             help="Choose the Grad-CAM layer and method on validation (slow on a CPU) or keep model.json's.",
         ),
     ] = True,
+    release_only: Annotated[
+        bool,
+        typer.Option(
+            "--release-only",
+            help="Re-run only the release criteria against the stored evaluation.json (rewrites it, evaluation.md "
+            "and, with --calibrate, the model card); for a change in the daemon's path that leaves slice scores.",
+        ),
+    ] = False,
 ) -> None:
     """Evaluate a model directory; writes evaluation.json/.md and PNG plots (and MODEL_CARD.md with --calibrate)."""
-    from triaged.training.evaluate import EvalOptions, evaluate_model
+    from triaged.training.evaluate import EvalOptions, evaluate_model, refresh_release
 
     _check_data_root(data_root)
     if not (model_dir / "model.json").is_file():
@@ -159,7 +167,8 @@ def evaluate_command(  # noqa: PLR0917 (one parameter per CLI option)
         if not (other / "evaluation" / "evaluation.json").is_file():
             _fail(f"--compare {other} has no evaluation/evaluation.json; evaluate it first")
     try:
-        report = evaluate_model(model_dir, data_root, out_dir or model_dir / "evaluation", options)
+        run = refresh_release if release_only else evaluate_model
+        report = run(model_dir, data_root, out_dir or model_dir / "evaluation", options)
     except (TriagedError, ValueError) as exc:
         _fail(str(exc), 1)
     test = report["sets"]["test"]

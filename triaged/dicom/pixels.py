@@ -44,6 +44,7 @@ class DecodedSlice:
     instance_number: int | None
     position: tuple[float, float, float] | None
     orientation: tuple[float, ...] | None
+    pixel_spacing: tuple[float, float] | None = None  # mm (between rows, between columns)
 
 
 @dataclass(frozen=True)
@@ -170,6 +171,7 @@ def decode_instance(ds: Dataset, where: str = "instance", *, allow_mosaic: bool 
         plane_orientation = _functional(group, shared, "PlaneOrientationSequence")
         position = _floats((plane_position or ds).get("ImagePositionPatient"))
         orientation = _floats((plane_orientation or ds).get("ImageOrientationPatient"))
+        spacing = _floats((_functional(group, shared, "PixelMeasuresSequence") or ds).get("PixelSpacing"))
         if not np.isfinite(pixels).all():
             raise PixelDecodeError(f"{where}: frame {index + 1} has non-finite pixel values")
         slices.append(
@@ -180,6 +182,7 @@ def decode_instance(ds: Dataset, where: str = "instance", *, allow_mosaic: bool 
                 instance_number=instance_number,
                 position=(position[0], position[1], position[2]) if position and len(position) == 3 else None,
                 orientation=orientation if orientation and len(orientation) == 6 else None,
+                pixel_spacing=(spacing[0], spacing[1]) if spacing and len(spacing) == 2 else None,
             )
         )
     return slices

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections.abc import Sequence
@@ -21,6 +22,7 @@ from triaged.ml.device import Placement, choose_placement, faster_precision, tim
 from triaged.ml.gate import gate_reason
 from triaged.ml.networks import cam_target_layer
 from triaged.ml.ood import FeatureOOD, FeatureTap
+from triaged.ml.reformat import axial_reformat
 from triaged.ml.registry import ModelSpec, load_model, load_ood
 from triaged.ml.results import SeriesAssessment, SeriesMeta
 from triaged.ml.transforms import build_preprocess, preprocess_slice
@@ -192,8 +194,17 @@ class Triage:
         reason = gate_reason(meta) or (None if slices else "series has no slices")
         if reason is not None:
             return self._not_assessable(reason, len(slices), {})
+        reformat = axial_reformat(slices, meta.geometry)
         with self._lock, torch_threads(self._threads):
-            return self._assess(slices, cam_top_k)
+            if reformat is None:
+                return self._assess(slices, cam_top_k)
+            result = self._assess(reformat.slices, cam_top_k)
+        log.info("series_reformatted", reformat=reformat.description, slices=len(reformat.slices))
+        return dataclasses.replace(
+            result,
+            reformat=reformat.description,
+            key_images={i: np.asarray(reformat.slices[i]) for i in result.key_slice_indices},
+        )
 
     def refused(self, reason: str, n_slices: int) -> SeriesAssessment:
         """The ``not_assessable`` result for a series refused before its pixels were read (e.g. undecodable)."""

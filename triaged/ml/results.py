@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
+
+
+@dataclass(frozen=True)
+class SliceGeometry:
+    """Where the slices of a series lie, in DICOM patient coordinates (LPS, mm), in the order they are given."""
+
+    orientation: tuple[float, ...]  # ImageOrientationPatient: row direction then column direction
+    positions: tuple[tuple[float, float, float], ...]  # ImagePositionPatient of each slice
+    pixel_spacing: tuple[float, float]  # (between rows, between columns)
 
 
 @dataclass(frozen=True)
@@ -23,6 +32,7 @@ class SeriesMeta:
     echo_time: float | None = None  # ms; None where the header does not say
     repetition_time: float | None = None
     inversion_time: float | None = None
+    geometry: SliceGeometry | None = None  # where the slices lie; lets a 3-D volume be scored in the axial plane
 
 
 @dataclass(frozen=True)
@@ -42,3 +52,7 @@ class SeriesAssessment:
     cams: dict[int, np.ndarray]
     ood_score: float | None
     timings: dict[str, float]
+    # Set when the slices scored are not the acquired ones (a 3-D volume reformatted to axial): what was done,
+    # and each key slice's image, since no stored instance holds it.
+    reformat: str | None = None
+    key_images: dict[int, np.ndarray] = field(default_factory=dict)

@@ -115,14 +115,16 @@ def build_outputs(
                         series_number=base,
                     ),
                 )
-        if options.key_object_selection and key_slices:
+        # A KOS can only point at acquired images; slices of an axial reformat have none to point at.
+        acquired = [key for key in key_slices if not key.reformatted]
+        if options.key_object_selection and acquired:
             kos_number = base + SERIES_NUMBER_OFFSET["kos"]
             _attempt(
                 built,
                 failed,
                 "kos",
                 0,
-                lambda: build_key_object_selection(summary, key_slices, series_number=kos_number),
+                lambda: build_key_object_selection(summary, acquired, series_number=kos_number),
             )
         if options.structured_report:
             _attempt(

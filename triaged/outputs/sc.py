@@ -42,6 +42,9 @@ def source_slice(dataset: Dataset, frame_number: int | None) -> DecodedSlice:
     return frames[index]
 
 
+AXIAL_ORIENTATION = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)  # along a row: to patient left; down a column: to posterior
+
+
 def _orientation_letters(vector: Sequence[float]) -> str:
     letters = (("L", "R"), ("P", "A"), ("H", "F"))
     ranked = sorted(range(3), key=lambda axis: -abs(vector[axis]))
@@ -66,7 +69,9 @@ def banner_for(summary: TriageSummary, key: KeySlice | None, index: int, total: 
         )
     ranked = sorted(summary.probabilities.items(), key=lambda item: -item[1])
     probs = ", ".join(f"{pretty_label(name)} {value:.2f}" for name, value in ranked)
-    slice_line = f"Key image {index + 1} of {total}"
+    slice_line = f"Key image {index + 1} of {total}" + (
+        " (axial reformat)" if key is not None and key.reformatted else ""
+    )
     if key is not None and key.tumour_probability is not None:
         slice_line += f": slice tumour probability {key.tumour_probability:.2f}"
     headline = f"{'AI TRIAGE URGENT' if summary.urgent else 'AI TRIAGE'}: {pretty_label(summary.label)}"
@@ -92,9 +97,12 @@ def build_secondary_capture(
 ) -> Dataset:
     """One RGB Secondary Capture of a key slice, in the source study, referencing the source image."""
     source = key.dataset
-    decoded = source_slice(source, key.frame_number)
-    pixels = render_secondary_capture(decoded.pixels, key.cam, banner_for(summary, key, index, total))
-    orientation = patient_orientation(decoded.orientation)
+    if key.pixels is not None:  # a slice of the axial reformat: rows anterior to posterior, columns right to left
+        image, orientation = key.pixels, patient_orientation(AXIAL_ORIENTATION)
+    else:
+        decoded = source_slice(source, key.frame_number)
+        image, orientation = decoded.pixels, patient_orientation(decoded.orientation)
+    pixels = render_secondary_capture(image, key.cam, banner_for(summary, key, index, total))
     try:
         sc = hd.sc.SCImage.from_ref_dataset(
             ref_dataset=source,
@@ -125,9 +133,10 @@ def build_secondary_capture(
     if source.get("RecognizableVisualFeatures"):  # a sagittal head image may show a face: never assume "NO"
         sc.RecognizableVisualFeatures = source.RecognizableVisualFeatures
     sc.ImageComments = "AI TRIAGE - NOT FOR DIAGNOSTIC USE"
-    sc.DerivationDescription = f"Grad-CAM overlay and triage banner by {summary.model_name} {summary.model_version}"[
-        :1024
-    ]
+    derivation = f"Grad-CAM overlay and triage banner by {summary.model_name} {summary.model_version}"
+    if key.reformatted:
+        derivation = f"Axial reformat of the acquired 3-D volume; {derivation[0].lower()}{derivation[1:]}"
+    sc.DerivationDescription = derivation[:1024]
     sc.SourceImageSequence = [_image_reference(source, key.frame_number)]
     sc.ReferencedImageSequence = [_image_reference(source, key.frame_number)]
     return sc

@@ -49,12 +49,21 @@ class TriageSummary:
 
 @dataclass(frozen=True)
 class KeySlice:
-    """One source slice to show: its dataset (with pixels), 1-based frame for multi-frame, Grad-CAM map."""
+    """One source slice to show: its dataset (with pixels), 1-based frame for multi-frame, Grad-CAM map.
+
+    ``pixels`` is set for a slice of an axial reformat: the image itself, which no received instance holds;
+    ``dataset`` is then the volume's reference instance (its headers, never its pixels, are used).
+    """
 
     dataset: Dataset
     frame_number: int | None = None
     cam: NDArray[np.floating] | None = None
     tumour_probability: float | None = None
+    pixels: NDArray[np.floating] | None = None
+
+    @property
+    def reformatted(self) -> bool:
+        return self.pixels is not None
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from triaged.ml.device import Placement, torch_threads
 from triaged.ml.inference import Predictor, Triage, energy_score, softmax
 from triaged.ml.networks import cam_layer_candidates
 from triaged.ml.ood import OOD_FILE, FeatureOOD
-from triaged.ml.registry import default_aggregation, load_model, sha256_file, write_spec
+from triaged.ml.registry import default_aggregation, load_model, read_spec, sha256_file, write_spec
 from triaged.training.camscore import cheng_mask_path, evenly_spaced, load_masks, score_cams
 from triaged.training.data import Sample, evaluation_samples, read_manifest, split_summary, training_samples
 from triaged.training.dataset import preprocess_files, sample_labels, sample_paths
@@ -244,14 +244,7 @@ def evaluate_model(model_dir: Path, data_root: Path, out_dir: Path, options: Eva
         )
         write_spec(model_dir, final)
     if options.release and (data_root / "dicom").is_dir():
-        triage = Triage(model_dir, device=options.device, precision=options.precision, threads=options.threads)
-        # reads DICOM with pydicom: evaluation only
-        from triaged.training.release import evaluate_release, volume_release
-
-        report["release"] = evaluate_release(triage, data_root / "dicom")
-        if "volumes" in report:
-            report["release"]["volumes"] = volume_release(report["volumes"]["test"])
-            report["release"]["passed"] = report["release"]["passed"] and report["release"]["volumes"]["passed"]
+        _release(model_dir, data_root, report, options)
     report["ood_check"] = {
         "val_energy_quantiles": {str(q): float(np.quantile(val_energy, q)) for q in (0.5, 0.95, 0.995)},
         "test_energy_median": float(np.median(energy_score(logits["test"]))),
@@ -265,6 +258,45 @@ def evaluate_model(model_dir: Path, data_root: Path, out_dir: Path, options: Eva
 
         write_model_card(model_dir, report, options.compare)
     log.info("evaluate_done", out_dir=str(out_dir), **_headline(report))
+    return report
+
+
+def _release(model_dir: Path, data_root: Path, report: dict[str, Any], options: EvalOptions) -> None:
+    """Run the real-DICOM release criteria into ``report`` (and the volume criteria, when volumes were scored)."""
+    from triaged.training.release import evaluate_release, volume_release
+
+    triage = Triage(model_dir, device=options.device, precision=options.precision, threads=options.threads)
+    report["release"] = evaluate_release(triage, data_root / "dicom")
+    if "volumes" in report:
+        report["release"]["volumes"] = volume_release(report["volumes"]["test"])
+        report["release"]["passed"] = report["release"]["passed"] and report["release"]["volumes"]["passed"]
+
+
+def refresh_release(model_dir: Path, data_root: Path, out_dir: Path, options: EvalOptions) -> dict[str, Any]:
+    """Re-run only the release criteria against a stored ``evaluation.json``, then rewrite it, ``evaluation.md``
+    and (with ``options.calibrate``) the model card.
+
+    For a change in how the daemon reads a series (e.g. the axial reformat of 3-D volumes) that leaves every
+    slice score, threshold and volume result of the full evaluation as it was: hours of CPU saved, and the
+    card says which numbers came from which run.
+    """
+    from triaged.training.evaluate_outputs import markdown
+
+    stored = out_dir / "evaluation.json"
+    if not stored.is_file():
+        raise ModelError(f"{stored} does not exist; run the full evaluation first")
+    if not (data_root / "dicom").is_dir():
+        raise ModelError(f"{data_root / 'dicom'} does not exist; the release criteria need it")
+    report: dict[str, Any] = json.loads(stored.read_text())
+    _release(model_dir, data_root, report, options)
+    stored.write_text(json.dumps(report, indent=1, default=float) + "\n")
+    spec = read_spec(model_dir)
+    (out_dir / "evaluation.md").write_text(markdown(report, spec.classes))
+    if options.calibrate:
+        from triaged.training.model_card import write_model_card
+
+        write_model_card(model_dir, report, options.compare)
+    log.info("release_refreshed", out_dir=str(out_dir), passed=report["release"]["passed"])
     return report
 
 

@@ -330,6 +330,8 @@ def write_model_card(model_dir: Path, report: dict[str, Any], compare: Sequence[
         for s in report["release"]["series"]:
             r, u = s["result"], s["classifier_without_metadata_gate"]
             res = ("urgent" if r["urgent"] else "not urgent") if r["assessable"] else f"not assessable ({r['reason']})"
+            if r.get("reformat"):
+                res += f", scored on its {r['reformat']}"
             alone = (
                 f"{u['label']} / {u['urgency']:.3f} / {u['slices_tumour_over_0.5']} of {u['in_brain']}"
                 if u["assessable"]

@@ -1,8 +1,8 @@
 """Release criteria on the real MR DICOM series in ``../shared/data/dicom`` (evaluation only, never training).
 
 Criteria: the normal anatomical brain series (UIH 3D T1, Siemens XA30 MPRAGE) must not be flagged urgent, and the
-diffusion/EPI series must be ``not_assessable``. DICOM is read here with pydicom only to feed the DICOM-free
-:class:`~triaged.ml.inference.Triage` API the way the pipeline does.
+diffusion/EPI series must be ``not_assessable``. DICOM is read with the daemon's own decoder and
+metadata mapping, so a series is judged here exactly as the pipeline would judge it.
 """
 
 from __future__ import annotations
@@ -12,12 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pydicom
-from pydicom.dataset import Dataset
-from pydicom.pixels.processing import apply_modality_lut
 
+from triaged.dicom.pixels import decode_series, read_series_header
+from triaged.errors import PixelDecodeError
 from triaged.ml.inference import Triage
 from triaged.ml.results import SeriesMeta
+from triaged.training.series_eval import series_meta_of, slice_geometry_of
 
 RELEASE_SERIES: tuple[tuple[str, str, str], ...] = (
     ("uih_t1_gre_3d_sag", "neurolabusc_dcm_qa_uih/In/DTI_132225/t1_gre_fsp_3d_sag__132750", "not_urgent"),
@@ -30,56 +30,18 @@ RELEASE_SERIES: tuple[tuple[str, str, str], ...] = (
 )
 
 
-def _strs(value: Any) -> tuple[str, ...]:
-    if value is None:
-        return ()
-    if isinstance(value, str):
-        return tuple(v for v in value.split("\\") if v)
-    return tuple(str(v) for v in value)
-
-
-def _b_values(ds: Dataset) -> tuple[float, ...]:
-    values: list[float] = []
-    if "DiffusionBValue" in ds:
-        values.append(float(ds.DiffusionBValue))
-    for group in ds.get("PerFrameFunctionalGroupsSequence", []):
-        for diff in group.get("MRDiffusionSequence", []):
-            if "DiffusionBValue" in diff:
-                values.append(float(diff.DiffusionBValue))
-    return tuple(sorted(set(values)))
-
-
-def _frames(ds: Dataset) -> list[np.ndarray]:
-    pixels = ds.pixel_array
-    frames = [pixels] if int(ds.get("NumberOfFrames", 1)) == 1 else list(pixels)
-    out = []
-    for frame in frames:
-        values = np.asarray(apply_modality_lut(frame, ds), dtype=np.float32)
-        if ds.get("PhotometricInterpretation", "") == "MONOCHROME1":
-            values = values.max() - values
-        out.append(values)
-    return out
-
-
 def read_series(path: Path) -> tuple[list[np.ndarray], SeriesMeta]:
-    """Read a one-file-per-slice series directory or one (multi-frame) file into slices and metadata."""
-    files = sorted(path.iterdir()) if path.is_dir() else [path]
-    datasets = [pydicom.dcmread(f) for f in files if f.is_file()]
-    datasets.sort(key=lambda d: int(d.get("InstanceNumber", 0) or 0))
-    slices = [frame for ds in datasets for frame in _frames(ds)]
-    first = datasets[0]
-    meta = SeriesMeta(
-        modality=str(first.get("Modality", "")),
-        body_part_examined=str(first.get("BodyPartExamined", "")),
-        series_description=str(first.get("SeriesDescription", "")),
-        protocol_name=str(first.get("ProtocolName", "")),
-        image_type=_strs(first.get("ImageType")),
-        scanning_sequence=_strs(first.get("ScanningSequence")),
-        sequence_variant=_strs(first.get("SequenceVariant")),
-        diffusion_b_values=tuple(sorted({b for ds in datasets for b in _b_values(ds)})),
-        number_of_slices=len(slices),
-    )
-    return slices, meta
+    """Decode a one-file-per-slice series directory or one (multi-frame) file the way the daemon does: its pixel
+    decoder, slice order, gate metadata and geometry. A series the decoder refuses (a Siemens mosaic) comes back
+    with no slices and its header's metadata, so the gate still judges it."""
+    files = sorted(f for f in path.iterdir() if f.is_file()) if path.is_dir() else [path]
+    try:
+        decoded = decode_series(files)
+    except PixelDecodeError:
+        header, images = read_series_header(files)
+        return [], series_meta_of(header, images)
+    meta = series_meta_of(decoded.header, len(decoded.slices), slice_geometry_of(decoded.slices))
+    return [s.pixels for s in decoded.slices], meta
 
 
 def _summary(result: Any, slices: int) -> dict[str, Any]:
@@ -93,6 +55,8 @@ def _summary(result: Any, slices: int) -> dict[str, Any]:
         "threshold": result.threshold,
         "ood_score": result.ood_score,
         "slices": slices,
+        "reformat": result.reformat,
+        "assessed_slices": int(result.slice_in_brain.size),
         "in_brain": int(result.slice_in_brain.sum()),
         "slices_tumour_over_0.5": int((tumour[result.slice_in_brain] > 0.5).sum()) if tumour.size else 0,
         "max_slice_tumour_prob": float(tumour[result.slice_in_brain].max())

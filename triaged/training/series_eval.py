@@ -22,12 +22,12 @@ import structlog
 from PIL import Image
 from tqdm import tqdm
 
-from triaged.dicom.pixels import decode_series, read_series_header
+from triaged.dicom.pixels import DecodedSlice, decode_series, read_series_header
 from triaged.dicom.synthetic import write_mr_series
 from triaged.errors import PixelDecodeError
 from triaged.ml.gate import gate_reason
 from triaged.ml.inference import Triage
-from triaged.ml.results import SeriesAssessment, SeriesMeta
+from triaged.ml.results import SeriesAssessment, SeriesMeta, SliceGeometry
 from triaged.training.camscore import localisation_scores
 from triaged.training.data import Sample
 from triaged.training.dataset import load_image
@@ -149,12 +149,20 @@ def write_volume_series(data_root: Path, series: VolumeSeries, out_dir: Path) ->
     )
 
 
-def series_meta_of(header: Any, number_of_slices: int) -> SeriesMeta:
+def series_meta_of(header: Any, number_of_slices: int, geometry: SliceGeometry | None = None) -> SeriesMeta:
     """The pipeline's own mapping from DICOM header to gate metadata (imported late: pipeline pulls in the db)."""
     from triaged.pipeline import series_meta
 
-    meta: SeriesMeta = series_meta(header, number_of_slices)
+    meta: SeriesMeta = series_meta(header, number_of_slices, geometry)
     return meta
+
+
+def slice_geometry_of(slices: Sequence[DecodedSlice]) -> SliceGeometry | None:
+    """The pipeline's own geometry of the decoded slices (imported late, as :func:`series_meta_of`)."""
+    from triaged.pipeline import slice_geometry
+
+    geometry: SliceGeometry | None = slice_geometry(slices)
+    return geometry
 
 
 def assess_dicom_files(triage: Triage, paths: Sequence[Path], *, cam_top_k: int = 3) -> SeriesAssessment:
@@ -168,7 +176,7 @@ def assess_dicom_files(triage: Triage, paths: Sequence[Path], *, cam_top_k: int 
         if reason is None:
             raise
         return triage.refused(reason, 0)  # as run_infer_job: no slice was decoded
-    meta = series_meta_of(decoded.header, len(decoded.slices))
+    meta = series_meta_of(decoded.header, len(decoded.slices), slice_geometry_of(decoded.slices))
     return triage.assess([s.pixels for s in decoded.slices], meta, cam_top_k=cam_top_k)
 
 
