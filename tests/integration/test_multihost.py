@@ -12,6 +12,9 @@ Needs root and ``ip netns`` (CI has both: a skip there fails the run).
 from __future__ import annotations
 
 import hashlib
+import os
+import signal
+import subprocess
 import threading
 import zlib
 from collections.abc import Iterator
@@ -22,8 +25,8 @@ import pytest
 from pynetdicom import AE
 from sqlalchemy import select
 
-from tests.support.multihost import DICOM_PORT, SENDER_AE, Deployment, Lab, host_of, running_lab
-from tests.support.netns import unavailable_reason
+from tests.support.multihost import DICOM_PORT, SENDER_AE, Deployment, Lab, host_of
+from tests.support.netns import PREFIX, NetnsUnavailableError, remove_stale, unavailable_reason
 from tests.support.pg_host import pg_binary
 from tests.support.pipeline_support import count, wait_for
 from triaged.db.models import Association, Instance, JobState, Result, Series
@@ -37,14 +40,21 @@ WORKERS = ("work1", "work2")
 
 
 @pytest.fixture(scope="module")
-def testbed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
+def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     reason = unavailable_reason()
     if reason is not None:
         pytest.skip(f"multi-host test: {reason}")
     if pg_binary("initdb") is None or pg_binary("pg_ctl") is None:
         pytest.skip("multi-host test: needs the PostgreSQL server binaries initdb and pg_ctl")
-    with running_lab(tmp_path_factory.mktemp("testbed"), (*RECEIVERS, *WORKERS)) as bed:
-        yield bed
+    lab = Lab(tmp_path_factory.mktemp("lab"), (*RECEIVERS, *WORKERS))
+    try:
+        lab.start()  # cleans up after itself when it fails
+    except NetnsUnavailableError as exc:
+        pytest.skip(f"multi-host test: {exc}")
+    try:
+        yield lab
+    finally:
+        lab.stop()
 
 
 @pytest.fixture(scope="module")
@@ -55,8 +65,8 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-def deployment(testbed: Lab, model_dir: Path, tmp_path: Path) -> Iterator[Deployment]:
-    deployment = Deployment(testbed, tmp_path, model_dir)
+def deployment(lab: Lab, model_dir: Path, tmp_path: Path) -> Iterator[Deployment]:
+    deployment = Deployment(lab, tmp_path, model_dir)
     try:
         yield deployment
     finally:
@@ -119,7 +129,7 @@ def test_series_sent_to_both_receivers_are_processed_exactly_once(deployment: De
         result_series = list(session.scalars(select(Result.series_id)))
         receivers = {host_of(a.receiver_id) for a in session.scalars(select(Association))}
         assert count(factory, Series) == len(series)
-    assert sorted(result_series) == sorted({j.series_id for j in jobs})
+    assert sorted(result_series) == sorted({int(j.series_id or 0) for j in jobs})
     assert receivers == set(RECEIVERS)
 
 
@@ -221,7 +231,12 @@ def test_receiver_killed_mid_association_loses_nothing_acknowledged(deployment: 
     [other] = _series(tmp_path / "b", 1, slices=10, tag="other")
 
     other_sent = threading.Event()
-    sender = threading.Thread(target=lambda: (deployment.send("recv2", other), other_sent.set()))
+
+    def send_other() -> None:
+        deployment.send("recv2", other)
+        other_sent.set()
+
+    sender = threading.Thread(target=send_other)
     sender.start()
     acked = _send_until_killed(deployment, "recv1", interrupted, kill_after=20)
     sender.join()
@@ -246,3 +261,34 @@ def test_receiver_killed_mid_association_loses_nothing_acknowledged(deployment: 
     with factory() as session:
         assert count(factory, Instance) == len(interrupted) + len(other)
         assert sorted(session.scalars(select(Series.instance_count))) == sorted([len(other), len(interrupted)])
+
+
+def test_namespaces_of_a_dead_run_are_removed_and_a_live_runs_are_kept() -> None:
+    """A crashed run (its pytest process gone) leaves namespaces with a process inside; the next run deletes
+    both. Namespaces named after a live process (another run going on now) are not touched."""
+    reason = unavailable_reason()
+    if reason is not None:
+        pytest.skip(f"multi-host test: {reason}")
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale, live = f"{PREFIX}{dead.pid}-crashed", f"{PREFIX}{os.getpid()}-alive"
+    subprocess.run(["ip", "netns", "add", stale], check=True)
+    subprocess.run(["ip", "netns", "add", live], check=True)
+    sleeper = subprocess.Popen(["ip", "netns", "exec", stale, "sleep", "300"])
+    try:
+        wait_for(lambda: _namespace_pids(stale) == [sleeper.pid], timeout=30, what="a process in the namespace")
+        removed = remove_stale()
+        assert stale in removed and live not in removed
+        assert sleeper.wait(timeout=30) == -signal.SIGKILL
+        listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
+        assert stale not in listed and live in listed
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+        subprocess.run(["ip", "netns", "del", stale], capture_output=True, check=False)
+        subprocess.run(["ip", "netns", "del", live], capture_output=True, check=False)
+
+
+def _namespace_pids(namespace: str) -> list[int]:
+    out = subprocess.run(["ip", "netns", "pids", namespace], capture_output=True, text=True, check=False).stdout
+    return [int(p) for p in out.split()]

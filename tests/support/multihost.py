@@ -63,19 +63,19 @@ class Lab:
 
 @contextlib.contextmanager
 def running_lab(root: Path, hosts: Sequence[str]) -> Iterator[Lab]:
-    testbed = Lab(root=root, hosts=hosts)
-    testbed.start()
+    lab = Lab(root=root, hosts=hosts)
+    lab.start()
     try:
-        yield testbed
+        yield lab
     finally:
-        testbed.stop()
+        lab.stop()
 
 
 @dataclass
 class Deployment:
     """One database on the testbed and the triaged processes of one test; :meth:`close` kills what is left."""
 
-    testbed: Lab
+    lab: Lab
     root: Path
     model_dir: Path
     lease_seconds: float = 4.0
@@ -85,13 +85,13 @@ class Deployment:
     _engine: Engine | None = None
 
     def __post_init__(self) -> None:
-        self.database = self.testbed.postgres.create_database()
+        self.database = self.lab.postgres.create_database()
         self.shared_storage.mkdir(parents=True, exist_ok=True)
         upgrade(self.engine)
 
     @property
     def network(self) -> Network:
-        return self.testbed.network
+        return self.lab.network
 
     @property
     def shared_storage(self) -> Path:
@@ -101,7 +101,7 @@ class Deployment:
     @property
     def engine(self) -> Engine:
         if self._engine is None:
-            self._engine = make_engine(self.testbed.postgres.url(self.database))
+            self._engine = make_engine(self.lab.postgres.url(self.database))
         return self._engine
 
     @property
@@ -118,7 +118,7 @@ class Deployment:
             "data_dir": str(directory / "data"),
             "log_format": "json",
             "dicom": {"bind_address": self.address(host), "port": DICOM_PORT, "ae_title": "TRIAGED"},
-            "database": {"url": self.testbed.postgres.url(self.database)},
+            "database": {"url": self.lab.postgres.url(self.database)},
             "storage": {"directory": str(self.shared_storage), "min_free_bytes": 0},
             "series": {"quiet_seconds": 1.0, "sweep_interval_seconds": 0.25},
             "worker": {
@@ -147,9 +147,7 @@ class Deployment:
         if host in self.processes and self.processes[host].proc.poll() is None:
             raise RuntimeError(f"{host} is running")
         log_path = self.root / "hosts" / host / f"{command[0]}-{len(self.processes)}.log"
-        process = start_daemon(
-            config, command, log_path=log_path, wrap=lambda argv: self.network.command(host, argv)
-        )
+        process = start_daemon(config, command, log_path=log_path, wrap=lambda argv: self.network.command(host, argv))
         self.processes[host] = process
         return process
 

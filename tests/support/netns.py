@@ -15,6 +15,7 @@ would on real machines.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
 import shutil
@@ -26,7 +27,7 @@ from dataclasses import dataclass, field
 PREFIX = "tmh"
 
 
-class NetnsUnavailable(RuntimeError):
+class NetnsUnavailableError(RuntimeError):
     """Not root, no iproute2, or the kernel refuses network namespaces here."""
 
 
@@ -72,10 +73,8 @@ def remove_stale() -> list[str]:
         if pid is None or _alive(pid):
             continue
         for leftover in _ip("netns", "pids", name, check=False).stdout.split():
-            try:
+            with contextlib.suppress(ProcessLookupError, ValueError):
                 os.kill(int(leftover), signal.SIGKILL)
-            except (ProcessLookupError, ValueError):
-                pass
         _ip("netns", "del", name, check=False)
         removed.append(name)
     for line in _ip("-o", "link", "show", check=False).stdout.splitlines():
@@ -99,7 +98,7 @@ def _subnet_for(pid: int) -> ipaddress.IPv4Network:
         except ValueError:
             continue
         if route.prefixlen > 0 and route.overlaps(subnet):
-            raise NetnsUnavailable(f"the test subnet {subnet} overlaps the route {route} of this machine")
+            raise NetnsUnavailableError(f"the test subnet {subnet} overlaps the route {route} of this machine")
     return subnet
 
 
@@ -129,7 +128,7 @@ class Network:
         return f"{self.run_id}r"  # ≤ 15 characters for pids up to 10 digits
 
     def create(self) -> None:
-        """Build the switch and plug the root namespace in; raise :class:`NetnsUnavailable` if it cannot."""
+        """Build the switch and plug the root namespace in; raise :class:`NetnsUnavailableError` if it cannot."""
         remove_stale()
         self.subnet = _subnet_for(os.getpid())
         self.root_address = str(self.subnet.network_address + 1)
@@ -144,7 +143,7 @@ class Network:
             _ip("link", "set", self.root_link, "up")
         except subprocess.CalledProcessError as exc:
             self.destroy()
-            raise NetnsUnavailable(f"{' '.join(exc.cmd)}: {exc.stderr.strip()}") from exc
+            raise NetnsUnavailableError(f"{' '.join(exc.cmd)}: {exc.stderr.strip()}") from exc
 
     def add_host(self, name: str) -> Host:
         """A namespace with loopback and ``eth0`` (the next free address), plugged into the switch."""
@@ -189,10 +188,8 @@ class Network:
         """Kill anything still running in our namespaces, then delete them (their veth ends go with them)."""
         for host in self.hosts.values():
             for pid in self.pids(host.name):
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
         for item in reversed(self._created):
             if item.startswith("link:"):
                 _ip("link", "del", item.removeprefix("link:"), check=False)

@@ -100,7 +100,9 @@ class PostgresHost:
 
     def create_database(self) -> str:
         name = f"mh_{uuid.uuid4().hex[:10]}"
-        with psycopg.connect(f"host={self.address} port={self.port} user=postgres dbname=postgres", autocommit=True) as c:
+        with psycopg.connect(
+            f"host={self.address} port={self.port} user=postgres dbname=postgres", autocommit=True
+        ) as c:
             c.execute(f"CREATE DATABASE {name}")
         return name
 
