@@ -8,6 +8,8 @@ The same namespace hosts as the test (PostgreSQL host, two receivers, two worker
 * series/hour with one and with two worker hosts: all series are sent (half to each receiver) and queued
   first; the workers hold their first job until each holds one, so start-up is not counted; the clock runs
   from releasing them to the last job's ``finished_at`` in the database.
+  ``worker_cpu_seconds_per_series`` is the workers' CPU time over the same span, per series: on a shared
+  machine the less load-dependent number (series/hour per core = 3600 / it).
 * failover: one series, the holding worker's link is cut (``ip link set eth0 down``) and the other worker is
   free to run it; reported from the cut to the re-claim (the job audit trigger's database clock) and to the
   result, next to the lease that had to run out first.
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 import threading
 import time
@@ -68,6 +71,12 @@ def _check_exactly_once(deployment: Deployment, n: int) -> None:
     assert results == n == count(deployment.session_factory, Result), (results, n)
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (and its waited-for children), from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return sum(int(v) for v in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+
+
 def throughput(lab: Lab, work: Path, model: Path, workers: int, series: list[list[Path]]) -> dict[str, Any]:
     deployment = Deployment(lab, work / f"throughput-{workers}", model, lease_seconds=60, heartbeat_seconds=5)
     try:
@@ -84,9 +93,11 @@ def throughput(lab: Lab, work: Path, model: Path, workers: int, series: list[lis
             timeout=300,
             what="every worker holding a job",
         )
+        cpu_before = sum(_cpu_seconds(deployment.processes[h].proc.pid) for h in WORKERS[:workers])
         released = datetime.now(UTC)
         hold.touch()
         wait_for(lambda: count(factory, Result) == len(series), timeout=3600, what="all results", interval=0.5)
+        cpu = sum(_cpu_seconds(deployment.processes[h].proc.pid) for h in WORKERS[:workers]) - cpu_before
         for host in WORKERS[:workers]:
             deployment.terminate(host)
         _check_exactly_once(deployment, len(series))
@@ -100,6 +111,7 @@ def throughput(lab: Lab, work: Path, model: Path, workers: int, series: list[lis
             "seconds": round(seconds, 2),
             "series_per_hour": round(len(series) / seconds * 3600, 1),
             "series_per_host": per_host,
+            "worker_cpu_seconds_per_series": round(cpu / len(series), 2),
         }
     finally:
         deployment.close()
