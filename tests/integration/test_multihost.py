@@ -142,7 +142,7 @@ def test_cutting_a_worker_link_mid_job_lets_the_other_finish_after_the_lease(
 
     The order is read from a trigger-kept audit of the jobs table (the database's own record), not from
     clocks in the test. Then the victim's link comes back and its hold ends: its late attempt must not add
-    a second result (its lease is gone, so its completion is refused with its results).
+    a second result: its completion, which would commit its results, is refused (``LeaseLostError``).
     """
     deployment.install_job_audit()
     holds = {host: tmp_path / f"release-{host}" for host in WORKERS}
@@ -166,7 +166,9 @@ def test_cutting_a_worker_link_mid_job_lets_the_other_finish_after_the_lease(
 
     deployment.network.set_link(victim, up=True)
     holds[victim].touch()
-    assert deployment.terminate(victim) == 0  # waits for the victim's late attempt (or releases nothing)
+    late = deployment.processes[victim]
+    wait_for(lambda: "LeaseLostError" in late.log_text(), timeout=120, what="the victim's late completion refused")
+    assert deployment.terminate(victim) == 0
     assert deployment.terminate(rescuer) == 0
     [done] = deployment.infer_jobs()
     assert (done.state, done.attempts, host_of(done.lease_owner)) == (JobState.DONE, 2, rescuer)
