@@ -12,7 +12,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -111,13 +111,22 @@ class DaemonProcess:
 
 
 def start_daemon(
-    config: Path, command: Sequence[str] = ("serve",), *, log_path: Path, ready_timeout: float = 90
+    config: Path,
+    command: Sequence[str] = ("serve",),
+    *,
+    log_path: Path,
+    ready_timeout: float = 90,
+    wrap: Callable[[list[str]], list[str]] | None = None,
 ) -> DaemonProcess:
-    """Start ``python -m triaged -c CONFIG <command>`` and wait for its ``triaged listening`` line."""
+    """Start ``python -m triaged -c CONFIG <command>`` and wait for its ``triaged listening`` line.
+
+    ``wrap`` turns the command line into another that execs it (e.g. inside a network namespace).
+    """
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "TCP_NODELAY": "1"}
     log_file = log_path.open("w", encoding="utf-8")
+    argv = [sys.executable, "-m", "triaged", "-c", str(config), *command]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "triaged", "-c", str(config), *command],
+        wrap(argv) if wrap is not None else argv,
         stdout=subprocess.PIPE,
         stderr=log_file,
         text=True,
