@@ -46,6 +46,7 @@ from triaged.db.models import (
 )
 from triaged.errors import DestinationDownError, DicomPeerError, JobError, OutputBuildError
 from triaged.log import uid_hash
+from triaged.outputs import dicomweb
 from triaged.outputs.build import build_outputs, encode
 from triaged.outputs.destinations import resolve_destination
 from triaged.outputs.scu import SendOptions, StoreResult, send_files
@@ -247,13 +248,13 @@ def run_export_job(runtime: Runtime, job: Job) -> None:
         network_timeout=dicom.network_timeout,
     )
     by_path = {path: output_id for output_id, path in pending}
+    on_stored = _mark_sent(runtime, by_path, destination.name)
+    paths = [path for _, path in pending]
     try:
-        sent = send_files(
-            [path for _, path in pending],
-            destination,
-            options,
-            on_stored=_mark_sent(runtime, by_path, destination.name),
-        )
+        if isinstance(destination, dicomweb.DicomwebDestination):
+            sent = dicomweb.send_files(paths, destination, on_stored=on_stored)
+        else:
+            sent = send_files(paths, destination, options, on_stored=on_stored)
     except DicomPeerError as exc:  # no answer at all: the destination is down, not this job's objects
         raise DestinationDownError(str(exc), destination=destination.name) from exc
     with runtime.session_factory.begin() as session:
