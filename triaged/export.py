@@ -70,7 +70,8 @@ class _Plan:
     superseded: bool = False  # newer instances re-opened the series: a newer result will follow
 
 
-def _summary(result: Result, series: Series) -> TriageSummary:
+def summary_of(result: Result, series: Series) -> TriageSummary:
+    """The builders' view of a result (no database types past this point)."""
     return TriageSummary(
         series_instance_uid=series.series_instance_uid,
         generation=result.generation,
@@ -108,7 +109,7 @@ def _load_plan(session: Session, result_id: int) -> _Plan:
     outputs = session.scalars(select(Output).where(Output.result_id == result_id).order_by(Output.id)).all()
     return _Plan(
         result_id=result_id,
-        summary=_summary(result, series),
+        summary=summary_of(result, series),
         calling_ae_title=series.calling_ae_title,
         keys=tuple((k.sop_instance_uid, k.frame_number, k.cam_path, k.tumour_probability) for k in keys),
         instance_files={i.sop_instance_uid: i.file_path for i in instances},

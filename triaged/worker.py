@@ -43,6 +43,10 @@ def dispatch(runtime: Runtime, job: Job) -> None:
         from triaged.pipeline import run_infer_job
 
         run_infer_job(runtime, job)
+    elif job.kind == JobKind.EXPORT and "notify" in job.payload:
+        from triaged.notify import run_notify_job
+
+        run_notify_job(runtime, job)
     elif job.kind == JobKind.EXPORT:
         from triaged.export import run_export_job  # type: ignore[import-not-found,unused-ignore]
 

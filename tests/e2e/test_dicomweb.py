@@ -52,6 +52,12 @@ end
 """
 
 
+@pytest.fixture
+def db_url(sqlite_url: str) -> str:
+    """SQLite only: the breaker's queries run on PostgreSQL too in tests/integration/test_destinations.py."""
+    return sqlite_url
+
+
 def _plugin() -> str:
     orthanc_binary()
     if not PLUGIN.is_file():

@@ -18,8 +18,8 @@ from triaged import metrics
 from triaged.config import Settings
 from triaged.db import destinations, queue
 from triaged.db.models import DestinationState, utcnow
-from triaged.errors import ConfigError, DicomPeerError
-from triaged.outputs import dicomweb
+from triaged.errors import ConfigError, DestinationDownError, DicomPeerError
+from triaged.outputs import dicomweb, hl7
 from triaged.outputs.dicomweb import DicomwebDestination
 from triaged.outputs.scu import Destination
 from triaged.outputs.send import echo
@@ -62,11 +62,14 @@ def probe_delay(settings: Settings, probes: int) -> timedelta:
 def probe(settings: Settings, name: str) -> None:
     """Ask destination ``name`` whether it is there; raise :class:`DicomPeerError` when it does not answer.
 
-    C-ECHO for a DIMSE peer, one QIDO-RS request for a DICOMweb server. Any answer counts (even a non-success
-    status): the peer is there and talks DICOM, so sending can resume.
+    C-ECHO for a DIMSE peer, one QIDO-RS request for a DICOMweb server, a TCP connection for an MLLP receiver.
+    Any answer counts (even a non-success status): the peer is there, so sending can resume.
     """
     if name in settings.outputs.dicomweb:
         dicomweb.probe(DicomwebDestination(name=name, config=settings.outputs.dicomweb[name]))
+        return
+    if name in settings.notify:
+        hl7.probe(hl7.Hl7Destination(name=name, config=settings.notify[name]))
         return
     peer = settings.dicom.peers.get(name)
     if peer is None:
@@ -92,7 +95,7 @@ def probe_due_destinations(
     for name, probes in due:
         try:
             probe(settings, name)
-        except (DicomPeerError, OSError) as exc:
+        except (DicomPeerError, DestinationDownError, OSError) as exc:
             with session_factory.begin() as session:
                 count = destinations.probe_failed(
                     session, name, queue.error_line(exc), next_probe_after=probe_delay(settings, probes + 1), now=now
