@@ -206,6 +206,7 @@ def _mark_sent(runtime: Runtime, by_path: dict[Path, int], destination: str) -> 
             if output is not None:
                 output.sent_at = utcnow()
                 output.destination = destination
+            destinations.confirm_delivery(session, destination)
 
     return mark
 

@@ -134,5 +134,6 @@ def run_notify_job(runtime: Runtime, job: Job) -> None:
         raise DestinationDownError(f"destination {name} is down", destination=name)
     code = hl7.send_message(hl7.build_oru(content, config), destination)
     with runtime.session_factory.begin() as session:
+        destinations.confirm_delivery(session, name)
         queue.complete(session, job.id, worker_id)
     log.info("notify_done", destination=name, ack=code, urgent=content.summary.urgent)
