@@ -13,7 +13,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -159,9 +159,51 @@ class ModelSettings(_Section):
     cam_top_k: int = Field(default=3, ge=0, le=32)
 
 
+class DicomwebDestination(_Section):
+    """A DICOMweb origin server outputs go to by STOW-RS (PS3.18 10.5), instead of C-STORE to a peer."""
+
+    url: str = Field(pattern=r"^https?://", description="service root, e.g. https://pacs.example/dicom-web")
+    auth: Literal["none", "basic", "bearer"] = "none"
+    username: str | None = None
+    password: SecretStr | None = Field(default=None, description="basic auth; never logged")
+    token: SecretStr | None = Field(default=None, description="bearer auth; never logged")
+    verify_tls: bool = Field(default=True, description="verify the server certificate (https)")
+    ca_file: Path | None = Field(default=None, description="CA that signed the server's certificate (default: system)")
+    cert_file: Path | None = Field(default=None, description="our client certificate, when the server requires one")
+    key_file: Path | None = None
+    timeout_seconds: float = Field(default=30.0, gt=0, description="connect and read timeout of one request")
+
+    @model_validator(mode="after")
+    def _credentials(self) -> DicomwebDestination:
+        if self.auth == "basic" and (self.username is None or self.password is None):
+            raise ValueError("auth = 'basic' needs username and password")
+        if self.auth == "bearer" and self.token is None:
+            raise ValueError("auth = 'bearer' needs token")
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together")
+        return self
+
+
+class Hl7Destination(_Section):
+    """An HL7 v2 receiver (RIS, worklist) that gets one ORU^R01 per assessed series over MLLP."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(ge=1, le=65535)
+    sending_application: str = "TRIAGED"
+    sending_facility: str = ""
+    receiving_application: str = ""
+    receiving_facility: str = ""
+    mode: Literal["urgent", "all"] = Field(default="all", description="which assessed series are notified")
+    include_patient_name: bool = Field(default=False, description="PID-5; off: the RIS matches on ID and accession")
+    timeout_seconds: float = Field(default=10.0, gt=0, description="connect, and wait for the ACK")
+
+
 class OutputSettings(_Section):
     mode: Literal["urgent", "all", "none"] = "all"
-    destination: str | None = Field(default=None, description="peer name; default: the peer that sent the study")
+    destination: str | None = Field(
+        default=None, description="a peer or outputs.dicomweb name; default: the peer that sent the study"
+    )
+    dicomweb: dict[str, DicomwebDestination] = Field(default_factory=dict, description="STOW-RS destinations")
     secondary_captures: bool = True
     key_object_selection: bool = True
     structured_report: bool = True
@@ -200,6 +242,7 @@ class Settings(BaseSettings):
     model: ModelSettings = ModelSettings()
     outputs: OutputSettings = OutputSettings()
     http: HttpSettings = HttpSettings()
+    notify: dict[str, Hl7Destination] = Field(default_factory=dict, description="HL7 ORU^R01 receivers")
 
     @classmethod
     def settings_customise_sources(
@@ -211,6 +254,22 @@ class Settings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls))
+
+    @model_validator(mode="after")
+    def _destination_names_unique(self) -> Settings:
+        """One circuit breaker per name (the destinations table), so a name means one destination."""
+        seen: dict[str, str] = {}
+        tables: dict[str, dict[str, Any]] = {
+            "dicom.peers": self.dicom.peers,
+            "outputs.dicomweb": self.outputs.dicomweb,
+            "notify": self.notify,
+        }
+        for table, names in tables.items():
+            for name in names:
+                if name in seen:
+                    raise ValueError(f"destination name {name!r} is used in both {seen[name]} and {table}")
+                seen[name] = table
+        return self
 
     @property
     def storage_dir(self) -> Path:

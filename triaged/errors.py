@@ -65,6 +65,16 @@ class DestinationDownError(TriagedError):
         self.destination = destination
 
 
+class Hl7SendError(TriagedError):
+    """An HL7 receiver answered and did not accept a message (ACK code AE, AR, CE or CR): spends an attempt."""
+
+    retryable = True
+
+    def __init__(self, message: str | None = None, *, code: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+
+
 class PixelDecodeError(TriagedError):
     """The pixel data of an instance cannot become 2-D brain slices."""
 

@@ -46,6 +46,7 @@ from triaged.db.models import (
 )
 from triaged.errors import DestinationDownError, DicomPeerError, JobError, OutputBuildError
 from triaged.log import uid_hash
+from triaged.outputs import dicomweb
 from triaged.outputs.build import build_outputs, encode
 from triaged.outputs.destinations import resolve_destination
 from triaged.outputs.scu import SendOptions, StoreResult, send_files
@@ -69,7 +70,8 @@ class _Plan:
     superseded: bool = False  # newer instances re-opened the series: a newer result will follow
 
 
-def _summary(result: Result, series: Series) -> TriageSummary:
+def summary_of(result: Result, series: Series) -> TriageSummary:
+    """The builders' view of a result (no database types past this point)."""
     return TriageSummary(
         series_instance_uid=series.series_instance_uid,
         generation=result.generation,
@@ -107,7 +109,7 @@ def _load_plan(session: Session, result_id: int) -> _Plan:
     outputs = session.scalars(select(Output).where(Output.result_id == result_id).order_by(Output.id)).all()
     return _Plan(
         result_id=result_id,
-        summary=_summary(result, series),
+        summary=summary_of(result, series),
         calling_ae_title=series.calling_ae_title,
         keys=tuple((k.sop_instance_uid, k.frame_number, k.cam_path, k.tumour_probability) for k in keys),
         instance_files={i.sop_instance_uid: i.file_path for i in instances},
@@ -207,6 +209,7 @@ def _mark_sent(runtime: Runtime, by_path: dict[Path, int], destination: str) -> 
             if output is not None:
                 output.sent_at = utcnow()
                 output.destination = destination
+            destinations.confirm_delivery(session, destination)
 
     return mark
 
@@ -250,13 +253,13 @@ def run_export_job(runtime: Runtime, job: Job) -> None:
         network_timeout=dicom.network_timeout,
     )
     by_path = {path: output_id for output_id, path in pending}
+    on_stored = _mark_sent(runtime, by_path, destination.name)
+    paths = [path for _, path in pending]
     try:
-        sent = send_files(
-            [path for _, path in pending],
-            destination,
-            options,
-            on_stored=_mark_sent(runtime, by_path, destination.name),
-        )
+        if isinstance(destination, dicomweb.DicomwebDestination):
+            sent = dicomweb.send_files(paths, destination, on_stored=on_stored)
+        else:
+            sent = send_files(paths, destination, options, on_stored=on_stored)
     except DicomPeerError as exc:  # no answer at all: the destination is down, not this job's objects
         raise DestinationDownError(str(exc), destination=destination.name) from exc
     with runtime.session_factory.begin() as session:

@@ -15,9 +15,14 @@ import structlog
 
 LogFormat = Literal["auto", "json", "console"]
 
-# pynetdicom's DEBUG handlers dump PDUs and identifiers; keep it at WARNING unless asked otherwise.
+# pynetdicom's DEBUG handlers dump PDUs and identifiers; highdicom logs the raw SOP Instance UID of every source
+# it copies from at INFO; dicomweb-client and urllib3 log request URLs (with study UIDs) at INFO/DEBUG. Kept at
+# WARNING whatever log_level says, so no raw UID reaches the log (triaged logs uid_hash instead).
 _NOISY_LOGGERS = {
     "pynetdicom": logging.WARNING,
+    "highdicom": logging.WARNING,
+    "dicomweb_client": logging.WARNING,
+    "urllib3": logging.WARNING,
     "sqlalchemy": logging.WARNING,
     "alembic": logging.WARNING,
     "apscheduler": logging.WARNING,

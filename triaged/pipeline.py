@@ -44,6 +44,7 @@ from triaged.ml.api import SeriesAssessment, SeriesMeta, Triage
 from triaged.ml.gate import gate_reason
 from triaged.ml.registry import NO_TUMOUR
 from triaged.ml.results import SliceGeometry
+from triaged.notify import notify_targets
 from triaged.runtime import Runtime
 
 log = structlog.get_logger()
@@ -264,6 +265,17 @@ def _commit(
                 max_attempts=settings.worker.export_max_attempts,
             )
             exports = int(created is not None)
+        for name in notify_targets(settings, result):
+            queue.enqueue(
+                session,
+                JobKind.EXPORT,
+                dedupe_key=f"notify:{name}:{result.id}",
+                series_id=data.series_id,
+                generation=data.generation,
+                payload={"result_id": result.id, "notify": name},
+                priority=URGENT_EXPORT_PRIORITY if result.urgent else 0,
+                max_attempts=settings.worker.export_max_attempts,
+            )
         series = session.get(Series, data.series_id)
         if series is not None and series.generation == data.generation:
             series.state = SeriesState.DONE

@@ -43,6 +43,10 @@ def dispatch(runtime: Runtime, job: Job) -> None:
         from triaged.pipeline import run_infer_job
 
         run_infer_job(runtime, job)
+    elif job.kind == JobKind.EXPORT and "notify" in job.payload:
+        from triaged.notify import run_notify_job
+
+        run_notify_job(runtime, job)
     elif job.kind == JobKind.EXPORT:
         from triaged.export import run_export_job  # type: ignore[import-not-found,unused-ignore]
 
@@ -170,14 +174,26 @@ class Worker:
         log.info("job_hold_released")
 
     def _deferred(self, job: Job, exc: DestinationDownError) -> JobState:
-        """The destination did not answer: mark it down and give the attempt back, in one transaction."""
+        """The destination did not answer: mark it down and give the attempt back, in one transaction.
+
+        Unless it failed its trial (a probe had just found it up and nothing was delivered since): then the
+        attempt counts, so a peer that answers probes but never a send ends in ``dead``, not in endless waiting.
+        """
         error = queue.error_line(exc)
         try:
             with self.runtime.session_factory.begin() as session:
+                failed_trial = destinations.on_trial(session, exc.destination)
                 went_down = destinations.mark_down(
                     session, exc.destination, error, first_probe_after=probe_delay(self.runtime.settings, 0)
                 )
-                queue.defer(session, job.id, self.worker_id, destination=exc.destination, error=error)
+                state = queue.defer(
+                    session,
+                    job.id,
+                    self.worker_id,
+                    destination=exc.destination,
+                    error=error,
+                    spend_attempt=failed_trial,
+                )
         except queue.LeaseLostError:
             log.warning("job_deferred_after_lease_lost", error=error)
             return JobState.RUNNING
@@ -186,10 +202,14 @@ class Worker:
             return JobState.RUNNING
         if went_down:
             metrics.DESTINATION_UP.labels(destination=exc.destination).set(0)
-            log.warning("destination_down", destination=exc.destination, error=error)
-        log.info("job_waiting_for_destination", destination=exc.destination)
+            log.warning("destination_down", destination=exc.destination, error=error, failed_trial=failed_trial)
+        if state == JobState.DEAD:
+            metrics.EXPORTS_DEAD.labels(reason="attempts").inc()
+            log.error("export_dead", reason="attempts", attempts=job.attempts, error=error)
+        else:
+            log.info("job_waiting_for_destination", destination=exc.destination, attempt_spent=failed_trial)
         structlog.contextvars.clear_contextvars()
-        return JobState.QUEUED
+        return state
 
     def _failed(self, job: Job, exc: Exception, seconds: float) -> JobState:
         settings = self.runtime.settings.worker

@@ -57,6 +57,7 @@ def settings(make_settings: Callable[..., Settings], db_url: str, model_dirs: tu
         model={"directory": model_dirs[0], "device": "cpu", "precision": "fp32", "cam_top_k": 2},
         outputs={"mode": "all"},
         worker={"heartbeat_seconds": 0.5, "lease_seconds": 30},
+        notify={"ris": {"port": 2575}},  # never contacted here: only the enqueued job is checked
     )
 
 
@@ -148,10 +149,15 @@ def test_labelled_series_gets_one_result_with_cams(
         assert cam.dtype == np.float32
         assert cam.shape == pydicom.dcmread(paths[s.slice_index]).pixel_array.shape
         assert np.isfinite(cam).all()
-    # outputs.mode = all: one export job for the result, committed with it
+    # outputs.mode = all: one export job for the result, committed with it, and one worklist notification
+    notifications = [e for e in exports if "notify" in e.payload]
+    exports = [e for e in exports if "notify" not in e.payload]
     assert [e.payload for e in exports] == [{"result_id": result.id}]
     assert exports[0].dedupe_key == f"export:{result.id}"
     assert exports[0].priority == (10 if result.urgent else 0)
+    assert [(n.payload, n.dedupe_key) for n in notifications] == [
+        ({"result_id": result.id, "notify": "ris"}, f"notify:ris:{result.id}")
+    ]
 
 
 def test_reprocess_same_model_is_idempotent_other_model_adds_result(

@@ -6,6 +6,7 @@ is set in its environment (dcmtk, which Orthanc links, disables Nagle only then;
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
@@ -44,6 +45,9 @@ class Orthanc:
     http_port: int = field(default_factory=free_port)
     dicom_port: int = field(default_factory=free_port)
     process: subprocess.Popen[bytes] | None = None
+    plugins: list[str] = field(default_factory=list)  # plugin .so files or folders (Orthanc's `Plugins`)
+    users: dict[str, str] = field(default_factory=dict)  # HTTP basic auth for the REST API and DICOMweb
+    extra_config: dict[str, Any] = field(default_factory=dict)  # e.g. {"DicomWeb": {...}}
 
     @property
     def config_path(self) -> Path:
@@ -58,14 +62,15 @@ class Orthanc:
             "DicomPort": self.dicom_port,
             "DicomAet": self.ae_title,
             "RemoteAccessAllowed": False,
-            "AuthenticationEnabled": False,
+            "AuthenticationEnabled": bool(self.users),
+            "RegisteredUsers": self.users,
             "SslEnabled": False,
             "DicomAlwaysAllowStore": True,
             "DicomAlwaysAllowEcho": True,
             "DicomCheckCalledAet": False,
             "DicomModalities": {name: [ae, "127.0.0.1", port] for name, (ae, port) in self.modalities.items()},
             "StableAge": 1,
-            "Plugins": [],
+            "Plugins": self.plugins,
             "SaveJobs": False,
             "ConcurrentJobs": 2,
             "DicomScuTimeout": 30,
@@ -73,6 +78,7 @@ class Orthanc:
             "HttpTimeout": 60,
             "StorageCompression": False,
             "OverwriteInstances": False,
+            **self.extra_config,
         }
         self.root.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text(json.dumps(config, indent=2), encoding="utf-8")
@@ -121,6 +127,9 @@ class Orthanc:
 
     def request(self, method: str, path: str, body: bytes | None = None, timeout: float = 60.0) -> bytes:
         headers = {"Content-Type": "application/json"} if body is not None else {}
+        if self.users:
+            user, password = next(iter(self.users.items()))
+            headers["Authorization"] = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
         req = urllib.request.Request(self.url(path), data=body, method=method, headers=headers)
         with urllib.request.urlopen(req, timeout=timeout) as response:
             data: bytes = response.read()

@@ -4,7 +4,12 @@ State machine::
 
     up --connection refused / timeout / association rejected--> down (its export jobs wait, spending nothing)
     down --probe fails--> down (probes + 1, next probe after backoff)
-    down --probe answers--> up (its export jobs are claimable again, urgent first, oldest first)
+    down --probe answers--> up, on trial (its export jobs are claimable again, urgent first, oldest first)
+    up, on trial --a delivery is confirmed--> up
+    up, on trial --no answer again--> down, and this time the job spends its attempt
+
+The trial ends the flapping of a peer that answers the probe but not a send (C-ECHO accepted, every storage
+association rejected or aborted): without it, such a job would wait without cost until ``outputs.max_age_hours``.
 
 Every function is one short write (or read) in the caller's transaction or its own; the network work (sending,
 probing) happens outside, in :mod:`triaged.outputs.destinations`.
@@ -52,14 +57,30 @@ def prepare_export(session: Session, job_id: int, name: str, now: datetime | Non
     return DestinationState(_row(session, name, now).state)
 
 
+def on_trial(session: Session, name: str) -> bool:
+    """Whether ``name`` came up on a probe's word and nothing was delivered to it since."""
+    return bool(session.scalar(select(DestinationStatus.trial).where(DestinationStatus.name == name)))
+
+
+def confirm_delivery(session: Session, name: str) -> None:
+    """A delivery to ``name`` was confirmed: its trial, if any, is over (one conditional write)."""
+    session.execute(
+        update(DestinationStatus)
+        .where(DestinationStatus.name == name, DestinationStatus.trial.is_(True))
+        .values(trial=False)
+        .execution_options(synchronize_session=False)
+    )
+
+
 def mark_down(
     session: Session, name: str, error: str, *, first_probe_after: timedelta, now: datetime | None = None
 ) -> bool:
-    """Mark ``name`` down (True when it was up: the caller logs the transition once)."""
+    """Mark ``name`` down (True when it was up: the caller logs the transition once); ends any trial."""
     now = now or utcnow()
     row = _row(session, name, now)
     row.last_error = error[:_ERROR_MAX_CHARS]
     row.updated_at = now
+    row.trial = False
     if row.state == DestinationState.DOWN:
         return False
     row.state = DestinationState.DOWN
@@ -81,11 +102,13 @@ def mark_up(session: Session, name: str, now: datetime | None = None) -> Destina
         down_since=row.down_since,
         last_error=row.last_error,
         probes=row.probes,
+        trial=False,
         next_probe_at=row.next_probe_at,
         last_probe_at=now,
         updated_at=row.updated_at,
     )
     row.state = DestinationState.UP
+    row.trial = True
     row.down_since = None
     row.next_probe_at = None
     row.last_probe_at = now

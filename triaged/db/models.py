@@ -25,6 +25,7 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    false,
     text,
 )
 from sqlalchemy.engine import Dialect
@@ -291,6 +292,12 @@ class DestinationStatus(Base):
     down_since: Mapped[datetime | None] = mapped_column(UTCDateTime)
     last_error: Mapped[str | None] = mapped_column(Text)
     probes: Mapped[int] = mapped_column(Integer, default=0, doc="failed probes since it went down")
+    trial: Mapped[bool] = mapped_column(
+        Boolean,
+        default=False,
+        server_default=false(),
+        doc="up on a probe's word, no delivery confirmed since: going down again now spends the job's attempt",
+    )
     next_probe_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     last_probe_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)

@@ -22,7 +22,7 @@ from datetime import datetime, timedelta
 from typing import Any, cast
 
 import structlog
-from sqlalchemy import Executable, func, or_, select, update
+from sqlalchemy import Executable, case, func, or_, select, update
 from sqlalchemy.engine import CursorResult
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -309,31 +309,44 @@ def requeue(session: Session, job_ids: Iterable[int], *, now: datetime | None = 
     return requeued
 
 
-def defer(session: Session, job_id: int, worker_id: str, *, destination: str, error: str) -> None:
-    """Give a running job back to the queue without spending its attempt, waiting for ``destination``.
+def defer(
+    session: Session, job_id: int, worker_id: str, *, destination: str, error: str, spend_attempt: bool = False
+) -> JobState:
+    """Give a running job back to the queue, waiting for ``destination``; return its new state.
 
     In the caller's transaction (the one that marks the destination down). ``run_after`` is kept, so the
     jobs of a destination flow in their original order (urgent first, oldest first) once it is up again.
-    Raises :class:`LeaseLostError` if the job is no longer running under ``worker_id``.
+    The attempt is given back unless ``spend_attempt`` (the destination failed its trial after a probe): then a
+    job whose attempts are used up is ``dead``. Raises :class:`LeaseLostError` if the job is no longer running
+    under ``worker_id``.
     """
     now = utcnow()
+    values: dict[str, Any] = {
+        "state": JobState.QUEUED,
+        "lease_owner": None,
+        "lease_expires_at": None,
+        "attempts": Job.attempts - 1,
+        "destination": destination,
+        "last_error": error[:_ERROR_MAX_CHARS],
+        "updated_at": now,
+    }
+    if spend_attempt:  # the claim counted the attempt: keep it, and die when none are left
+        used_up = Job.attempts >= Job.max_attempts
+        values |= {
+            "attempts": Job.attempts,
+            "state": case((used_up, JobState.DEAD.value), else_=JobState.QUEUED.value),
+            "finished_at": case((used_up, now), else_=None),
+        }
     updated = _rowcount(
         session,
         update(Job)
         .where(Job.id == job_id, Job.state == JobState.RUNNING, Job.lease_owner == worker_id)
-        .values(
-            state=JobState.QUEUED,
-            lease_owner=None,
-            lease_expires_at=None,
-            attempts=Job.attempts - 1,
-            destination=destination,
-            last_error=error[:_ERROR_MAX_CHARS],
-            updated_at=now,
-        )
+        .values(**values)
         .execution_options(synchronize_session=False),
     )
     if updated != 1:
         raise LeaseLostError(f"job {job_id} is no longer leased by {worker_id}")
+    return JobState(session.scalar(select(Job.state).where(Job.id == job_id)))
 
 
 def expire_old_exports(

@@ -18,7 +18,9 @@ from triaged import metrics
 from triaged.config import Settings
 from triaged.db import destinations, queue
 from triaged.db.models import DestinationState, utcnow
-from triaged.errors import ConfigError, DicomPeerError
+from triaged.errors import ConfigError, DestinationDownError, DicomPeerError
+from triaged.outputs import dicomweb, hl7
+from triaged.outputs.dicomweb import DicomwebDestination
 from triaged.outputs.scu import Destination
 from triaged.outputs.send import echo
 from triaged.outputs.tls import destination_ssl_context
@@ -26,13 +28,17 @@ from triaged.outputs.tls import destination_ssl_context
 log = structlog.get_logger()
 
 
-def resolve_destination(settings: Settings, calling_ae_title: str) -> Destination:
-    """``outputs.destination`` if set, else the configured peer whose AE title sent the study."""
+def resolve_destination(settings: Settings, calling_ae_title: str) -> Destination | DicomwebDestination:
+    """``outputs.destination`` if set (a DIMSE peer or a DICOMweb server), else the peer that sent the study."""
     peers = settings.dicom.peers
     name = settings.outputs.destination
+    if name is not None and name in settings.outputs.dicomweb:
+        return DicomwebDestination(name=name, config=settings.outputs.dicomweb[name])
     if name is not None:
         if name not in peers:
-            raise ConfigError(f"outputs.destination {name!r} is not a peer in [dicom.peers]")
+            raise ConfigError(
+                f"outputs.destination {name!r} is neither a peer in [dicom.peers] nor a server in [outputs.dicomweb]"
+            )
         peer = peers[name]
     else:
         found = settings.dicom.peer_for_ae(calling_ae_title) if calling_ae_title else None
@@ -54,10 +60,17 @@ def probe_delay(settings: Settings, probes: int) -> timedelta:
 
 
 def probe(settings: Settings, name: str) -> None:
-    """C-ECHO the destination ``name``; raise :class:`DicomPeerError` when it does not answer.
+    """Ask destination ``name`` whether it is there; raise :class:`DicomPeerError` when it does not answer.
 
-    Any answer counts (even a non-success status): the peer is there and talks DICOM, so sending can resume.
+    C-ECHO for a DIMSE peer, one QIDO-RS request for a DICOMweb server, a TCP connection for an MLLP receiver.
+    Any answer counts (even a non-success status): the peer is there, so sending can resume.
     """
+    if name in settings.outputs.dicomweb:
+        dicomweb.probe(DicomwebDestination(name=name, config=settings.outputs.dicomweb[name]))
+        return
+    if name in settings.notify:
+        hl7.probe(hl7.Hl7Destination(name=name, config=settings.notify[name]))
+        return
     peer = settings.dicom.peers.get(name)
     if peer is None:
         return  # no longer configured: let the jobs run and fail with the configuration error
@@ -82,7 +95,7 @@ def probe_due_destinations(
     for name, probes in due:
         try:
             probe(settings, name)
-        except (DicomPeerError, OSError) as exc:
+        except (DicomPeerError, DestinationDownError, OSError) as exc:
             with session_factory.begin() as session:
                 count = destinations.probe_failed(
                     session, name, queue.error_line(exc), next_probe_after=probe_delay(settings, probes + 1), now=now
