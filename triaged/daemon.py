@@ -24,10 +24,10 @@ from triaged.db import queue, repo
 from triaged.db.engine import make_engine
 from triaged.db.models import utcnow
 from triaged.db.schema import require_current_schema
-from triaged.http import HealthServer
 from triaged.outputs.destinations import expire_old_exports, probe_due_destinations, refresh_destination_gauges
 from triaged.outputs.headers import quiet_person_name_warnings
 from triaged.runtime import Runtime, build_runtime
+from triaged.web.probes import HealthServer
 from triaged.worker import Worker, start_worker_threads, stop_workers
 
 log = structlog.get_logger()
