@@ -1,77 +1,52 @@
-"""`/healthz`, `/readyz` and `/metrics` on a small threaded HTTP server (stdlib; no web framework needed).
+"""`/healthz`, `/readyz` and `/metrics`: the routes an orchestrator and a Prometheus scraper call.
 
 `/healthz` answers while the process runs; `/readyz` answers 200 only when every readiness check passes
 (database reachable, schema current, model loaded, receiver listening) and lists them as JSON either way;
-`/metrics` is the Prometheus text format of :data:`triaged.metrics.REGISTRY`.
+`/metrics` is the Prometheus text format of :data:`triaged.metrics.REGISTRY` (open unless
+``http.public_metrics = false``, then it needs a login or an API token like every other route).
 """
 
 from __future__ import annotations
 
 import json
-import threading
-from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Annotated
 
-import structlog
+from fastapi import APIRouter, Depends, HTTPException, Request, Response
+from fastapi.responses import PlainTextResponse
+from fastapi.security import HTTPAuthorizationCredentials
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from triaged.metrics import REGISTRY
+from triaged.web.auth import SESSION_COOKIE, api_user, bearer_scheme
+from triaged.web.context import WebContext, web_context
 
-log = structlog.get_logger()
-
-ReadinessCheck = Callable[[], dict[str, str]]
-"""Returns ``{check name: "ok" | reason}``; ready when every value is ``"ok"``."""
+router = APIRouter(include_in_schema=False)
 
 
-class HealthServer:
-    def __init__(self, bind_address: str, port: int, readiness: ReadinessCheck) -> None:
-        self._readiness = readiness
-        handler = self._handler_class()
-        self._server = ThreadingHTTPServer((bind_address, port), handler)
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, name="http", daemon=True)
+@router.get("/healthz")
+def healthz() -> PlainTextResponse:
+    return PlainTextResponse("ok\n")
 
-    @property
-    def port(self) -> int:
-        return int(self._server.server_address[1])
 
-    def start(self) -> None:
-        self._thread.start()
+@router.get("/readyz")
+def readyz(context: Annotated[WebContext, Depends(web_context)]) -> Response:
+    try:
+        checks = context.readiness()
+    except Exception as exc:  # a failing check must answer 503, not a 500 page
+        checks = {"readiness": f"{type(exc).__name__}: {exc}"}
+    ready = all(value == "ok" for value in checks.values())
+    body = json.dumps({"ready": ready, "checks": checks}, sort_keys=True) + "\n"
+    return Response(body, status_code=200 if ready else 503, media_type="application/json")
 
-    def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(timeout=5)
 
-    def _handler_class(self) -> type[BaseHTTPRequestHandler]:
-        readiness = self._readiness
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                path = self.path.split("?", 1)[0]
-                if path == "/healthz":
-                    self._send(200, b"ok\n", "text/plain; charset=utf-8")
-                elif path == "/readyz":
-                    try:
-                        checks = readiness()
-                    except Exception as exc:  # a failing check must answer 503, not crash the thread
-                        checks = {"readiness": f"{type(exc).__name__}: {exc}"}
-                    ready = all(value == "ok" for value in checks.values())
-                    body = json.dumps({"ready": ready, "checks": checks}, sort_keys=True).encode() + b"\n"
-                    self._send(200 if ready else 503, body, "application/json")
-                elif path == "/metrics":
-                    self._send(200, generate_latest(REGISTRY), CONTENT_TYPE_LATEST)
-                else:
-                    self._send(404, b"not found\n", "text/plain; charset=utf-8")
-
-            def _send(self, status: int, body: bytes, content_type: str) -> None:
-                self.send_response(status)
-                self.send_header("Content-Type", content_type)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, format: str, *args: object) -> None:
-                return  # probes every few seconds would flood the log
-
-        return Handler
+@router.get("/metrics")
+def metrics(
+    request: Request,
+    context: Annotated[WebContext, Depends(web_context)],
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)],
+) -> Response:
+    if not context.settings.http.public_metrics:
+        if context.session_factory is None:
+            raise HTTPException(401, "authentication required")
+        api_user(context, credentials, request.cookies.get(SESSION_COOKIE))
+    return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
