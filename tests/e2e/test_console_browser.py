@@ -55,6 +55,10 @@ def _log_in(page: Any, stack: ConsoleStack, name: str, password: str) -> None:
     page.click("button[type=submit]")
 
 
+def test_serve_prints_the_console_url(console_stack: ConsoleStack) -> None:
+    assert f"console: {console_stack.base_url}/ " in console_stack.daemon.log_path.read_text(encoding="utf-8")
+
+
 def test_refused_without_login(console_stack: ConsoleStack, page: Any) -> None:
     response = page.goto(f"{console_stack.base_url}/series/{console_stack.urgent_uid}")
     assert page.url.startswith(f"{console_stack.base_url}/login?next=")

@@ -37,6 +37,7 @@ class ConsoleStack:
     urgent_uid: str
     normal_uid: str
     dwi_uid: str
+    sc_uid: str  # SOP Instance UID of one Secondary Capture of the urgent series
     daemon: TriagedDaemon
 
 
@@ -114,6 +115,8 @@ def running_console_stack(root: Path) -> Iterator[ConsoleStack]:
             send_series(daemon.dicom_port, paths)
         uids = [_uid(glioma), _uid(normal), _uid(dwi)]
         wait_for(lambda: _settled(daemon, uids, uids[0]), timeout=600, what="results and delivered SCs")
+        with daemon.session_factory() as session:
+            sc_uid = session.scalars(select(Output.sop_instance_uid).where(Output.kind == "sc").limit(1)).one()
         yield ConsoleStack(
             base_url=f"http://127.0.0.1:{daemon.http_port}",
             admin_token=_token(daemon, ADMIN[0]),
@@ -121,5 +124,6 @@ def running_console_stack(root: Path) -> Iterator[ConsoleStack]:
             urgent_uid=uids[0],
             normal_uid=uids[1],
             dwi_uid=uids[2],
+            sc_uid=sc_uid,
             daemon=daemon,
         )

@@ -14,6 +14,7 @@ import structlog
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, Response
 from pydantic import BaseModel, ConfigDict
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from triaged.db import queries, queue, repo
 from triaged.db.models import Job, JobKind, JobState, SeriesState
@@ -67,13 +68,14 @@ def _utc(value: datetime | None) -> datetime | None:
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
-def series_identifiers(context: WebContext, detail_id: int, session: Any) -> StudyIdentifiers:
-    relative = queries.source_file(session, detail_id)
+def series_identifiers(context: WebContext, series_id: int, session: Session) -> StudyIdentifiers:
+    """Accession (and, if configured, patient) of a series, from one of its stored headers."""
+    relative = queries.source_file(session, series_id)
     path = None
-    if relative is not None and context.store is not None:
+    if relative is not None:
         try:
             path = context.store.path_for(relative)
-        except ValueError:
+        except ValueError:  # a path that could escape the store: show nothing rather than read it
             path = None
     return study_identifiers(path, show_patient=context.settings.http.show_patient_identifiers)
 
@@ -126,7 +128,7 @@ def output_image(context: Context, user: User, sop_instance_uid: str) -> Respons
             kind, relative = queries.output_file(session, sop_instance_uid)
         except NotFoundError as exc:
             raise HTTPException(404, str(exc)) from exc
-    if kind != "sc" or context.store is None:
+    if kind != "sc":
         raise HTTPException(404, "only Secondary Captures have an image")
     try:
         png = output_png(context.store.path_for(relative))

@@ -25,16 +25,14 @@ class PathStore(Protocol):
 @dataclass(frozen=True)
 class WebContext:
     settings: Settings
-    session_factory: sessionmaker[Session] | None
-    store: PathStore | None
+    session_factory: sessionmaker[Session]
+    store: PathStore
     readiness: ReadinessCheck
     limiter: LoginLimiter
 
     @contextmanager
     def session(self) -> Iterator[Session]:
         """A session committed on success (reads commit nothing; admin actions and logins do)."""
-        if self.session_factory is None:
-            raise RuntimeError("this HTTP server has no database")  # probes-only servers never route here
         with self.session_factory.begin() as session:
             yield session
 

@@ -49,7 +49,7 @@ Viewer = Annotated[Principal, Depends(page_user)]
 
 def _ago(value: datetime | None) -> str:
     if value is None:
-        return "-"
+        return "–"
     seconds = (datetime.now(UTC) - value).total_seconds()
     for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
         if seconds >= size:
@@ -59,13 +59,13 @@ def _ago(value: datetime | None) -> str:
 
 def _duration(seconds: float | None) -> str:
     if seconds is None:
-        return "-"
+        return "–"
     return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
 
 
 TEMPLATES.env.filters["ago"] = _ago
 TEMPLATES.env.filters["duration"] = _duration
-TEMPLATES.env.filters["short_uid"] = lambda uid: uid if len(uid) <= 24 else f"…{uid[-22:]}"
+TEMPLATES.env.filters["short_uid"] = lambda uid: uid if len(uid) <= 20 else f"…{uid[-18:]}"
 TEMPLATES.env.globals["version"] = __version__
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, HTTPException, Request, Response
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import PlainTextResponse
 from fastapi.security import HTTPAuthorizationCredentials
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -46,7 +46,5 @@ def metrics(
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)],
 ) -> Response:
     if not context.settings.http.public_metrics:
-        if context.session_factory is None:
-            raise HTTPException(401, "authentication required")
         api_user(context, credentials, request.cookies.get(SESSION_COOKIE))
     return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
