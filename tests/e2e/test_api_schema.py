@@ -10,6 +10,7 @@ admin actions are checked for their 403 here and exercised in tests/integration/
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -66,4 +67,8 @@ def test_api_matches_its_openapi_document(console_stack: ConsoleStack, tmp_path:
         check=False,
     )
     assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
-    assert "No issues found" in run.stdout and "Tested: 10" in run.stdout, run.stdout[-3000:]
+    # every generated case passed every check, on all ten operations (the viewer's 403s on the admin actions
+    # are expected and only a warning)
+    counted = re.search(r"(\d+) generated, (\d+) passed\n", run.stdout)
+    assert counted is not None and counted.group(1) == counted.group(2), run.stdout[-3000:]
+    assert "Tested: 10" in run.stdout, run.stdout[-3000:]

@@ -7,6 +7,7 @@ so the study identifiers come from a header exactly as in production.
 from __future__ import annotations
 
 import json
+import ssl
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
@@ -298,3 +299,35 @@ def test_cli_series_list_shows_finding_urgency_and_reason(
     assert any("not assessable" in line and "DWI" in line for line in lines)
     as_json = CliRunner().invoke(cli_app, ["--config", str(config), "series", "list", "--urgent", "--json"])
     assert [s["series_instance_uid"] for s in json.loads(as_json.output)] == ["1.2.826.0.1.1.1"]
+
+
+def test_tls_serves_https_and_marks_the_session_cookie_secure(
+    populated: Settings, session_factory: Any, tmp_path: Path
+) -> None:
+    from tests.support.certs import make_certs
+
+    certs = make_certs(tmp_path / "certs")
+    tls = populated.http.model_copy(update={"tls_cert_file": certs.server_cert, "tls_key_file": certs.server_key})
+    settings = populated.model_copy(update={"http": tls})
+    context = WebContext(
+        settings=settings,
+        session_factory=session_factory,
+        store=build_store(settings),
+        readiness=lambda: {"database": "ok"},
+        limiter=LoginLimiter(3, 60),
+    )
+    server = WebServer(create_app(context), settings.http)
+    server.start()
+    try:
+        assert server.scheme == "https"
+        with httpx.Client(
+            base_url=f"https://127.0.0.1:{server.port}",
+            verify=ssl.create_default_context(cafile=str(certs.ca)),
+            timeout=30,
+        ) as client:
+            response = client.post("/login", data={"name": "viewer", "password": PASSWORD})
+            assert response.status_code == 303
+            assert "Secure" in response.headers["set-cookie"] and "HttpOnly" in response.headers["set-cookie"]
+            assert client.get("/api/v1/model").status_code == 200
+    finally:
+        server.stop()
