@@ -219,6 +219,14 @@ class HttpSettings(_Section):
     enabled: bool = True
     bind_address: str = "127.0.0.1"
     port: int = Field(default=9110, ge=0, le=65535)
+    tls_cert_file: Path | None = Field(default=None, description="PEM certificate: serve HTTPS (cookies Secure)")
+    tls_key_file: Path | None = Field(default=None, description="PEM private key of tls_cert_file")
+    secure_cookies: bool = Field(default=False, description="Secure cookies without tls_* (TLS at a proxy)")
+    public_metrics: bool = Field(default=True, description="/metrics without login (for a Prometheus scraper)")
+    show_patient_identifiers: bool = Field(default=False, description="show PatientName/PatientID in the console")
+    session_hours: float = Field(default=12.0, gt=0, le=24 * 30, description="console login lifetime")
+    login_attempts: int = Field(default=5, ge=1, description="failed logins per client per login_window_seconds")
+    login_window_seconds: float = Field(default=300.0, gt=0)
 
 
 class Settings(BaseSettings):

@@ -1,4 +1,4 @@
-"""`triaged serve` / `triaged worker`: wire receiver, workers, housekeeping and probes in one process.
+"""`triaged serve` / `triaged worker`: wire receiver, workers, housekeeping and the web console in one process.
 
 The model is loaded once per process and shared by the worker threads. Housekeeping runs on an
 APScheduler ``BackgroundScheduler``: the series sweep (complete series → infer jobs), the lease reaper,
@@ -24,10 +24,13 @@ from triaged.db import queue, repo
 from triaged.db.engine import make_engine
 from triaged.db.models import utcnow
 from triaged.db.schema import require_current_schema
-from triaged.http import HealthServer
 from triaged.outputs.destinations import expire_old_exports, probe_due_destinations, refresh_destination_gauges
 from triaged.outputs.headers import quiet_person_name_warnings
 from triaged.runtime import Runtime, build_runtime
+from triaged.web.app import create_app
+from triaged.web.context import WebContext
+from triaged.web.passwords import LoginLimiter
+from triaged.web.server import WebServer
 from triaged.worker import Worker, start_worker_threads, stop_workers
 
 log = structlog.get_logger()
@@ -94,7 +97,7 @@ class Daemon:
         self.stop_event = threading.Event()
         self.runtime: Runtime | None = None
         self.receiver: ReceiverLike | None = None
-        self.http: HealthServer | None = None
+        self.http: WebServer | None = None
         self._scheduler: Any = None
         self._workers: list[tuple[Worker, threading.Thread]] = []
 
@@ -118,7 +121,14 @@ class Daemon:
             receiver.start()
             self.receiver = receiver
         if settings.http.enabled:
-            self.http = HealthServer(settings.http.bind_address, settings.http.port, self.readiness)
+            context = WebContext(
+                settings=settings,
+                session_factory=runtime.session_factory,
+                store=runtime.store,
+                readiness=self.readiness,
+                limiter=LoginLimiter(settings.http.login_attempts, settings.http.login_window_seconds),
+            )
+            self.http = WebServer(create_app(context), settings.http)
             self.http.start()
         if self.housekeeping:
             self._start_scheduler(runtime)

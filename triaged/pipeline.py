@@ -140,9 +140,14 @@ def _existing_result(session: Session, series_id: int, generation: int, sha256: 
     )
 
 
-def _complete_only(runtime: Runtime, job: Job, worker_id: str, reason: str) -> None:
+def _complete_only(runtime: Runtime, job: Job, worker_id: str, reason: str, *, done: int | None = None) -> None:
+    """Finish ``job`` without a new result; ``done``: the series (queued again by a reprocess whose result
+    already exists) goes back to ``done`` instead of staying ``queued`` for ever."""
     with runtime.session_factory.begin() as session:
         queue.complete(session, job.id, worker_id)
+        series = session.get(Series, done) if done is not None else None
+        if series is not None and series.generation == job.generation and series.state == SeriesState.QUEUED:
+            series.state = SeriesState.DONE
     log.info("job_completed_without_result", job_id=job.id, reason=reason)
 
 
@@ -299,7 +304,7 @@ def run_infer_job(runtime: Runtime, job: Job) -> None:
     with runtime.session_factory() as session:
         duplicate = _existing_result(session, data.series_id, data.generation, triage.weights_sha256) is not None
     if duplicate:
-        _complete_only(runtime, job, worker_id, "result already exists")
+        _complete_only(runtime, job, worker_id, "result already exists", done=data.series_id)
         return
     _mark_processing(runtime, data.series_id, data.generation)
     timings: dict[str, float] = {}

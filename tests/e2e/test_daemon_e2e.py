@@ -225,7 +225,7 @@ def test_cli_jobs_results_retry_purge(
     assert data["state"] == "done" and len(data["results"]) == 1
     assert len(data["results"][0]["slices"]) == 2
     unknown = cli("results", "show", "1.2.3.4")
-    assert unknown.returncode == 1 and unknown.stderr.strip() == "error: unknown series 1.2.3.4"
+    assert unknown.returncode == 1 and unknown.stderr.strip() == "error: no series with SeriesInstanceUID 1.2.3.4"
     assert cli("retry").returncode == 2
     assert cli("reprocess").returncode == 2
     other = tmp_path / "other-model"

@@ -171,6 +171,7 @@ def test_reprocess_same_model_is_idempotent_other_model_adds_result(
         assert len(repo.enqueue_reprocess(session, [series], model_dir=None, max_attempts=3)) == 1
     assert _run_next(runtime) == JobState.DONE
     assert len(results_for(runtime.session_factory, uid)) == 1  # same (series, generation, model): no duplicate
+    assert _series(runtime.session_factory, uid).state == SeriesState.DONE  # not left `queued`
     with runtime.session_factory.begin() as session:
         series = repo.series_by_uid(session, uid)
         repo.enqueue_reprocess(session, [series], model_dir=str(model_dirs[1]), max_attempts=3)

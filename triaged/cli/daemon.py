@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -40,9 +41,20 @@ def _announce(daemon: Any) -> None:
     if daemon.receiver is not None:
         parts.append(f"DICOM {settings.dicom.ae_title} on {settings.dicom.bind_address}:{daemon.receiver.port}")
     if daemon.http is not None:
-        parts.append(f"HTTP on http://{settings.http.bind_address}:{daemon.http.port} (/healthz /readyz /metrics)")
+        base = f"{daemon.http.scheme}://{settings.http.bind_address}:{daemon.http.port}"
+        parts.append(f"HTTP on {base} (/healthz /readyz /metrics)")
     parts.append(f"{settings.worker.count} worker(s)")
     typer.echo("triaged listening: " + ", ".join(parts))
+    if daemon.http is not None:
+        host = settings.http.bind_address
+        if host in ("0.0.0.0", "::", ""):  # listening everywhere: name this host, not the wildcard
+            host = socket.gethostname()
+        elif ":" in host:
+            host = f"[{host}]"
+        typer.echo(
+            f"console: {daemon.http.scheme}://{host}:{daemon.http.port}/ "
+            "(accounts: `triaged user add NAME --role viewer|admin`)"
+        )
 
 
 def _run(settings: Settings, *, receive: bool) -> None:

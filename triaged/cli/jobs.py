@@ -21,7 +21,6 @@ if TYPE_CHECKING:
     from sqlalchemy.orm import Session
 
     from triaged.config import Settings
-    from triaged.db.models import Job, Result
 
 
 @contextmanager
@@ -40,32 +39,7 @@ def _session(settings: Settings) -> Iterator[Session]:
 jobs_app = typer.Typer(help="The job queue.", no_args_is_help=True)
 results_app = typer.Typer(help="Triage results.", no_args_is_help=True)
 
-REPROCESS_PRIORITY = -10  # bulk reprocessing never delays newly received series
-
 Json = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
-
-
-def _iso(value: datetime | None) -> str | None:
-    return value.isoformat() if value is not None else None
-
-
-def _job_dict(job: Job, series_uid: str | None) -> dict[str, Any]:
-    return {
-        "id": job.id,
-        "kind": str(job.kind),
-        "state": str(job.state),
-        "priority": job.priority,
-        "series_instance_uid": series_uid,
-        "generation": job.generation,
-        "attempts": job.attempts,
-        "max_attempts": job.max_attempts,
-        "destination": job.destination,
-        "run_after": _iso(job.run_after),
-        "lease_owner": job.lease_owner,
-        "last_error": job.last_error,
-        "created_at": _iso(job.created_at),
-        "finished_at": _iso(job.finished_at),
-    }
 
 
 @jobs_app.command("list")
@@ -77,23 +51,12 @@ def list_jobs(
     as_json: Json = False,
 ) -> None:
     """List jobs, newest first."""
-    from sqlalchemy import select
-
-    from triaged.db.models import Job, Series
+    from triaged.db import queries
 
     settings = settings_from(ctx)
     with _session(settings) as session:
-        query = (
-            select(Job, Series.series_instance_uid)
-            .outerjoin(Series, Series.id == Job.series_id)
-            .order_by(Job.id.desc())
-            .limit(limit)
-        )
-        if state is not None:
-            query = query.where(Job.state == state)
-        if kind is not None:
-            query = query.where(Job.kind == kind)
-        rows = [_job_dict(job, uid) for job, uid in session.execute(query)]
+        page = queries.list_jobs(session, states=(state,) if state else (), kind=kind, limit=limit)
+    rows = [job.model_dump(mode="json") for job in page.items]
     if as_json:
         echo_json(rows)
         return
@@ -114,50 +77,6 @@ def list_jobs(
     )
 
 
-def _result_dict(result: Result) -> dict[str, Any]:
-    return {
-        "id": result.id,
-        "job_id": result.job_id,
-        "generation": result.generation,
-        "model_name": result.model_name,
-        "model_version": result.model_version,
-        "model_sha256": result.model_sha256,
-        "status": str(result.status),
-        "reason": result.reason,
-        "label": result.label,
-        "probabilities": result.probabilities,
-        "urgency": result.urgency,
-        "threshold": result.threshold,
-        "urgent": result.urgent,
-        "ood_score": result.ood_score,
-        "timings": result.timings,
-        "created_at": _iso(result.created_at),
-        "slices": [
-            {
-                "slice_index": s.slice_index,
-                "sop_instance_uid": s.sop_instance_uid,
-                "frame_number": s.frame_number,
-                "probabilities": s.probabilities,
-                "tumour_probability": s.tumour_probability,
-                "in_brain": s.in_brain,
-                "is_key": s.is_key,
-                "cam_path": s.cam_path,
-            }
-            for s in result.slice_predictions
-        ],
-        "outputs": [
-            {
-                "kind": str(o.kind),
-                "sop_instance_uid": o.sop_instance_uid,
-                "series_instance_uid": o.series_instance_uid,
-                "destination": o.destination,
-                "sent_at": _iso(o.sent_at),
-            }
-            for o in result.outputs
-        ],
-    }
-
-
 @results_app.command("show")
 def show_results(
     ctx: typer.Context,
@@ -165,25 +84,21 @@ def show_results(
     as_json: Json = False,
 ) -> None:
     """Every result of one series (oldest first), with per-slice predictions."""
-    from sqlalchemy import select
-
-    from triaged.db import repo
-    from triaged.db.models import Result
+    from triaged.db import queries
 
     settings = settings_from(ctx)
     with _session(settings) as session:
         try:
-            series = repo.series_by_uid(session, series_instance_uid)
+            detail = queries.series_detail(session, series_instance_uid)
         except NotFoundError as exc:
             fail(str(exc))
-        results = session.scalars(select(Result).where(Result.series_id == series.id).order_by(Result.id)).all()
-        data: dict[str, Any] = {
-            "series_instance_uid": series.series_instance_uid,
-            "state": str(series.state),
-            "generation": series.generation,
-            "skip_reason": series.skip_reason,
-            "results": [_result_dict(r) for r in results],
-        }
+    data: dict[str, Any] = {
+        "series_instance_uid": detail.series_instance_uid,
+        "state": detail.state,
+        "generation": detail.generation,
+        "skip_reason": detail.skip_reason,
+        "results": [r.model_dump(mode="json") for r in detail.results],
+    }
     if as_json:
         echo_json(data)
         return
@@ -260,14 +175,8 @@ def reprocess(  # noqa: PLR0917 - Typer options
                 query = query.where(Series.id.in_(list(selected)))
                 selected = {}
             selected.update({s.id: s for s in session.scalars(query)})
-        purged = repo.series_with_purged_files(session, list(selected))
-        eligible = [s for s in selected.values() if s.state != SeriesState.RECEIVING and s.id not in purged]
-        jobs = repo.enqueue_reprocess(
-            session,
-            eligible,
-            model_dir=model_dir,
-            max_attempts=settings.worker.max_attempts,
-            priority=REPROCESS_PRIORITY,
+        jobs = repo.reprocess_series(
+            session, list(selected.values()), model_dir=model_dir, max_attempts=settings.worker.max_attempts
         )
         queued = [{"job_id": j.id, "series_id": j.series_id, "generation": j.generation} for j in jobs]
     if as_json:

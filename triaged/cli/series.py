@@ -1,22 +1,25 @@
-"""`triaged series list` and `triaged series show UID`: what was received and where each series stands."""
+"""`triaged series list` and `triaged series show UID`: what was received, what was found, where it stands.
+
+Both read through :mod:`triaged.db.queries`, the same functions as the JSON API and the console.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from triaged.cli.common import echo_json, echo_table, fail, open_engine, settings_from
 from triaged.db.states import SeriesState
+from triaged.errors import NotFoundError
 
 if TYPE_CHECKING:  # SQLAlchemy is imported by the commands when they run, not by `triaged --help`
     from sqlalchemy.orm import Session
 
     from triaged.config import Settings
-    from triaged.db.models import Series
+    from triaged.db.views import SeriesSummary
 
 app = typer.Typer(help="Received series.", no_args_is_help=True)
 
@@ -35,25 +38,18 @@ def _session(settings: Settings) -> Iterator[Session]:
         engine.dispose()
 
 
-def _iso(value: datetime | None) -> str | None:
-    return value.isoformat() if value is not None else None
+def _finding(s: SeriesSummary) -> str:
+    if s.result_status == "not_assessable":
+        return "not assessable"
+    if s.result_status is None:
+        return "-"
+    return ("URGENT " if s.urgent else "") + (s.label or "-")
 
 
-def _series_dict(series: Series, study_uid: str) -> dict[str, Any]:
-    return {
-        "id": series.id,
-        "series_instance_uid": series.series_instance_uid,
-        "study_instance_uid": study_uid,
-        "modality": series.modality,
-        "state": str(series.state),
-        "generation": series.generation,
-        "instance_count": series.instance_count,
-        "calling_ae_title": series.calling_ae_title,
-        "skip_reason": series.skip_reason,
-        "first_received_at": _iso(series.first_received_at),
-        "last_received_at": _iso(series.last_received_at),
-        "completed_at": _iso(series.completed_at),
-    }
+def _urgency(s: SeriesSummary) -> str:
+    if s.urgency is None:
+        return "-"
+    return f"{s.urgency:.3f}" + (f" / {s.threshold:.3f}" if s.threshold is not None else "")
 
 
 @app.command("list")
@@ -62,93 +58,65 @@ def list_series(
     state: Annotated[
         SeriesState | None, typer.Option("--state", case_sensitive=False, help="Only series in this state.")
     ] = None,
-    limit: Annotated[int, typer.Option("--limit", min=1, help="Most recent N series.")] = 50,
+    urgent: Annotated[bool, typer.Option("--urgent", help="Only series whose latest result is urgent.")] = False,
+    limit: Annotated[int, typer.Option("--limit", min=1, help="At most N series.")] = 50,
     as_json: Json = False,
 ) -> None:
-    """Most recently received series first."""
-    from sqlalchemy import select
-
-    from triaged.db.models import Series, Study
+    """The worklist: urgent findings first, then the most recently received series."""
+    from triaged.db import queries
 
     settings = settings_from(ctx)
-    query = select(Series, Study.study_instance_uid).join(Study, Series.study_id == Study.id)
-    if state is not None:
-        query = query.where(Series.state == state)
-    query = query.order_by(Series.last_received_at.desc(), Series.id.desc()).limit(limit)
     with _session(settings) as session:
-        data = [_series_dict(series, study_uid) for series, study_uid in session.execute(query).all()]
+        page = queries.list_series(session, state=state, urgent=True if urgent else None, limit=limit)
     if as_json:
-        echo_json(data)
+        echo_json([item.model_dump(mode="json") for item in page.items])
         return
-    if not data:
+    if not page.items:
         typer.echo("no series")
         return
     rows = [
         [
-            str(s["id"]),
-            s["state"],
-            str(s["generation"]),
-            s["modality"] or "-",
-            str(s["instance_count"]),
-            s["calling_ae_title"] or "-",
-            (s["last_received_at"] or "")[:19],
-            s["series_instance_uid"],
+            str(s.id),
+            s.state,
+            _finding(s),
+            _urgency(s),
+            s.modality or "-",
+            str(s.instance_count),
+            s.calling_ae_title or "-",
+            s.last_received_at.isoformat()[:19],
+            s.series_instance_uid,
+            s.not_assessable_reason or s.skip_reason or "",
         ]
-        for s in data
+        for s in page.items
     ]
-    echo_table(["ID", "STATE", "GEN", "MOD", "INST", "FROM", "LAST RECEIVED (UTC)", "SERIES INSTANCE UID"], rows)
+    echo_table(
+        [
+            "ID",
+            "STATE",
+            "FINDING",
+            "URGENCY / THRESHOLD",
+            "MOD",
+            "INST",
+            "FROM",
+            "LAST RECEIVED (UTC)",
+            "SERIES INSTANCE UID",
+            "REASON",
+        ],
+        rows,
+    )
+    if page.total > len(page.items):
+        typer.echo(f"({len(page.items)} of {page.total}; --limit N for more)")
 
 
 def _show_data(session: Session, series_instance_uid: str) -> dict[str, Any] | None:
-    from sqlalchemy import func, select
+    from triaged.db import queries
 
-    from triaged.db.models import Instance, Job, Result, Series, Study
-
-    row = session.execute(
-        select(Series, Study.study_instance_uid)
-        .join(Study, Series.study_id == Study.id)
-        .where(Series.series_instance_uid == series_instance_uid)
-    ).one_or_none()
-    if row is None:
+    try:
+        data: dict[str, Any] = queries.series_detail(session, series_instance_uid).model_dump(mode="json")
+    except NotFoundError:
         return None
-    series, study_uid = row
-    data = _series_dict(series, study_uid)
-    by_syntax = session.execute(
-        select(Instance.sop_class_uid, Instance.transfer_syntax_uid, func.count(), func.sum(Instance.size_bytes))
-        .where(Instance.series_id == series.id)
-        .group_by(Instance.sop_class_uid, Instance.transfer_syntax_uid)
-    ).all()
-    data["instances"] = [
-        {"sop_class_uid": c, "transfer_syntax_uid": t, "count": int(n), "bytes": int(b or 0)}
-        for c, t, n, b in by_syntax
-    ]
-    jobs = session.scalars(select(Job).where(Job.series_id == series.id).order_by(Job.id)).all()
-    data["jobs"] = [
-        {
-            "id": j.id,
-            "kind": str(j.kind),
-            "state": str(j.state),
-            "generation": j.generation,
-            "attempts": j.attempts,
-            "last_error": j.last_error,
-        }
-        for j in jobs
-    ]
-    results = session.scalars(select(Result).where(Result.series_id == series.id).order_by(Result.id)).all()
-    data["results"] = [
-        {
-            "id": r.id,
-            "generation": r.generation,
-            "label": r.label,
-            "urgency": r.urgency,
-            "urgent": r.urgent,
-            "model": f"{r.model_name} {r.model_version}",
-            "status": str(r.status),
-            "reason": r.reason,
-            "created_at": _iso(r.created_at),
-        }
-        for r in results
-    ]
+    for result in data["results"]:
+        result.pop("slices")  # `triaged results show` prints them
     return data
 
 

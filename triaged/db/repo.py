@@ -29,6 +29,7 @@ log = structlog.get_logger()
 
 PURGE_BATCH = 500
 FINAL_SERIES_STATES = (SeriesState.DONE, SeriesState.FAILED, SeriesState.SKIPPED)
+REPROCESS_PRIORITY = -10  # bulk reprocessing never delays newly received series
 
 
 class _PathStore(Protocol):
@@ -135,6 +136,21 @@ def enqueue_reprocess(
             item.skip_reason = None
             jobs.append(job)
     return jobs
+
+
+def reprocess_series(
+    session: Session, selected: Sequence[Series], *, model_dir: str | None, max_attempts: int
+) -> list[Job]:
+    """`triaged reprocess` and the API's reprocess: queue the selected series that can be processed again.
+
+    A series still receiving, or one whose received files retention purged, is left out (the caller counts
+    them as skipped). Bulk reprocessing runs below newly received series (:data:`REPROCESS_PRIORITY`).
+    """
+    purged = series_with_purged_files(session, [s.id for s in selected])
+    eligible = [s for s in selected if s.state != SeriesState.RECEIVING and s.id not in purged]
+    return enqueue_reprocess(
+        session, eligible, model_dir=model_dir, max_attempts=max_attempts, priority=REPROCESS_PRIORITY
+    )
 
 
 def mark_series_failed(session_factory: sessionmaker[Session], job: Job, error: BaseException) -> None:

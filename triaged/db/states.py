@@ -46,3 +46,8 @@ class OutputKind(enum.StrEnum):
     SECONDARY_CAPTURE = "sc"
     KEY_OBJECT_SELECTION = "kos"
     STRUCTURED_REPORT = "sr"
+
+
+class UserRole(enum.StrEnum):
+    VIEWER = "viewer"  # reads pages and the JSON API
+    ADMIN = "admin"  # also reprocess, retry, resend
