@@ -101,9 +101,10 @@ def test_accepts_the_real_anatomical_series(data_root: Path, model_dir: Path) ->
     """Neither the gate nor the OOD score refuses the real normal T1 volumes, and neither model flags them. The
     isotropic 3-D MPRAGE is scored on its axial reformat (in its acquired sagittal plane 2.0.0 read the sella as
     a pituitary tumour); the UIH subset (every 5th slice, 5 mm apart on 0.5 mm pixels) is not isotropic and is
-    scored as acquired."""
+    scored as acquired. 1.2.0 has no ``scoring_plane`` and scores both as acquired."""
     triage = Triage(model_dir, device="cpu", threads=1)
-    expected_reformat = {UIH_T1_PATH: False, XA30_MPRAGE_PATH: True}
+    # 1.2.0 predates scoring_plane in model.json: it scores every series as acquired, as it always did
+    expected_reformat = {UIH_T1_PATH: False, XA30_MPRAGE_PATH: model_dir == DEFAULT_DIR}
     for relative, reformatted in expected_reformat.items():
         slices, meta = _series_from_dicom(data_root / "dicom" / relative)
         result = triage.assess(slices, meta, cam_top_k=1)

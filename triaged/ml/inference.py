@@ -194,7 +194,10 @@ class Triage:
         reason = gate_reason(meta) or (None if slices else "series has no slices")
         if reason is not None:
             return self._not_assessable(reason, len(slices), {})
-        reformat = axial_reformat(slices, meta.geometry)
+        # Only a model that says it was validated on axial slices of 3-D volumes gets them reformatted: 1.2.0,
+        # which never saw a normal axial clinical T1, flags the MPRAGE's axial reformat (0.998).
+        plane = self._predictor.spec.extra.get("scoring_plane")
+        reformat = axial_reformat(slices, meta.geometry) if plane == "axial" else None
         with self._lock, torch_threads(self._threads):
             if reformat is None:
                 return self._assess(slices, cam_top_k)
