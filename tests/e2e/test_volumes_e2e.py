@@ -14,10 +14,12 @@ import numpy as np
 import pydicom
 import pytest
 from PIL import Image
+from pydicom.uid import KeyObjectSelectionDocumentStorage, SecondaryCaptureImageStorage
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from tests.conftest import free_port, shared_data
+from tests.support.fake_pacs import running_fake_pacs
 from tests.support.pipeline_daemon import daemon_config, running_daemon, send_series
 from tests.support.pipeline_support import SHIPPED_MODEL, results_for, wait_for
 from triaged.db.engine import make_engine, make_session_factory
@@ -79,3 +81,47 @@ def test_tcga_lgg_series_come_back_urgent_with_gradcam_on_the_lesion(
         assert mask.any(), f"key image {top.slice_index + 1} of {volume.patient} {volume.contrast} has no lesion"
         hits, _ = localisation_scores(cam[None], mask[None])
         assert hits[0], f"Grad-CAM maximum of {volume.patient} {volume.contrast} is off the lesion"
+
+
+def test_a_normal_sagittal_mprage_is_scored_on_its_axial_reformat_and_its_captures_show_it(
+    tmp_path: Path, sqlite_url: str, sqlite_factory: sessionmaker[Session]
+) -> None:
+    """The real Siemens XA30 3-D MPRAGE (Enhanced MR, one file of 96 sagittal frames) by C-STORE: assessed on its
+    axial reformat, not urgent, one slice row per reformatted slice, and every Secondary Capture that reaches the
+    PACS is an axial image that says it is a reformat; no KOS (there is no acquired key image to point at)."""
+    mprage = shared_data() / "dicom" / "neurolabusc_dcm_qa_xa30" / "In" / "6_anat-T1w_acq-tfl"
+    files = sorted(p for p in mprage.iterdir() if p.is_file())
+    uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)
+    with running_fake_pacs() as pacs:
+        config = daemon_config(
+            tmp_path,
+            db_url=sqlite_url,
+            model_dir=CANDIDATE_MODEL,
+            dicom_port=free_port(),
+            dicom={"peers": {"pacs": {"ae_title": pacs.ae_title, "host": "127.0.0.1", "port": pacs.port}}},
+            outputs={"mode": "all", "destination": "pacs"},
+        )
+        with running_daemon(config, log_path=tmp_path / "serve.log") as daemon:
+            assert daemon.dicom_port is not None
+            send_series(daemon.dicom_port, files)
+            wait_for(lambda: bool(results_for(sqlite_factory, uid)), timeout=240, what="result")
+            [result] = results_for(sqlite_factory, uid)
+            with sqlite_factory() as session:
+                keys = session.scalars(
+                    select(SlicePrediction).where(SlicePrediction.result_id == result.id, SlicePrediction.is_key)
+                ).all()
+                rows = session.scalars(select(SlicePrediction).where(SlicePrediction.result_id == result.id)).all()
+            wait_for(
+                lambda: sum(1 for ds in pacs.received if ds.SOPClassUID == SecondaryCaptureImageStorage) >= len(keys),
+                timeout=240,
+                what="Secondary Captures at the PACS",
+            )
+    assert result.status == ResultStatus.ASSESSED and not result.urgent, (result.urgency, result.threshold)
+    assert len(rows) > 96  # 2 mm cubes over the head's 256 mm superior-inferior extent, not the 96 sagittal frames
+    assert keys and all(k.frame_number is None for k in keys)
+    captures = [ds for ds in pacs.received if ds.SOPClassUID == SecondaryCaptureImageStorage]
+    assert captures
+    for capture in captures:
+        assert str(capture.DerivationDescription).startswith("Axial reformat")
+        assert list(capture.PatientOrientation) == ["L", "P"]
+    assert not [ds for ds in pacs.received if ds.SOPClassUID == KeyObjectSelectionDocumentStorage]

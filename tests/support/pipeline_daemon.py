@@ -33,11 +33,13 @@ def _toml_value(value: Any) -> str:
         return repr(value)
     if isinstance(value, list | tuple):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):  # a table below a section (e.g. dicom.peers) as an inline table
+        return "{" + ", ".join(f"{json.dumps(str(k))} = {_toml_value(v)}" for k, v in value.items()) + "}"
     return json.dumps(str(value))
 
 
 def write_config(path: Path, sections: dict[str, Any]) -> Path:
-    """A TOML file from ``{"key": value, "section": {"key": value}}`` (one level of tables)."""
+    """A TOML file from ``{"key": value, "section": {"key": value}}``; deeper tables are written inline."""
     lines = [f"{k} = {_toml_value(v)}" for k, v in sections.items() if not isinstance(v, dict)]
     for name, table in sections.items():
         if isinstance(table, dict):
