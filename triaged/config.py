@@ -105,6 +105,9 @@ class DicomSettings(_Section):
     dimse_timeout: float = Field(default=60, gt=0)
     network_timeout: float = Field(default=60, gt=0)
     accept_unknown_peers: bool = True
+    require_called_ae_title: bool = Field(
+        default=True, description="reject (A-ASSOCIATE-RJ 1/1/7) requests whose called AE title is not ae_title"
+    )
     peers: dict[str, Peer] = Field(default_factory=dict)
     extra_storage_sop_classes: tuple[str, ...] = ()
     tls: TlsSettings = TlsSettings()

@@ -95,7 +95,9 @@ def real_request() -> bytes:
         ae = AE(ae_title="FUZZER")
         ae.add_requested_context(MRImageStorage, ExplicitVRLittleEndian)
         ae.acse_timeout = 5
-        requester = threading.Thread(target=ae.associate, args=("127.0.0.1", port), daemon=True)
+        requester = threading.Thread(
+            target=ae.associate, args=("127.0.0.1", port), kwargs={"ae_title": "TRIAGED"}, daemon=True
+        )
         requester.start()
         conn, _ = listener.accept()
         with conn:

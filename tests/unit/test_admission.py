@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from triaged.receive.admission import ASSOCIATION_LIMIT, UNKNOWN_CALLING_AE, Admission
+from triaged.receive.admission import ASSOCIATION_LIMIT, UNKNOWN_CALLED_AE, UNKNOWN_CALLING_AE, Admission
 from triaged.receive.slots import ADDRESS_BUCKETS, ASSOCIATION_BUCKET, SlotTable, address_bucket, new_counts
 
 
@@ -94,3 +94,21 @@ def test_defaults_leave_room_for_a_site_with_many_modalities():
     assert dicom.max_associations >= 32
     assert dicom.max_connections_per_address >= dicom.max_associations  # one busy PACS may use every slot
     assert dicom.artim_timeout == 10
+
+
+def test_called_ae_title_is_checked_before_the_calling_one_and_takes_no_slot():
+    admission = Admission(
+        SlotTable.private(),
+        max_associations=1,
+        max_connections_per_address=2,
+        allowed_calling_ae_titles=["KNOWN"],
+        called_ae_title="TRIAGED ",
+    )
+    ticket = admission.open_connection("10.0.0.7")
+    assert ticket is not None
+    assert admission.request_association(ticket, "STRANGER", "OTHER") is UNKNOWN_CALLED_AE
+    assert admission.request_association(ticket, "STRANGER", "TRIAGED") is UNKNOWN_CALLING_AE
+    assert admission.associations_in_use() == 0
+    assert admission.request_association(ticket, "KNOWN", "TRIAGED  ") is None
+    assert admission.associations_in_use() == 1
+    assert (UNKNOWN_CALLED_AE.result, UNKNOWN_CALLED_AE.source, UNKNOWN_CALLED_AE.diagnostic) == (1, 1, 7)

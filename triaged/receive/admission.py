@@ -8,7 +8,8 @@ and its calling AE title is allowed. Both limits hold in total over a pool's pro
 (:mod:`triaged.receive.slots`).
 
 The A-ASSOCIATE-RJ fields are those of PS3.8 section 9.3.4: an unknown calling AE is rejected permanently
-(result 1, source 1 "service user", reason 3 "calling AE title not recognised"); the association limit
+(result 1, source 1 "service user", reason 3 "calling AE title not recognised"), a called AE title that is
+not ours likewise (reason 7 "called AE title not recognised"); the association limit
 transiently (result 2, source 3 "service provider, presentation related", reason 2 "local limit
 exceeded"), so that a sender retries later instead of giving up.
 """
@@ -29,6 +30,7 @@ SOURCE_SERVICE_PROVIDER_PRESENTATION = 0x03
 REASON_NO_REASON_GIVEN = 0x01
 REASON_CALLING_AE_NOT_RECOGNISED = 0x03
 REASON_LOCAL_LIMIT_EXCEEDED = 0x02
+REASON_CALLED_AE_NOT_RECOGNISED = 0x07
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,9 @@ class Rejection:
 
 UNKNOWN_CALLING_AE = Rejection(
     REJECTED_PERMANENT, SOURCE_SERVICE_USER, REASON_CALLING_AE_NOT_RECOGNISED, "calling_ae_not_recognised"
+)
+UNKNOWN_CALLED_AE = Rejection(
+    REJECTED_PERMANENT, SOURCE_SERVICE_USER, REASON_CALLED_AE_NOT_RECOGNISED, "called_ae_not_recognised"
 )
 ASSOCIATION_LIMIT = Rejection(
     REJECTED_TRANSIENT, SOURCE_SERVICE_PROVIDER_PRESENTATION, REASON_LOCAL_LIMIT_EXCEEDED, "association_limit"
@@ -77,6 +82,9 @@ class Admission:
         Open TCP connections from one peer address at once, associated or not, in total.
     allowed_calling_ae_titles
         ``None`` accepts any calling AE title; otherwise only these (an empty set refuses all).
+    called_ae_title
+        ``None`` accepts a request addressed to any AE title; otherwise only requests addressed to this one
+        (a sender configured for another node must learn so at once, not store its images here).
     """
 
     def __init__(
@@ -86,6 +94,7 @@ class Admission:
         max_associations: int,
         max_connections_per_address: int,
         allowed_calling_ae_titles: Iterable[str] | None = None,
+        called_ae_title: str | None = None,
     ) -> None:
         if max_associations < 1 or max_connections_per_address < 1:
             raise ValueError("limits must be at least 1")
@@ -93,6 +102,7 @@ class Admission:
         self.max_associations = max_associations
         self.max_connections_per_address = max_connections_per_address
         self._allowed = None if allowed_calling_ae_titles is None else {t.strip() for t in allowed_calling_ae_titles}
+        self._called = None if called_ae_title is None else called_ae_title.strip()
 
     def open_connection(self, address: str) -> Ticket | None:
         """A ticket for a new connection from ``address``, or ``None`` when that address has too many."""
@@ -101,8 +111,10 @@ class Admission:
             return None
         return Ticket(address=address, bucket=bucket)
 
-    def request_association(self, ticket: Ticket, calling_ae_title: str) -> Rejection | None:
+    def request_association(self, ticket: Ticket, calling_ae_title: str, called_ae_title: str = "") -> Rejection | None:
         """Admit the A-ASSOCIATE-RQ of ``ticket``'s connection (taking a slot), or say how to reject it."""
+        if self._called is not None and called_ae_title.strip() != self._called:
+            return UNKNOWN_CALLED_AE
         if self._allowed is not None and calling_ae_title.strip() not in self._allowed:
             return UNKNOWN_CALLING_AE
         with ticket.lock:

@@ -114,6 +114,7 @@ class Receiver:
             allowed_calling_ae_titles=(
                 None if dicom.accept_unknown_peers else [peer.ae_title for peer in dicom.peers.values()]
             ),
+            called_ae_title=dicom.ae_title if dicom.require_called_ae_title else None,
         )
         self._server: ThreadedAssociationServer | None = None
         self._ae: ReceiverAE | None = None
@@ -251,10 +252,13 @@ class Receiver:
         # pynetdicom copies the calling AE title to ``requestor`` only while negotiating, after this event.
         primitive = requestor.primitive
         calling_ae = str(primitive.calling_ae_title if primitive is not None else "").strip()
+        called_ae = str(primitive.called_ae_title if primitive is not None else "").strip()
         peer = f"{requestor.address}:{requestor.port}"
         ticket = ticket_of(assoc)
         try:
-            rejection = self.admission.request_association(ticket, calling_ae) if ticket is not None else None
+            rejection = (
+                self.admission.request_association(ticket, calling_ae, called_ae) if ticket is not None else None
+            )
         except Exception:  # P4: nothing escapes to pynetdicom; refuse rather than run without a slot
             log.exception("association_admission_failed", peer=peer)
             rejection = ADMISSION_FAILED
@@ -273,6 +277,7 @@ class Receiver:
             log.warning(
                 "association_rejected",
                 calling_ae=calling_ae,
+                called_ae=called_ae,
                 peer=peer,
                 reason=rejection.reason,
                 transient=rejection.result == REJECTED_TRANSIENT,
