@@ -97,7 +97,15 @@ class DicomSettings(_Section):
         default=32, ge=1, description="open TCP connections from one peer address, associated or not"
     )
     receiver_processes: int = Field(default=1, ge=1, description=">1: processes sharing the port (SO_REUSEPORT)")
-    max_pdu_size: int = Field(default=0, ge=0, description="0 = unlimited")
+    max_pdu_size: int = Field(
+        default=1 << 20,
+        ge=0,
+        description="largest PDU we accept (advertised); 0 = unlimited, which lets one PDU hold a whole instance",
+    )
+    max_instance_bytes: int = Field(default=4 << 30, ge=1, description="larger C-STOREs are refused (0xA702)")
+    spool_threshold_bytes: int = Field(
+        default=8 << 20, ge=0, description="data sets beyond this are received to the storage disk as they arrive"
+    )
     acse_timeout: float = Field(default=30, gt=0, description="as requestor (sending outputs)")
     artim_timeout: float = Field(
         default=10, gt=0, description="receiver: seconds for a connection to handshake TLS and send its A-ASSOCIATE-RQ"

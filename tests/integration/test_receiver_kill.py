@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import hashlib
-import json
-import os
 import signal
 import subprocess
-import sys
 import threading
 from pathlib import Path
 
@@ -16,8 +13,7 @@ import pytest
 from pynetdicom import AE
 from sqlalchemy import select
 
-from tests.conftest import REPO_ROOT
-from tests.support.receiver import wait_for
+from tests.support.receiver import spawn_receiver
 from triaged.db.models import Association, Instance
 from triaged.dicom.synthetic import write_mr_series
 from triaged.outputs.send import close_socket, read_dicom_file
@@ -29,17 +25,7 @@ N_INSTANCES = 500
 
 
 def _start(overrides: dict[str, object], workdir: Path, name: str) -> tuple[subprocess.Popen[bytes], int]:
-    port_file = workdir / f"{name}.port"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.support.receiver_main", json.dumps(overrides), str(port_file)],
-        cwd=REPO_ROOT,
-        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    wait_for(lambda: port_file.exists() or proc.poll() is not None, timeout=60)
-    assert proc.poll() is None, "receiver process exited early"
-    return proc, int(port_file.read_text())
+    return spawn_receiver(overrides, workdir, name)
 
 
 def _send_until_dead(port: int, paths: list[Path], kill_after: int, proc: subprocess.Popen[bytes]) -> list[str]:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -75,6 +77,28 @@ def dataset_bytes(path: Path) -> bytes:
     data = path.read_bytes()
     offset = _meta_end(data)
     return data[offset:]
+
+
+def meta_end(path: Path) -> int:
+    """Offset of the data set in a Part 10 file (reads only its head)."""
+    with path.open("rb") as f:
+        return _meta_end(f.read(1 << 16))
+
+
+def spawn_receiver(overrides: dict[str, Any], workdir: Path, name: str) -> tuple[subprocess.Popen[bytes], int]:
+    """A receiver in its own process (:mod:`tests.support.receiver_main`); returns it and its port."""
+    repo_root = Path(__file__).resolve().parents[2]
+    port_file = workdir / f"{name}.port"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.support.receiver_main", json.dumps(overrides), str(port_file)],
+        cwd=repo_root,
+        env={**os.environ, "PYTHONPATH": str(repo_root)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    wait_for(lambda: port_file.exists() or proc.poll() is not None, timeout=60)
+    assert proc.poll() is None, "receiver process exited early"
+    return proc, int(port_file.read_text())
 
 
 def _meta_end(data: bytes) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import struct
 import zlib
 from io import BytesIO
+from typing import BinaryIO
 
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
@@ -29,6 +30,8 @@ IDENTIFYING_TAGS = [
     Tag(0x0020, 0x0013),  # InstanceNumber
 ]
 _LAST_TAG = max(IDENTIFYING_TAGS)
+#: Compressed bytes read from a spooled deflated data set to find its identifiers.
+DEFLATED_HEAD = 8 << 20
 
 
 def _short(element: int, vr: bytes, value: bytes) -> bytes:
@@ -66,20 +69,23 @@ def _past_identifiers(tag: BaseTag, vr: str | None, length: int) -> bool:
     return bool(tag > _LAST_TAG)
 
 
-def read_identifiers(dataset: bytes, transfer_syntax_uid: str) -> Dataset:
-    """Parse the identifying attributes from encoded dataset bytes (no file meta) in the given syntax.
+def read_identifiers(dataset: bytes | BinaryIO, transfer_syntax_uid: str) -> Dataset:
+    """Parse the identifying attributes from an encoded dataset (no file meta) in the given syntax.
 
+    ``dataset`` is bytes or a file positioned at the data set (a large instance received to disk: only
+    the elements up to the identifiers are read, and of a deflated one its first ``DEFLATED_HEAD`` bytes).
     Raises whatever pydicom or zlib raise on corrupt input; the caller turns that into a status.
     """
     syntax = UID(transfer_syntax_uid)
-    data = dataset
+    fp: BinaryIO = BytesIO(dataset) if isinstance(dataset, bytes) else dataset
     if syntax == DeflatedExplicitVRLittleEndian:
-        data = zlib.decompressobj(-zlib.MAX_WBITS).decompress(dataset)
+        head = dataset if isinstance(dataset, bytes) else dataset.read(DEFLATED_HEAD)
+        fp = BytesIO(zlib.decompressobj(-zlib.MAX_WBITS).decompress(head))
     # Encapsulated (compressed) syntaxes encode the dataset itself in Explicit VR Little Endian.
     implicit = syntax.is_implicit_VR if syntax.is_transfer_syntax else False
     little = syntax.is_little_endian if syntax.is_transfer_syntax else True
     return read_dataset(
-        BytesIO(data),
+        fp,
         implicit,
         little,
         stop_when=_past_identifiers,

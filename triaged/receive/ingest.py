@@ -7,11 +7,15 @@ exactly as received; :meth:`Ingestor.store` returns the DIMSE status to answer. 
 
 from __future__ import annotations
 
+import errno
 import functools
 import hashlib
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
+from typing import BinaryIO
 
 import structlog
 from pydicom.errors import InvalidDicomError
@@ -25,6 +29,7 @@ from triaged.log import uid_hash
 from triaged.receive import status
 from triaged.receive.committer import GroupCommitter
 from triaged.receive.records import InstanceFacts, RecordOutcome
+from triaged.receive.spool import DatasetSpool
 from triaged.receive.storage import InstanceStore
 
 log = structlog.get_logger()
@@ -33,6 +38,7 @@ _LOCK_STRIPES = 64
 #: Instances up to this size have their rows prepared while the file is written (pipelined commit); larger
 #: ones are written first, so a long write never holds the database write lock.
 PIPELINE_MAX_BYTES = 8 * 1024 * 1024
+_COPY_CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -45,6 +51,10 @@ class StoreRequest:
     dataset: bytes
     calling_ae_title: str
     association_id: int | None
+    #: A data set received to disk (``dataset`` is then empty): see :mod:`triaged.receive.spool`.
+    spool: DatasetSpool | None = None
+    #: Larger data sets are refused (``dicom.max_instance_bytes``).
+    max_bytes: int | None = None
 
 
 class RejectError(Exception):
@@ -56,10 +66,23 @@ class RejectError(Exception):
         self.comment = comment
 
 
+def _spooled_dataset(spool: DatasetSpool) -> BinaryIO:
+    """The spooled file, positioned at the data set (after the meta it starts with)."""
+    if spool.path is None:
+        raise RuntimeError("spool has no file")
+    fp = spool.path.open("rb")
+    fp.seek(len(spool.meta))
+    return fp
+
+
 def parse_facts(request: StoreRequest) -> InstanceFacts:
     """Read only the identifying attributes (no pixel data); raise :class:`RejectError` on bad input."""
     try:
-        ds = read_identifiers(request.dataset, request.transfer_syntax_uid)
+        if request.spool is not None:
+            with _spooled_dataset(request.spool) as fp:
+                ds = read_identifiers(fp, request.transfer_syntax_uid)
+        else:
+            ds = read_identifiers(request.dataset, request.transfer_syntax_uid)
         sop_class: str = str(ds.get("SOPClassUID", "") or "")
         sop_instance: str = str(ds.get("SOPInstanceUID", "") or "")
         modality = str(ds.get("Modality", "") or "")[:16]
@@ -142,13 +165,12 @@ class Ingestor:
             validate_uid(request.sop_class_uid)
         except InvalidUidError as exc:
             raise RejectError(status.CANNOT_UNDERSTAND_INVALID_UID, f"invalid UID in request: {exc}") from exc
+        _check_received(request)
         facts = parse_facts(request)
         meta = file_meta_bytes(request.sop_class_uid, facts.sop_instance_uid, request.transfer_syntax_uid)
-        digest = hashlib.sha256(meta)
-        digest.update(request.dataset)
-        sha = digest.hexdigest()
+        content = _Content.of(request, meta)
+        sha, size = content.sha256, content.size
         relative = uid_path(facts.sop_instance_uid, f".{sha[:16]}.dcm")
-        size = len(meta) + len(request.dataset)
         lock = self._locks[hash(facts.sop_instance_uid) % _LOCK_STRIPES]
         with lock:
             submit = functools.partial(
@@ -164,7 +186,7 @@ class Ingestor:
             # Small files: rows are prepared while the file is written (see committer), committed once durable.
             record = submit() if size <= PIPELINE_MAX_BYTES else None
             try:
-                created = self._write(relative, meta, request.dataset, size)
+                created = self._write(relative, content)
             except BaseException:
                 if record is not None:
                     record.withdraw()
@@ -190,17 +212,82 @@ class Ingestor:
             series_instance_uid=uid_hash(facts.series_instance_uid),
             outcome=outcome.kind,
         )
+        if request.spool is not None:
+            log.info("store_received_to_disk", sop_instance_uid=uid_hash(request_uid), size_bytes=size)
         return outcome
 
-    def _write(self, relative: str, meta: bytes, dataset: bytes, size: int) -> bool:
+    def _write(self, relative: str, content: _Content) -> bool:
         """Write the file unless this exact content is already stored; return whether we created it."""
         if self.store.exists(relative):
             return False
         try:
-            self.store.write_atomic(relative, (meta, dataset))
+            content.write(self.store, relative)
         except OutOfSpaceError as exc:
-            raise RejectError(status.OUT_OF_RESOURCES, "out of resources: free disk below threshold") from exc
+            raise RejectError(status.OUT_OF_RESOURCES, "out of resources: disk full or below threshold") from exc
         except StoreError as exc:
             log.error("store_write_failed", error=str(exc))
             raise RejectError(status.OUT_OF_RESOURCES_STORE_FAILED, "could not write the instance") from exc
         return True
+
+
+def _check_received(request: StoreRequest) -> None:
+    """Refuse what was too large or could not be received to disk, before parsing anything."""
+    spool = request.spool
+    size = spool.size if spool is not None else len(request.dataset)
+    if (spool is not None and spool.overflow) or (request.max_bytes is not None and size > request.max_bytes):
+        raise RejectError(status.INSTANCE_TOO_LARGE, f"instance larger than {request.max_bytes} bytes")
+    if spool is not None and spool.error is not None:
+        log.error("store_spool_failed", error=spool.error.strerror or str(spool.error))
+        if spool.error.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise RejectError(status.OUT_OF_RESOURCES, "out of resources: disk full or below threshold")
+        raise RejectError(status.OUT_OF_RESOURCES_STORE_FAILED, "could not write the instance")
+
+
+@dataclass(frozen=True)
+class _Content:
+    """The file to store: meta + data set, from memory or from a spool; its sha256 and size."""
+
+    meta: bytes
+    dataset: bytes
+    spool: DatasetSpool | None
+    sha256: str
+    size: int
+
+    @classmethod
+    def of(cls, request: StoreRequest, meta: bytes) -> _Content:
+        spool = request.spool
+        if spool is None:
+            digest = hashlib.sha256(meta)
+            digest.update(request.dataset)
+            return cls(meta, request.dataset, None, digest.hexdigest(), len(meta) + len(request.dataset))
+        if spool.meta == meta:  # the usual case: the spooled file is the file to store, hashed on arrival
+            return cls(meta, b"", spool, spool.sha256_hex(), len(meta) + spool.size)
+        # The data set's UIDs differ from the request's (tolerated, see parse_facts): hash it behind our meta.
+        digest = hashlib.sha256(meta)
+        for chunk in _spooled_chunks(spool):
+            digest.update(chunk)
+        return cls(meta, b"", spool, digest.hexdigest(), len(meta) + spool.size)
+
+    def write(self, store: InstanceStore, relative: str) -> None:
+        spool = self.spool
+        if spool is None:
+            store.write_atomic(relative, (self.meta, self.dataset))
+        elif spool.meta == self.meta:
+            if not store.has_room_for(0):
+                raise OutOfSpaceError("free disk space below threshold")
+            temp: Path = spool.finish()
+            store.commit_temp(temp, relative)
+            spool.forget_path()
+        else:
+            store.write_atomic(relative, _with_meta(self.meta, spool), size=self.size)
+
+
+def _spooled_chunks(spool: DatasetSpool) -> Iterator[bytes]:
+    with _spooled_dataset(spool) as fp:
+        while chunk := fp.read(_COPY_CHUNK):
+            yield chunk
+
+
+def _with_meta(meta: bytes, spool: DatasetSpool) -> Iterator[bytes]:
+    yield meta
+    yield from _spooled_chunks(spool)

@@ -30,11 +30,13 @@ from sqlalchemy.orm import Session, sessionmaker
 from triaged.config import Settings
 from triaged.db.models import Association
 from triaged.dicom.contexts import configure_pynetdicom, scp_contexts
+from triaged.receive import spool as spooling
 from triaged.receive import status
 from triaged.receive.admission import ADMISSION_FAILED, ASSOCIATION_LIMIT, REJECTED_TRANSIENT, Admission
 from triaged.receive.ingest import Ingestor, StoreRequest
 from triaged.receive.server import ReceiverAE, ticket_of
 from triaged.receive.slots import SlotTable
+from triaged.receive.spool import DatasetSpool, Spooler
 from triaged.receive.storage import InstanceStore
 from triaged.receive.tls import server_ssl_context
 
@@ -101,6 +103,9 @@ class Receiver:
         self.session_factory = session_factory
         self.store = store
         self.ingestor = Ingestor(store, session_factory)
+        self.spooler = Spooler(
+            store, threshold=settings.dicom.spool_threshold_bytes, max_bytes=settings.dicom.max_instance_bytes
+        )
         # ``port`` overrides settings (0 = an ephemeral port, handy for tests and several receivers).
         self._bind_port = settings.dicom.port if port is None else port
         self._reuse_port = reuse_port  # SO_REUSEPORT: share the port with sibling processes (ReceiverPool)
@@ -135,6 +140,7 @@ class Receiver:
         if self._server is not None:
             raise RuntimeError("receiver already started")
         configure_pynetdicom()
+        spooling.install()
         self.ingestor.committer.start()
         self.store.cleanup_stale_temp_files()
         self._close_stale_associations()
@@ -176,6 +182,8 @@ class Receiver:
             max_associations=dicom.max_associations,
             max_connections_per_address=dicom.max_connections_per_address,
             artim_timeout=dicom.artim_timeout,
+            max_instance_bytes=dicom.max_instance_bytes,
+            spool_threshold_bytes=dicom.spool_threshold_bytes,
         )
 
     def stop(self, timeout: float = 30.0) -> None:
@@ -263,6 +271,7 @@ class Receiver:
             log.exception("association_admission_failed", peer=peer)
             rejection = ADMISSION_FAILED
         if rejection is None:
+            self.spooler.attach(assoc)  # before any P-DATA: large data sets go to disk as they arrive
             return
         if rejection is ASSOCIATION_LIMIT:
             log.warning(
@@ -316,6 +325,7 @@ class Receiver:
         ticket = ticket_of(event.assoc)
         if ticket is not None:  # the slot is free as soon as the association is over
             self.admission.release_association(ticket)
+        self.spooler.detach(event.assoc)  # temp files of data sets an abort cut short
         with self._lock:
             state = self._associations.pop(id(event.assoc), None)
         if state is None:
@@ -341,10 +351,12 @@ class Receiver:
         return status.SUCCESS
 
     def _on_c_store(self, event: evt.Event) -> int | Dataset:
+        request = cast(C_STORE, event.request)
+        received = request.DataSet
+        spool = received if isinstance(received, DatasetSpool) and received.spooled else None
         try:
             if not self._accepting:
                 return status.failure(status.PROCESSING_FAILURE, "receiver is shutting down")
-            request = cast(C_STORE, event.request)
             state = self._state(event.assoc)
             try:
                 row_id: int | None = self._open_row(state)
@@ -354,12 +366,17 @@ class Receiver:
                 sop_class_uid=str(request.AffectedSOPClassUID or ""),
                 sop_instance_uid=str(request.AffectedSOPInstanceUID or ""),
                 transfer_syntax_uid=str(event.context.transfer_syntax),
-                dataset=event.encoded_dataset(include_meta=False),
+                dataset=b"" if spool is not None else event.encoded_dataset(include_meta=False),
                 calling_ae_title=state.calling_ae_title,
                 association_id=row_id,
+                spool=spool,
+                max_bytes=self.settings.dicom.max_instance_bytes,
             )
             code, comment, _ = self.ingestor.store_instance(store_request, now=utcnow())
         except Exception:  # P4: nothing escapes to pynetdicom
             log.exception("store_handler_failed")
             return status.failure(status.OUT_OF_RESOURCES_STORE_FAILED, "internal error while storing")
+        finally:
+            if spool is not None:
+                spool.discard()  # stored (renamed away: nothing left) or refused: no temp file stays
         return code if code == status.SUCCESS else status.failure(code, comment)

@@ -14,6 +14,8 @@ SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700
 #: Refused: out of resources — the instance could not be written or committed (I/O or database error).
 OUT_OF_RESOURCES_STORE_FAILED = 0xA701
+#: Refused: out of resources — the instance is larger than ``dicom.max_instance_bytes``.
+INSTANCE_TOO_LARGE = 0xA702
 #: Error: data set does not match SOP class (dataset SOP class differs from the C-STORE request's).
 DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
 #: Error: cannot understand — the dataset could not be parsed.
@@ -29,6 +31,7 @@ NAMES = {
     SUCCESS: "success",
     OUT_OF_RESOURCES: "out_of_resources",
     OUT_OF_RESOURCES_STORE_FAILED: "store_failed",
+    INSTANCE_TOO_LARGE: "instance_too_large",
     DATASET_DOES_NOT_MATCH_SOP_CLASS: "sop_class_mismatch",
     CANNOT_UNDERSTAND: "cannot_understand",
     CANNOT_UNDERSTAND_INVALID_UID: "invalid_uid",

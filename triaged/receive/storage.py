@@ -8,10 +8,11 @@ written; a new version of an object gets a new relative path.
 
 from __future__ import annotations
 
+import errno
 import itertools
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import structlog
@@ -90,33 +91,66 @@ class InstanceStore:
     def exists(self, relative: str) -> bool:
         return self.path_for(relative).is_file()
 
-    def write_atomic(self, relative: str, data: bytes | Sequence[bytes]) -> Path:
-        """Write ``data`` (bytes or a sequence of chunks) durably to ``relative`` and return its path.
+    def write_atomic(
+        self, relative: str, data: bytes | Sequence[bytes] | Iterable[bytes], *, size: int | None = None
+    ) -> Path:
+        """Write ``data`` (bytes or chunks) durably to ``relative`` and return its path.
 
-        Raises :class:`OutOfSpaceError` before writing anything when the threshold would be crossed, and
-        :class:`StoreError` on I/O errors; in both cases no temp file and no target file is left behind
-        by this call. Writing identical content to an existing path is allowed (atomic replace).
+        Chunks may come from a generator (a large file copied piecewise); then pass ``size`` for the free
+        space check. Raises :class:`OutOfSpaceError` before writing anything when the threshold would be
+        crossed (or when the disk fills while writing), and :class:`StoreError` on other I/O errors; in
+        both cases no temp file and no target file is left behind by this call. Writing identical content
+        to an existing path is allowed (atomic replace).
         """
-        target = self.path_for(relative)
-        chunks = [data] if isinstance(data, bytes | bytearray | memoryview) else list(data)
-        size = sum(len(c) for c in chunks)
-        if not self.has_room_for(size):
-            raise OutOfSpaceError(f"free disk space below threshold ({self.min_free_bytes} bytes) on {self.root}")
-        temp = self._temp_dir / f"{os.getpid()}.{threading.get_ident()}.{next(self._counter)}{TEMP_SUFFIX}"
+        self.path_for(relative)  # refuse an unsafe path before touching the disk
+        chunks: Iterable[bytes | bytearray | memoryview]
+        if isinstance(data, bytes | bytearray | memoryview):
+            chunks = [data]
+        elif size is None:
+            chunks = list(data)
+        else:
+            chunks = data
+        if size is None:
+            size = sum(len(c) for c in chunks)
+        self._check_room(size)
+        temp, fd = self.open_temp()
         try:
-            self._ensure_dir(target.parent)
-            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
             try:
                 _write_all(fd, chunks)
                 os.fsync(fd)
             finally:
                 os.close(fd)
+            return self.commit_temp(temp, relative)
+        except OSError as exc:
+            temp.unlink(missing_ok=True)
+            raise _store_error(relative, exc) from exc
+
+    def open_temp(self) -> tuple[Path, int]:
+        """A new temp file in the store's temp directory (same filesystem), open for writing: ``(path, fd)``.
+
+        Its name starts with our pid, so :meth:`cleanup_stale_temp_files` removes it if we crash.
+        """
+        temp = self._temp_dir / f"{os.getpid()}.{threading.get_ident()}.{next(self._counter)}{TEMP_SUFFIX}"
+        return temp, os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+
+    def commit_temp(self, temp: Path, relative: str) -> Path:
+        """Rename a complete, fsynced temp file into place at ``relative`` and fsync its directory.
+
+        Raises :class:`StoreError` (the temp file is then removed).
+        """
+        target = self.path_for(relative)
+        try:
+            self._ensure_dir(target.parent)
             os.rename(temp, target)
             _fsync_dir(target.parent)
         except OSError as exc:
             temp.unlink(missing_ok=True)
-            raise StoreError(f"could not store {relative}: {exc.strerror or exc}") from exc
+            raise _store_error(relative, exc) from exc
         return target
+
+    def _check_room(self, size: int) -> None:
+        if not self.has_room_for(size):
+            raise OutOfSpaceError(f"free disk space below threshold ({self.min_free_bytes} bytes) on {self.root}")
 
     def remove(self, relative: str) -> None:
         """Remove a file that no committed row points to (cleanup after a failed commit)."""
@@ -159,7 +193,15 @@ class InstanceStore:
             self._known_dirs.add(directory)
 
 
-def _write_all(fd: int, chunks: Sequence[bytes | bytearray | memoryview]) -> None:
+def _store_error(relative: str, exc: OSError) -> StoreError:
+    """ENOSPC/EDQUOT (the disk filled while writing) is out of space, like the threshold; the rest I/O errors."""
+    message = f"could not store {relative}: {exc.strerror or exc}"
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return OutOfSpaceError(message)
+    return StoreError(message)
+
+
+def _write_all(fd: int, chunks: Iterable[bytes | bytearray | memoryview]) -> None:
     for chunk in chunks:
         view = memoryview(chunk)
         while view:
