@@ -91,8 +91,12 @@ class DatasetSpool(BytesIO):
         return length
 
     def getvalue(self) -> bytes:
+        """What is held in memory: ``b""`` once spooled (read the data set from :attr:`path` then).
+
+        Not an error, because pynetdicom's own DIMSE logging handler asks for it; nothing of ours does.
+        """
         if self.spooled:
-            raise RuntimeError("the data set was spooled to disk; read it from DatasetSpool.path")
+            return b""
         return super().getvalue()
 
     def sha256_hex(self) -> str:
