@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from triaged import __version__
+from triaged.cli import audit as audit_cli
 from triaged.cli import daemon as daemon_cli
 from triaged.cli import db, dicom_commands, ml_commands
 from triaged.cli import demo as demo_cli
@@ -32,6 +33,7 @@ demo_cli.register(app)
 dicom_commands.register(app)
 series_cli.register(app)
 users_cli.register(app)
+audit_cli.register(app)
 app.command("train")(ml_commands.train_command)
 app.command("evaluate")(ml_commands.evaluate_command)
 model_app = typer.Typer(help="The shipped classifier.", no_args_is_help=True)

@@ -143,7 +143,7 @@ def reprocess(  # noqa: PLR0917 - Typer options
     """Queue series for processing again (a new result if the model changed; the old one is kept)."""
     from sqlalchemy import select
 
-    from triaged.db import repo
+    from triaged.db import audit, repo
     from triaged.db.models import Series
 
     if uid is None and since is None and not failed:
@@ -179,6 +179,19 @@ def reprocess(  # noqa: PLR0917 - Typer options
             session, list(selected.values()), model_dir=model_dir, max_attempts=settings.worker.max_attempts
         )
         queued = [{"job_id": j.id, "series_id": j.series_id, "generation": j.generation} for j in jobs]
+        audit.record_admin_action(
+            session,
+            "reprocess",
+            detail={
+                "selected": len(selected),
+                "job_ids": [j.id for j in jobs],
+                "series_ids": [j.series_id for j in jobs],
+                "study": study,
+                "since": since,
+                "failed": failed,
+                "model_dir": model_dir,
+            },
+        )
     if as_json:
         echo_json({"queued": queued, "selected": len(selected)})
         return
@@ -198,7 +211,7 @@ def retry(
     """Put dead (or explicitly named failed) jobs back in the queue with fresh attempts."""
     from sqlalchemy import select
 
-    from triaged.db import queue, repo
+    from triaged.db import audit, queue, repo
     from triaged.db.models import Job
 
     if not job_ids and not all_dead:
@@ -214,6 +227,7 @@ def retry(
         if all_dead:
             ids.extend(repo.dead_job_ids(session))
         requeued = queue.requeue(session, sorted(set(ids)))
+        audit.record_admin_action(session, "retry", detail={"requested": sorted(set(ids)), "requeued": requeued})
     if as_json:
         echo_json({"requeued": requeued})
         return
@@ -226,7 +240,7 @@ def purge(
     as_json: Json = False,
 ) -> None:
     """Delete received DICOM files of finished series older than N days; results and outputs are kept."""
-    from triaged.db import repo
+    from triaged.db import audit, repo
     from triaged.db.engine import make_session_factory
     from triaged.db.models import utcnow
     from triaged.runtime import build_store
@@ -235,7 +249,12 @@ def purge(
     engine = open_engine(settings)
     try:
         cutoff = utcnow() - timedelta(days=older_than_days)
-        count = repo.purge_received_files(make_session_factory(engine), build_store(settings), cutoff)
+        factory = make_session_factory(engine)
+        count = repo.purge_received_files(factory, build_store(settings), cutoff)
+        with factory.begin() as session:
+            audit.record_admin_action(
+                session, "purge", detail={"older_than_days": older_than_days, "purged_files": count}
+            )
     finally:
         engine.dispose()
     if as_json:

@@ -25,6 +25,8 @@ def resend(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """Queue the outputs of a series (or a study) to be sent again, with the same SOP Instance UIDs."""
+    from triaged.db import audit
+    from triaged.log import uid_hash
     from triaged.resend import requeue_dead_exports, resend_series, series_by_uid, series_of_study
 
     chosen = sum(x is not None and x is not False for x in (series_instance_uid, study, dead))
@@ -46,6 +48,16 @@ def resend(
                 requeued = resend_series(session, targets, max_attempts=settings.worker.export_max_attempts)
         except NotFoundError as exc:
             fail(str(exc))
+        audit.record_admin_action(
+            session,
+            "resend",
+            detail={
+                "dead": dead,
+                "series_uid_hash": uid_hash(series_instance_uid) if series_instance_uid else None,
+                "study_uid_hash": uid_hash(study) if study else None,
+                "job_ids": job_ids or [r.job_id for r in requeued if r.job_id],
+            },
+        )
     if dead:
         if as_json:
             echo_json({"requeued_job_ids": job_ids})

@@ -341,3 +341,23 @@ class ApiToken(Base):
     label: Mapped[str] = mapped_column(String(64), default="")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class AuditEvent(Base):
+    """One audit record (issue 12 item 8): append-only, enforced by database triggers (migration 0005).
+
+    No PHI: peers by address and AE title, instances and series by :func:`triaged.log.uid_hash` only.
+    """
+
+    __tablename__ = "audit_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
+    kind: Mapped[str] = mapped_column(String(32), index=True)
+    actor: Mapped[str] = mapped_column(String(64), default="", doc="OS user of an admin action; calling AE")
+    peer_address: Mapped[str | None] = mapped_column(String(64))
+    calling_ae_title: Mapped[str | None] = mapped_column(AE_TITLE)
+    called_ae_title: Mapped[str | None] = mapped_column(AE_TITLE)
+    outcome: Mapped[str] = mapped_column(String(32), default="", doc="accepted, rejected, ok, ...")
+    reason: Mapped[str | None] = mapped_column(String(64))
+    detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)

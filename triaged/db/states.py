@@ -51,3 +51,12 @@ class OutputKind(enum.StrEnum):
 class UserRole(enum.StrEnum):
     VIEWER = "viewer"  # reads pages and the JSON API
     ADMIN = "admin"  # also reprocess, retry, resend
+
+
+class AuditKind(enum.StrEnum):
+    """What an ``audit_events`` row records (:mod:`triaged.db.audit`)."""
+
+    ASSOCIATION_ACCEPTED = "association_accepted"
+    ASSOCIATION_REJECTED = "association_rejected"
+    INSTANCES_STORED = "instances_stored"
+    ADMIN_ACTION = "admin_action"

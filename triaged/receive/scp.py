@@ -28,8 +28,10 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from triaged.config import Settings
+from triaged.db import audit
 from triaged.db.models import Association
 from triaged.dicom.contexts import configure_pynetdicom, scp_contexts
+from triaged.log import uid_hash
 from triaged.receive import spool as spooling
 from triaged.receive import status
 from triaged.receive.admission import ADMISSION_FAILED, ASSOCIATION_LIMIT, REJECTED_TRANSIENT, Admission
@@ -53,8 +55,11 @@ def utcnow() -> datetime:
 class _AssociationState:
     calling_ae_title: str
     address: str
+    called_ae_title: str = ""
     row_id: int | None = None
     closed: bool = False
+    stored: list[str] = field(default_factory=list)  # uid_hash of each instance stored (audit)
+    refused: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -241,6 +246,13 @@ class Receiver:
                     )
                     if row_id is None:
                         raise RuntimeError("association insert returned no id")
+                    audit.record_association(
+                        session,
+                        accepted=True,
+                        peer_address=state.address,
+                        calling_ae_title=state.calling_ae_title,
+                        called_ae_title=state.called_ae_title,
+                    )
                     state.row_id = int(row_id)
             return state.row_id
 
@@ -272,7 +284,12 @@ class Receiver:
             rejection = ADMISSION_FAILED
         if rejection is None:
             self.spooler.attach(assoc)  # before any P-DATA: large data sets go to disk as they arrive
+            with self._lock:
+                self._associations[id(assoc)] = _AssociationState(
+                    calling_ae_title=calling_ae, address=peer, called_ae_title=called_ae
+                )
             return
+        self._audit_rejection(peer, calling_ae, called_ae, rejection.reason)
         if rejection is ASSOCIATION_LIMIT:
             log.warning(
                 "association_rejected_limit",
@@ -311,15 +328,35 @@ class Receiver:
         """pynetdicom's own rejections (ours are logged by :meth:`_on_requested`), with the RJ fields."""
         requestor = event.assoc.requestor
         primitive = event.assoc.acceptor.primitive
+        calling_ae = str(requestor.ae_title or "").strip()
+        peer = f"{requestor.address}:{requestor.port}"
+        diagnostic = getattr(primitive, "diagnostic", None)
         log.warning(
             "association_rejected",
-            calling_ae=str(requestor.ae_title or "").strip(),
-            peer=f"{requestor.address}:{requestor.port}",
+            calling_ae=calling_ae,
+            peer=peer,
             reason="pynetdicom",
             result=getattr(primitive, "result", None),
             source=getattr(primitive, "result_source", None),
-            diagnostic=getattr(primitive, "diagnostic", None),
+            diagnostic=diagnostic,
         )
+        self._audit_rejection(
+            peer, calling_ae, str(event.assoc.acceptor.ae_title or "").strip(), f"pynetdicom_{diagnostic}"
+        )
+
+    def _audit_rejection(self, peer: str, calling_ae: str, called_ae: str, reason: str) -> None:
+        try:
+            with self.session_factory.begin() as session:
+                audit.record_association(
+                    session,
+                    accepted=False,
+                    peer_address=peer,
+                    calling_ae_title=calling_ae,
+                    called_ae_title=called_ae,
+                    reason=reason,
+                )
+        except SQLAlchemyError as exc:  # the rejection stands; only its audit row is lost (and logged)
+            log.error("audit_record_failed", kind=audit.ASSOCIATION_REJECTED, error=type(exc).__name__)
 
     def _on_closed(self, event: evt.Event) -> None:
         ticket = ticket_of(event.assoc)
@@ -339,6 +376,14 @@ class Receiver:
                 with self.session_factory.begin() as session:
                     session.execute(
                         update(ASSOCIATIONS).where(ASSOCIATIONS.c.id == state.row_id).values(closed_at=utcnow())
+                    )
+                    audit.record_instances_stored(
+                        session,
+                        association_id=state.row_id,
+                        peer_address=state.address,
+                        calling_ae_title=state.calling_ae_title,
+                        instance_hashes=state.stored,
+                        refused=state.refused,
                     )
             except SQLAlchemyError as exc:
                 # The next start closes it (stale association); completion waits until then.
@@ -373,6 +418,10 @@ class Receiver:
                 max_bytes=self.settings.dicom.max_instance_bytes,
             )
             code, comment, _ = self.ingestor.store_instance(store_request, now=utcnow())
+            if code == status.SUCCESS:
+                state.stored.append(uid_hash(store_request.sop_instance_uid))
+            else:
+                state.refused += 1
         except Exception:  # P4: nothing escapes to pynetdicom
             log.exception("store_handler_failed")
             return status.failure(status.OUT_OF_RESOURCES_STORE_FAILED, "internal error while storing")

@@ -1,0 +1,156 @@
+"""The audit trail (issue 12 item 8): who associated, what was stored, which admin acted — one row each.
+
+Every record is a row in the append-only ``audit_events`` table and one structured log event
+(``audit_event``), so a hospital's log collector or SIEM sees the same facts as ``triaged audit list``.
+Nothing patient-identifying is recorded: peers by address and AE title, instances and series only by
+:func:`~triaged.log.uid_hash`. Writers call one of the ``record_*`` functions inside their own
+transaction, so an admin action and its audit row commit together or not at all.
+"""
+
+from __future__ import annotations
+
+import getpass
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+from typing import Any
+
+import structlog
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from triaged.db.models import AuditEvent, utcnow
+from triaged.db.states import AuditKind
+
+log = structlog.get_logger()
+
+ASSOCIATION_ACCEPTED = AuditKind.ASSOCIATION_ACCEPTED.value
+ASSOCIATION_REJECTED = AuditKind.ASSOCIATION_REJECTED.value
+INSTANCES_STORED = AuditKind.INSTANCES_STORED.value
+ADMIN_ACTION = AuditKind.ADMIN_ACTION.value
+KINDS = tuple(kind.value for kind in AuditKind)
+
+#: At most this many instance hashes are kept in one ``instances_stored`` record (the count is exact).
+MAX_HASHES = 10_000
+
+
+def os_user() -> str:
+    """The operating-system user running this process (who ran the CLI)."""
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry and no LOGNAME/USER (some containers)
+        return "unknown"
+
+
+def _record(session: Session, event: AuditEvent) -> AuditEvent:
+    session.add(event)
+    log.info(
+        "audit_event",
+        kind=event.kind,
+        actor=event.actor,
+        peer=event.peer_address,
+        calling_ae=event.calling_ae_title,
+        called_ae=event.called_ae_title,
+        outcome=event.outcome,
+        reason=event.reason,
+        **{f"detail_{k}": v for k, v in event.detail.items() if not isinstance(v, list | dict)},
+    )
+    return event
+
+
+def record_association(
+    session: Session,
+    *,
+    accepted: bool,
+    peer_address: str,
+    calling_ae_title: str,
+    called_ae_title: str,
+    reason: str | None = None,
+    now: datetime | None = None,
+) -> AuditEvent:
+    """An association accepted, or rejected with its stable ``reason`` (as logged by the receiver)."""
+    return _record(
+        session,
+        AuditEvent(
+            at=now or utcnow(),
+            kind=ASSOCIATION_ACCEPTED if accepted else ASSOCIATION_REJECTED,
+            actor=calling_ae_title[:64],
+            peer_address=peer_address[:64],
+            calling_ae_title=calling_ae_title[:16],
+            called_ae_title=called_ae_title[:16],
+            outcome="accepted" if accepted else "rejected",
+            reason=reason,
+            detail={},
+        ),
+    )
+
+
+def record_instances_stored(
+    session: Session,
+    *,
+    association_id: int | None,
+    peer_address: str,
+    calling_ae_title: str,
+    instance_hashes: Sequence[str],
+    refused: int,
+    now: datetime | None = None,
+) -> AuditEvent:
+    """What one association stored (hashed SOP Instance UIDs) and how many C-STOREs it was refused."""
+    return _record(
+        session,
+        AuditEvent(
+            at=now or utcnow(),
+            kind=INSTANCES_STORED,
+            actor=calling_ae_title[:64],
+            peer_address=peer_address[:64],
+            calling_ae_title=calling_ae_title[:16],
+            outcome="ok" if not refused else "partial",
+            detail={
+                "association_id": association_id,
+                "stored": len(instance_hashes),
+                "refused": refused,
+                "sop_instance_uid_hashes": list(instance_hashes[:MAX_HASHES]),
+            },
+        ),
+    )
+
+
+def record_admin_action(
+    session: Session,
+    action: str,
+    *,
+    actor: str | None = None,
+    outcome: str = "ok",
+    detail: dict[str, Any] | None = None,
+    now: datetime | None = None,
+) -> AuditEvent:
+    """An operator's action (``reprocess``, ``retry``, ``resend``, ``purge``, ...) by ``actor``.
+
+    ``actor`` defaults to the OS user (the CLI); the web API passes its authenticated user. ``detail``
+    holds ids and counts, and UIDs only through :func:`~triaged.log.uid_hash`.
+    """
+    if not action:
+        raise ValueError("action must be named")
+    return _record(
+        session,
+        AuditEvent(
+            at=now or utcnow(),
+            kind=ADMIN_ACTION,
+            actor=(actor if actor is not None else os_user())[:64],
+            outcome=outcome[:32],
+            reason=action[:64],
+            detail=dict(detail or {}),
+        ),
+    )
+
+
+def list_events(
+    session: Session, *, since: datetime | None = None, kinds: Iterable[str] = (), limit: int = 100
+) -> list[AuditEvent]:
+    """Newest first: events at or after ``since``, of ``kinds`` (all when empty), at most ``limit``."""
+    query = select(AuditEvent).order_by(AuditEvent.at.desc(), AuditEvent.id.desc()).limit(limit)
+    if since is not None:
+        query = query.where(AuditEvent.at >= since)
+    chosen = list(kinds)
+    if chosen:
+        query = query.where(AuditEvent.kind.in_(chosen))
+    return list(session.scalars(query))
