@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import socket
 import subprocess
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import pytest
 from sqlalchemy import select
 from structlog.testing import capture_logs
 
+from tests.support.connections import real_request, recv_exactly
 from tests.support.large_instance import dataset_sha256, write_large_enhanced_mr
 from tests.support.receiver import (
     dcmtk,
@@ -134,3 +136,26 @@ def test_an_instance_over_the_limit_is_refused_and_a_spooled_one_stored(tmp_path
         assert dataset_sha256(target, meta_end(target)) == dataset_sha256(path, meta_end(path))
         assert hashlib.sha256(target.read_bytes()).hexdigest() in {r.sha256 for r in rows}
     assert _temp_files(settings.storage_dir) == []
+
+
+def test_a_pdu_longer_than_advertised_closes_the_connection_before_its_body_is_read(
+    tmp_path, make_settings, session_factory
+):
+    """pynetdicom would read a PDU whole, whatever its length field says (here 256 MiB): bounded memory
+    needs the connection closed instead."""
+    settings = receiver_settings(make_settings, dicom={"max_pdu_size": 64 * 1024})
+    with running_receiver(settings, session_factory) as receiver, capture_logs() as logs:
+        with socket.socket() as sock:
+            sock.settimeout(60)
+            sock.connect(("127.0.0.1", receiver.port))
+            sock.sendall(real_request())
+            header = recv_exactly(sock, 6)
+            assert header[0] == 0x02  # A-ASSOCIATE-AC
+            recv_exactly(sock, int.from_bytes(header[2:6], "big"))
+            sock.sendall(b"\x04\x00" + (256 * MIB).to_bytes(4, "big") + b"\x00" * 1024)
+            while sock.recv(65536):  # until the receiver closes (no body is read, so no A-ABORT is owed)
+                pass
+        wait_for(lambda: receiver.admission.associations_in_use() == 0, timeout=60)
+        assert [r.status for r in send(receiver, synthetic_series(tmp_path / "after", 1))] == [0]
+    (too_large,) = [e for e in logs if e["event"] == "pdu_too_large"]
+    assert too_large["length"] == 256 * MIB and too_large["limit"] == MIB + 16

@@ -16,7 +16,9 @@ answering 0x0000 (:mod:`triaged.receive.ingest`).
 
 A data set larger than ``max_bytes`` is counted but no longer stored (its temp file is removed at once),
 and the handler refuses it; running out of disk mid-way is remembered the same way. Memory per association
-is then bounded by ``threshold`` plus one PDU (``dicom.max_pdu_size``).
+is then bounded by ``threshold`` plus one PDU: pynetdicom reads each PDU whole, whatever its length field
+says, so a peer that ignores our advertised maximum (``dicom.max_pdu_size``) has its connection closed
+before the PDU body is read (:func:`_read_pdu_data`).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from typing import Any
 import structlog
 from pynetdicom.association import Association
 from pynetdicom.dimse_messages import C_STORE_RQ, DIMSEMessage
+from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu_primitives import P_DATA
 
 from triaged.dicom.part10 import file_meta_bytes
@@ -224,6 +227,45 @@ def _decode_msg(self: DIMSEMessage, primitive: P_DATA, assoc: Association | None
     return complete
 
 
+#: PDUs up to this length are always read (an A-ASSOCIATE-RQ with many presentation contexts, a small max PDU).
+MIN_PDU_LIMIT = 1 << 20
+#: Slack over the advertised maximum for the PDU and PDV headers.
+_PDU_SLACK = 16
+
+
+class PduTooLargeError(OSError):
+    """A PDU longer than we advertised: pynetdicom's reader treats it as the connection ending (Evt17)."""
+
+
+_original_read_pdu_data = DULServiceProvider._read_pdu_data
+
+
+def _read_pdu_data(self: DULServiceProvider) -> None:
+    """pynetdicom's PDU reader, refusing to read the body of a PDU longer than an acceptor advertised."""
+    assoc = self.assoc
+    maximum = int(getattr(assoc.ae, "maximum_pdu_size", 0) or 0) if assoc.is_acceptor else 0
+    sock = self.socket
+    if not maximum or sock is None:
+        _original_read_pdu_data(self)
+        return
+    limit = max(maximum, MIN_PDU_LIMIT) + _PDU_SLACK
+    real_recv = sock.recv
+    headers_read = [False]
+
+    def guarded_recv(nr_bytes: int) -> bytearray:
+        if headers_read[0] and nr_bytes > limit:  # the second read is the PDU body of the announced length
+            log.warning("pdu_too_large", length=nr_bytes, limit=limit, peer=f"{assoc.requestor.address}")
+            raise PduTooLargeError(f"PDU of {nr_bytes} bytes exceeds {limit}")
+        headers_read[0] = True
+        return real_recv(nr_bytes)
+
+    sock.recv = guarded_recv  # type: ignore[method-assign]
+    try:
+        _original_read_pdu_data(self)
+    finally:
+        del sock.recv  # back to the class's method
+
+
 def install() -> None:
     """Route pynetdicom's C-STORE data sets through spools, process-wide (idempotent).
 
@@ -233,4 +275,5 @@ def install() -> None:
     with _install_lock:
         if not _installed["done"]:
             DIMSEMessage.decode_msg = _decode_msg  # type: ignore[method-assign]
+            DULServiceProvider._read_pdu_data = _read_pdu_data  # type: ignore[method-assign]
             _installed["done"] = True
