@@ -39,7 +39,8 @@ from triaged.config import Settings
 from triaged.db.engine import make_engine, make_session_factory
 from triaged.errors import TriagedError
 from triaged.log import configure_logging
-from triaged.receive.scp import Receiver, close_stale_associations, default_receiver_id
+from triaged.receive.associations import close_stale_associations, default_receiver_id
+from triaged.receive.scp import Receiver
 from triaged.receive.slots import ASSOCIATION_BUCKET, SlotTable, new_counts
 from triaged.receive.storage import InstanceStore
 

@@ -1,8 +1,9 @@
 """The DICOM receiver: a pynetdicom Storage SCP that acknowledges only durably stored instances.
 
-Handlers are thin (style P5): the C-STORE handler hands the encoded dataset to :class:`Ingestor` and
-returns its status; association handlers keep the ``associations`` table current, which series
-completion reads (P6). No exception ever reaches pynetdicom (P4). Who may connect and associate is
+Handlers are thin (style P5): the C-STORE handler hands the encoded dataset (or, for a large one, the
+file it was received to: :mod:`triaged.receive.spool`) to :class:`Ingestor` and returns its status;
+association handlers keep the ``associations`` table and the audit trail current through
+:class:`~triaged.receive.associations.AssociationBook`, which series completion reads (P6). No exception ever reaches pynetdicom (P4). Who may connect and associate is
 decided by :class:`~triaged.receive.admission.Admission`: per peer address when the connection is
 accepted (:mod:`triaged.receive.server`), and for an association slot in the ``EVT_REQUESTED`` handler,
 once the A-ASSOCIATE-RQ has arrived.
@@ -12,10 +13,7 @@ from __future__ import annotations
 
 import socket
 import socketserver
-import threading
 import time
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any, cast
 
 import structlog
@@ -23,18 +21,15 @@ from pydicom.dataset import Dataset
 from pynetdicom import evt
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.transport import ThreadedAssociationServer
-from sqlalchemy import Table, or_, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from triaged.config import Settings
-from triaged.db import audit
-from triaged.db.models import Association
 from triaged.dicom.contexts import configure_pynetdicom, scp_contexts
-from triaged.log import uid_hash
 from triaged.receive import spool as spooling
 from triaged.receive import status
 from triaged.receive.admission import ADMISSION_FAILED, ASSOCIATION_LIMIT, REJECTED_TRANSIENT, Admission
+from triaged.receive.associations import AssociationBook, close_stale_associations, default_receiver_id, utcnow
 from triaged.receive.ingest import Ingestor, StoreRequest
 from triaged.receive.server import ReceiverAE, ticket_of
 from triaged.receive.slots import SlotTable
@@ -43,51 +38,6 @@ from triaged.receive.storage import InstanceStore
 from triaged.receive.tls import server_ssl_context
 
 log = structlog.get_logger()
-
-ASSOCIATIONS: Table = Association.__table__  # type: ignore[assignment]
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
-
-
-@dataclass
-class _AssociationState:
-    calling_ae_title: str
-    address: str
-    called_ae_title: str = ""
-    row_id: int | None = None
-    closed: bool = False
-    stored: list[str] = field(default_factory=list)  # uid_hash of each instance stored (audit)
-    refused: int = 0
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-
-def default_receiver_id(ae_title: str, port: int) -> str:
-    """Stable across restarts of the same listener, so a restart can close what its predecessor left open."""
-    return f"{socket.gethostname()}:{ae_title}:{port}"
-
-
-def close_stale_associations(session_factory: sessionmaker[Session], receiver_id: str) -> int:
-    """Close rows a crashed predecessor left open under ``receiver_id`` or its processes' ``receiver_id:N``.
-
-    Open rows hold back series completion; whatever ran before (one process or a pool of any size) is gone
-    once this receiver id binds its port again.
-    """
-    ids = ASSOCIATIONS.c.receiver_id
-    with session_factory.begin() as session:
-        result = session.execute(
-            update(ASSOCIATIONS)
-            .where(
-                or_(ids == receiver_id, ids.startswith(f"{receiver_id}:", autoescape=True)),
-                ASSOCIATIONS.c.closed_at.is_(None),
-            )
-            .values(closed_at=utcnow())
-        )
-    count = int(getattr(result, "rowcount", 0) or 0)
-    if count:
-        log.warning("stale_associations_closed", count=count, receiver_id=receiver_id)
-    return count
 
 
 class Receiver:
@@ -128,8 +78,7 @@ class Receiver:
         )
         self._server: ThreadedAssociationServer | None = None
         self._ae: ReceiverAE | None = None
-        self._associations: dict[int, _AssociationState] = {}
-        self._lock = threading.Lock()
+        self.book = AssociationBook(session_factory, self.receiver_id)
         self._accepting = False
 
     # ------------------------------------------------------------------ lifecycle
@@ -217,44 +166,8 @@ class Receiver:
         self._server = None
         log.info("receiver_stopped", aborted=len(leftover))
 
-    # ------------------------------------------------------------------ associations table
     def _close_stale_associations(self) -> None:
         close_stale_associations(self.session_factory, self.receiver_id)
-
-    def _state(self, assoc: Any) -> _AssociationState:
-        with self._lock:
-            state = self._associations.get(id(assoc))
-            if state is None:
-                address = f"{assoc.requestor.address}:{assoc.requestor.port}"
-                state = _AssociationState(calling_ae_title=str(assoc.requestor.ae_title or "").strip(), address=address)
-                self._associations[id(assoc)] = state
-            return state
-
-    def _open_row(self, state: _AssociationState) -> int:
-        with state.lock:
-            if state.row_id is None:
-                with self.session_factory.begin() as session:
-                    row_id = session.scalar(
-                        ASSOCIATIONS.insert()
-                        .values(
-                            calling_ae_title=state.calling_ae_title[:16],
-                            peer_address=state.address[:64],
-                            receiver_id=self.receiver_id,
-                            opened_at=utcnow(),
-                        )
-                        .returning(ASSOCIATIONS.c.id)
-                    )
-                    if row_id is None:
-                        raise RuntimeError("association insert returned no id")
-                    audit.record_association(
-                        session,
-                        accepted=True,
-                        peer_address=state.address,
-                        calling_ae_title=state.calling_ae_title,
-                        called_ae_title=state.called_ae_title,
-                    )
-                    state.row_id = int(row_id)
-            return state.row_id
 
     def _on_conn_open(self, event: evt.Event) -> None:
         try:
@@ -284,12 +197,8 @@ class Receiver:
             rejection = ADMISSION_FAILED
         if rejection is None:
             self.spooler.attach(assoc)  # before any P-DATA: large data sets go to disk as they arrive
-            with self._lock:
-                self._associations[id(assoc)] = _AssociationState(
-                    calling_ae_title=calling_ae, address=peer, called_ae_title=called_ae
-                )
+            self.book.admitted(assoc, calling_ae_title=calling_ae, called_ae_title=called_ae, address=peer)
             return
-        self._audit_rejection(peer, calling_ae, called_ae, rejection.reason)
         if rejection is ASSOCIATION_LIMIT:
             log.warning(
                 "association_rejected_limit",
@@ -311,15 +220,19 @@ class Receiver:
         # As pynetdicom does for its own rejections: send the A-ASSOCIATE-RJ, then wait (ARTIM) for the
         # peer to close, so the reject is on the wire before the socket is shut.
         assoc.acse.send_reject(rejection.result, rejection.source, rejection.diagnostic)
+        # Audited after the RJ is on the wire: the peer is not kept waiting for the database.
+        self.book.rejected(
+            address=peer, calling_ae_title=calling_ae, called_ae_title=called_ae, reason=rejection.reason
+        )
         assoc.kill()
 
     def _on_accepted(self, event: evt.Event) -> None:
-        state = self._state(event.assoc)
+        state = self.book.state(event.assoc)
         # Handlers of one association run on its own thread: bind log context once for all of them (P10).
         structlog.contextvars.clear_contextvars()
         structlog.contextvars.bind_contextvars(calling_ae=state.calling_ae_title)
         try:
-            self._open_row(state)
+            self.book.open_row(state)
         except SQLAlchemyError as exc:  # retried lazily by the first C-STORE
             log.error("association_record_failed", error=type(exc).__name__)
         log.info("association_accepted", calling_ae=state.calling_ae_title, peer=state.address, row_id=state.row_id)
@@ -340,56 +253,17 @@ class Receiver:
             source=getattr(primitive, "result_source", None),
             diagnostic=diagnostic,
         )
-        self._audit_rejection(
-            peer, calling_ae, str(event.assoc.acceptor.ae_title or "").strip(), f"pynetdicom_{diagnostic}"
+        called_ae = str(event.assoc.acceptor.ae_title or "").strip()
+        self.book.rejected(
+            address=peer, calling_ae_title=calling_ae, called_ae_title=called_ae, reason=f"pynetdicom_{diagnostic}"
         )
-
-    def _audit_rejection(self, peer: str, calling_ae: str, called_ae: str, reason: str) -> None:
-        try:
-            with self.session_factory.begin() as session:
-                audit.record_association(
-                    session,
-                    accepted=False,
-                    peer_address=peer,
-                    calling_ae_title=calling_ae,
-                    called_ae_title=called_ae,
-                    reason=reason,
-                )
-        except SQLAlchemyError as exc:  # the rejection stands; only its audit row is lost (and logged)
-            log.error("audit_record_failed", kind=audit.ASSOCIATION_REJECTED, error=type(exc).__name__)
 
     def _on_closed(self, event: evt.Event) -> None:
         ticket = ticket_of(event.assoc)
         if ticket is not None:  # the slot is free as soon as the association is over
             self.admission.release_association(ticket)
         self.spooler.detach(event.assoc)  # temp files of data sets an abort cut short
-        with self._lock:
-            state = self._associations.pop(id(event.assoc), None)
-        if state is None:
-            return
-        with state.lock:
-            if state.closed or state.row_id is None:
-                state.closed = True
-                return
-            state.closed = True
-            try:
-                with self.session_factory.begin() as session:
-                    session.execute(
-                        update(ASSOCIATIONS).where(ASSOCIATIONS.c.id == state.row_id).values(closed_at=utcnow())
-                    )
-                    audit.record_instances_stored(
-                        session,
-                        association_id=state.row_id,
-                        peer_address=state.address,
-                        calling_ae_title=state.calling_ae_title,
-                        instance_hashes=state.stored,
-                        refused=state.refused,
-                    )
-            except SQLAlchemyError as exc:
-                # The next start closes it (stale association); completion waits until then.
-                log.error("association_close_failed", error=type(exc).__name__, row_id=state.row_id)
-                return
-        log.info("association_closed", calling_ae=state.calling_ae_title, row_id=state.row_id, how=event.event.name)
+        self.book.closed(event.assoc, event.event.name)
 
     # ------------------------------------------------------------------ DIMSE handlers
     def _on_c_echo(self, event: evt.Event) -> int:
@@ -402,9 +276,9 @@ class Receiver:
         try:
             if not self._accepting:
                 return status.failure(status.PROCESSING_FAILURE, "receiver is shutting down")
-            state = self._state(event.assoc)
+            state = self.book.state(event.assoc)
             try:
-                row_id: int | None = self._open_row(state)
+                row_id: int | None = self.book.open_row(state)
             except SQLAlchemyError:
                 return status.failure(status.OUT_OF_RESOURCES_STORE_FAILED, "database unavailable")
             store_request = StoreRequest(
@@ -418,10 +292,7 @@ class Receiver:
                 max_bytes=self.settings.dicom.max_instance_bytes,
             )
             code, comment, _ = self.ingestor.store_instance(store_request, now=utcnow())
-            if code == status.SUCCESS:
-                state.stored.append(uid_hash(store_request.sop_instance_uid))
-            else:
-                state.refused += 1
+            state.count(store_request.sop_instance_uid, stored=code == status.SUCCESS)
         except Exception:  # P4: nothing escapes to pynetdicom
             log.exception("store_handler_failed")
             return status.failure(status.OUT_OF_RESOURCES_STORE_FAILED, "internal error while storing")
