@@ -49,6 +49,8 @@ def test_associations_and_stored_instances_are_audited_with_hashed_uids_only(tmp
             assert rejection(assoc)[2] == reason
             close(ae, assoc)
         wait_for(lambda: len(_events(session_factory, audit.INSTANCES_STORED)) == 1)
+        # A rejection is audited after its A-ASSOCIATE-RJ went out: wait for the rows, not for the peer.
+        wait_for(lambda: len(_events(session_factory, audit.ASSOCIATION_REJECTED)) == 2)
     (accepted,) = _events(session_factory, audit.ASSOCIATION_ACCEPTED)
     assert (accepted.calling_ae_title, accepted.called_ae_title, accepted.outcome) == ("PACS1", "TRIAGED", "accepted")
     assert accepted.peer_address.startswith("127.0.0.1:")
