@@ -160,14 +160,15 @@ class AssociationBook:
                     session.execute(
                         update(ASSOCIATIONS).where(ASSOCIATIONS.c.id == state.row_id).values(closed_at=utcnow())
                     )
-                    audit.record_instances_stored(
-                        session,
-                        association_id=state.row_id,
-                        peer_address=state.address,
-                        calling_ae_title=state.calling_ae_title,
-                        instance_hashes=state.stored,
-                        refused=state.refused,
-                    )
+                    if state.stored or state.refused:  # a C-ECHO-only association (monitoring) stored nothing
+                        audit.record_instances_stored(
+                            session,
+                            association_id=state.row_id,
+                            peer_address=state.address,
+                            calling_ae_title=state.calling_ae_title,
+                            instance_hashes=state.stored,
+                            refused=state.refused,
+                        )
             except SQLAlchemyError as exc:
                 # The next start closes it (stale association); completion waits until then.
                 log.error("association_close_failed", error=type(exc).__name__, row_id=state.row_id)

@@ -3,10 +3,11 @@
 Handlers are thin (style P5): the C-STORE handler hands the encoded dataset (or, for a large one, the
 file it was received to: :mod:`triaged.receive.spool`) to :class:`Ingestor` and returns its status;
 association handlers keep the ``associations`` table and the audit trail current through
-:class:`~triaged.receive.associations.AssociationBook`, which series completion reads (P6). No exception ever reaches pynetdicom (P4). Who may connect and associate is
-decided by :class:`~triaged.receive.admission.Admission`: per peer address when the connection is
-accepted (:mod:`triaged.receive.server`), and for an association slot in the ``EVT_REQUESTED`` handler,
-once the A-ASSOCIATE-RQ has arrived.
+:class:`~triaged.receive.associations.AssociationBook`, which series completion reads (P6). No exception
+ever reaches pynetdicom (P4). Who may connect and associate is decided by
+:class:`~triaged.receive.admission.Admission`: per peer address when the connection is accepted
+(:mod:`triaged.receive.server`), and for an association slot in the ``EVT_REQUESTED`` handler, once the
+A-ASSOCIATE-RQ has arrived.
 """
 
 from __future__ import annotations
