@@ -16,6 +16,7 @@ from typing import Any
 
 import httpx
 import pytest
+from sqlalchemy import select
 from structlog.testing import capture_logs
 from typer.testing import CliRunner
 
@@ -23,6 +24,7 @@ from triaged.cli.app import app as cli_app
 from triaged.config import Settings
 from triaged.db import users
 from triaged.db.models import (
+    AuditEvent,
     Instance,
     Job,
     JobKind,
@@ -242,6 +244,16 @@ def test_only_admins_act_and_they_call_the_cli_functions(populated: Settings, se
         job = session.get(Job, done["job_ids"][0])
         assert job is not None and job.kind == JobKind.INFER and job.priority < 0  # REPROCESS_PRIORITY
         assert session.get(Job, dead_id).state == JobState.QUEUED
+        audited = session.scalars(select(AuditEvent).order_by(AuditEvent.id)).all()
+    # Every admin action that reached its function is in the audit trail, by the signed-in user.
+    assert [(e.reason, e.actor, e.detail["via"]) for e in audited] == [
+        ("reprocess", "admin", "web"),
+        ("reprocess", "admin", "web"),
+        ("reprocess", "admin", "web"),
+        ("resend", "admin", "web"),
+        ("retry", "admin", "web"),
+    ]
+    assert audited[-1].detail["requeued"] == [dead_id]
 
 
 def test_login_sets_a_strict_session_cookie_and_logout_ends_it(populated: Settings, session_factory: Any) -> None:

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from triaged.db import queries, queue, repo
+from triaged.db import audit, queries, queue, repo
 from triaged.db.models import Job, JobKind, JobState, SeriesState
 from triaged.db.views import DestinationView, JobPage, SeriesDetail, SeriesPage
 from triaged.errors import ModelError, NotFoundError
@@ -192,6 +192,9 @@ def reprocess(context: Context, admin: Admin, series_instance_uid: str) -> Actio
             session, [series], model_dir=None, max_attempts=context.settings.worker.max_attempts
         )
         ids = [j.id for j in jobs]
+        audit.record_admin_action(
+            session, "reprocess", actor=admin.name, detail={"via": "web", "job_ids": ids, "series_ids": [series.id]}
+        )
     log.info("web_action", action="reprocess", user=admin.name, jobs=ids)
     detail = "queued" if ids else "not queued: still receiving, already queued or received files purged"
     return ActionResult(action="reprocess", job_ids=ids, detail=detail)
@@ -206,7 +209,10 @@ def resend(context: Context, admin: Admin, series_instance_uid: str) -> ActionRe
         except NotFoundError as exc:
             raise HTTPException(404, str(exc)) from exc
         done = resend_series(session, [series], max_attempts=context.settings.worker.export_max_attempts)
-    ids = [r.job_id for r in done if r.job_id is not None]
+        ids = [r.job_id for r in done if r.job_id is not None]
+        audit.record_admin_action(
+            session, "resend", actor=admin.name, detail={"via": "web", "job_ids": ids, "series_ids": [series.id]}
+        )
     log.info("web_action", action="resend", user=admin.name, jobs=ids)
     detail = "queued" if ids else ("already queued" if done else "nothing to resend: no result yet")
     return ActionResult(action="resend", job_ids=ids, detail=detail)
@@ -219,5 +225,8 @@ def retry(context: Context, admin: Admin, job_id: JobId) -> ActionResult:
         if session.scalar(select(Job.id).where(Job.id == job_id)) is None:
             raise HTTPException(404, f"unknown job id {job_id}")
         ids = queue.requeue(session, [job_id])
+        audit.record_admin_action(
+            session, "retry", actor=admin.name, detail={"via": "web", "requested": [job_id], "requeued": ids}
+        )
     log.info("web_action", action="retry", user=admin.name, jobs=ids)
     return ActionResult(action="retry", job_ids=ids, detail="re-queued" if ids else "not dead or failed")
