@@ -174,14 +174,19 @@ def _gate_refusal(
 
 def _save_cams(runtime: Runtime, data: _SeriesInput, triage: Triage, assessment: SeriesAssessment) -> dict[int, str]:
     """One ``.npy`` per key slice: its Grad-CAM map, or for a reformatted series ``[map, image]`` stacked, since
-    no received instance holds a reformatted slice (the export renders the image from this file)."""
+    no received instance holds a reformatted slice (the export renders the image from this file; a key slice
+    beyond ``cam_top_k`` has a map of NaN, i.e. none)."""
     paths: dict[int, str] = {}
-    for index, cam in sorted(assessment.cams.items()):
+    for index in sorted(set(assessment.cams) | set(assessment.key_images)):
         relative = f"cams/{data.series_id}/{data.generation}/{triage.weights_sha256[:16]}/{index:04d}.npy"
-        array = np.asarray(cam, dtype=np.float32)
         image = assessment.key_images.get(index)
-        if image is not None:
-            array = np.stack([array, np.asarray(image, dtype=np.float32)])
+        cam = assessment.cams.get(index)
+        if image is None:
+            array = np.asarray(cam, dtype=np.float32)
+        else:
+            image = np.asarray(image, dtype=np.float32)
+            map_ = np.full_like(image, np.nan) if cam is None else np.asarray(cam, dtype=np.float32)
+            array = np.stack([map_, image])
         buffer = io.BytesIO()
         np.save(buffer, array, allow_pickle=False)
         runtime.store.write_atomic(relative, buffer.getvalue())

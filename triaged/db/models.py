@@ -251,7 +251,9 @@ class SlicePrediction(Base):
     tumour_probability: Mapped[float] = mapped_column(Float)
     in_brain: Mapped[bool] = mapped_column(Boolean)
     is_key: Mapped[bool] = mapped_column(Boolean, default=False)
-    cam_path: Mapped[str | None] = mapped_column(String(255), doc="Grad-CAM map (.npy), relative to storage")
+    cam_path: Mapped[str | None] = mapped_column(
+        String(255), doc="Grad-CAM map (.npy; [map, image] for a slice of an axial reformat), relative to storage"
+    )
 
     result: Mapped[Result] = relationship(back_populates="slice_predictions")
 
