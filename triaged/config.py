@@ -233,7 +233,9 @@ class HttpSettings(_Section):
     tls_cert_file: Path | None = Field(default=None, description="PEM certificate: serve HTTPS (cookies Secure)")
     tls_key_file: Path | None = Field(default=None, description="PEM private key of tls_cert_file")
     secure_cookies: bool = Field(default=False, description="Secure cookies without tls_* (TLS at a proxy)")
-    public_metrics: bool = Field(default=True, description="/metrics without login (for a Prometheus scraper)")
+    public_metrics: bool = Field(
+        default=False, description="/metrics without login (a scraper that cannot send an API token)"
+    )
     show_patient_identifiers: bool = Field(default=False, description="show PatientName/PatientID in the console")
     session_hours: float = Field(default=12.0, gt=0, le=24 * 30, description="console login lifetime")
     login_attempts: int = Field(default=5, ge=1, description="failed logins per client per login_window_seconds")

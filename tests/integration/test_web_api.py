@@ -162,7 +162,7 @@ def test_every_route_but_the_probes_needs_a_login(populated: Settings, session_f
     with serving(populated, session_factory) as client:
         assert client.get("/healthz").status_code == 200
         assert client.get("/readyz").json() == {"ready": True, "checks": {"database": "ok"}}
-        assert client.get("/metrics").status_code == 200  # http.public_metrics defaults to true
+        assert client.get("/metrics").status_code == 401  # unless http.public_metrics = true
         for path in ("/api/v1/series", "/api/v1/series/1.2.826.0.1.1.1", "/api/v1/jobs", "/api/v1/destinations"):
             assert client.get(path).status_code == 401, path
         assert client.get("/api/v1/model").status_code == 401

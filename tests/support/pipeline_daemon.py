@@ -68,7 +68,7 @@ def daemon_config(
         "worker": {"count": workers, "torch_threads": 1, "poll_seconds": 0.1, "heartbeat_seconds": 1.0},
         "model": {"directory": str(model_dir), "device": "cpu", "precision": "fp32", "cam_top_k": 2},
         "outputs": {"mode": "none"},
-        "http": {"bind_address": "127.0.0.1", "port": 0},
+        "http": {"bind_address": "127.0.0.1", "port": 0, "public_metrics": True},
     }
     for name, values in overrides.items():
         sections[name] = {**sections.get(name, {}), **values}

@@ -91,7 +91,7 @@ class TriagedDaemon:
             },
             "model": {"directory": str(self.model_dir), "device": "cpu", "precision": "fp32"},
             "outputs": self.outputs,
-            "http": {"enabled": True, "bind_address": "127.0.0.1", "port": self.http_port},
+            "http": {"enabled": True, "bind_address": "127.0.0.1", "port": self.http_port, "public_metrics": True},
         }
         self.root.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text(_toml(config), encoding="utf-8")

@@ -2,8 +2,8 @@
 
 `/healthz` answers while the process runs; `/readyz` answers 200 only when every readiness check passes
 (database reachable, schema current, model loaded, receiver listening) and lists them as JSON either way;
-`/metrics` is the Prometheus text format of :data:`triaged.metrics.REGISTRY` (open unless
-``http.public_metrics = false``, then it needs a login or an API token like every other route).
+`/metrics` is the Prometheus text format of :data:`triaged.metrics.REGISTRY` (it needs a login or an API token
+like every other route, unless ``http.public_metrics = true``).
 """
 
 from __future__ import annotations
