@@ -151,7 +151,9 @@ def _key_slices(runtime: Runtime, plan: _Plan, datasets: dict[str, Dataset]) -> 
             continue
         pixels = None
         if cam is not None and cam.ndim == 3:  # a reformatted slice: [Grad-CAM map, image] (pipeline._save_cams)
-            cam, pixels = (None if np.isnan(cam[0]).all() else cam[0]), cam[1]
+            stacked = cam
+            pixels = stacked[1]
+            cam = None if np.isnan(stacked[0]).all() else stacked[0]
         keys.append(KeySlice(datasets[sop_instance_uid], frame_number, cam, tumour_probability, pixels))
     return keys
 
