@@ -185,6 +185,7 @@ def make_settings(tmp_path: Path) -> Callable[..., Settings]:
 
     def factory(**overrides: Any) -> Settings:
         overrides.setdefault("data_dir", tmp_path / "data")
+        overrides["model"] = {"cache_dir": MODEL_CACHE_DIR, **overrides.get("model", {})}
         return load_settings(None, **overrides)
 
     return factory
