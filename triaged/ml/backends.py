@@ -26,7 +26,7 @@ from torch import nn
 
 from triaged.errors import ModelError
 from triaged.ml.ood import last_linear
-from triaged.ml.registry import ModelSpec
+from triaged.ml.spec import ModelSpec
 
 log = structlog.get_logger()
 
