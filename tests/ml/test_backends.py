@@ -15,14 +15,14 @@ import pytest
 from PIL import Image
 
 from tests.support.pipeline_support import LABELS, kaggle_files, load_slice, shipped_model_available
+from triaged.config import DEFAULT_MODEL_DIR
 from triaged.errors import ModelError
 from triaged.ml.backends import available, onnx_file, resolve_backend
 from triaged.ml.inference import Predictor, Triage
 from triaged.ml.registry import load_model
 from triaged.ml.results import SeriesMeta
 
-REPO = Path(__file__).resolve().parents[2]
-MODEL_DIR = REPO / "models" / "densenet121-brainmri-v1"
+MODEL_DIR = DEFAULT_MODEL_DIR  # the daemon's default
 META = SeriesMeta("MR", "HEAD", "T1 AX POST GD", "", ("ORIGINAL", "PRIMARY"), ("GR",), (), (), 12)
 # bf16 (torch autocast or OpenVINO) against fp32 moved no probability by more than 8e-3 on real slices.
 MAX_DP = {"fp32": 1e-4, "bf16": 0.03}
