@@ -24,7 +24,7 @@ from triaged.ml.results import SeriesMeta
 
 MODEL_DIR = DEFAULT_MODEL_DIR  # the daemon's default
 META = SeriesMeta("MR", "HEAD", "T1 AX POST GD", "", ("ORIGINAL", "PRIMARY"), ("GR",), (), (), 12)
-# bf16 (torch autocast or OpenVINO) against fp32 moved no probability by more than 8e-3 on real slices.
+# On 183 real slices OpenVINO bf16 moved no probability by more than 1.1e-2 from fp32 (torch bf16: 2.3e-2).
 MAX_DP = {"fp32": 1e-4, "bf16": 0.03}
 
 
