@@ -10,6 +10,7 @@ import logging
 import os
 import random
 import socket
+import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -28,6 +29,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 POSTGRES_URL = os.environ.get("TRIAGED_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 STRICT_SKIPS = os.environ.get("TRIAGED_STRICT_SKIPS") == "1"
+# One ONNX/OpenVINO cache for every daemon the tests start: the model is exported once, not once per daemon
+# (files are keyed by the weights' sha256 and the torch version and written atomically, so sharing is safe).
+MODEL_CACHE_DIR = Path(tempfile.gettempdir()) / f"triaged-tests-model-cache-{os.getuid()}"
 
 
 def shared_data() -> Path:
@@ -181,6 +185,7 @@ def make_settings(tmp_path: Path) -> Callable[..., Settings]:
 
     def factory(**overrides: Any) -> Settings:
         overrides.setdefault("data_dir", tmp_path / "data")
+        overrides["model"] = {"cache_dir": MODEL_CACHE_DIR, **overrides.get("model", {})}
         return load_settings(None, **overrides)
 
     return factory

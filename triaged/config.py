@@ -167,6 +167,10 @@ class ModelSettings(_Section):
     directory: Path = DEFAULT_MODEL_DIR
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    backend: Literal["auto", "torch", "onnxruntime", "openvino"] = Field(
+        default="auto", description="forward passes: auto = OpenVINO on the CPU if installed (accel extra), else torch"
+    )
+    cache_dir: Path | None = Field(default=None, description="ONNX exports of the model; default <data_dir>/cache")
     cam_top_k: int = Field(default=3, ge=0, le=32)
 
 
@@ -295,6 +299,10 @@ class Settings(BaseSettings):
     @property
     def storage_dir(self) -> Path:
         return self.storage.directory or self.data_dir / "storage"
+
+    @property
+    def model_cache_dir(self) -> Path:
+        return self.model.cache_dir or self.data_dir / "cache"
 
     @property
     def database_url(self) -> str:

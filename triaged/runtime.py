@@ -64,6 +64,8 @@ def load_triage(settings: Settings, model_dir: Path | None = None) -> Triage:
         device=settings.model.device,
         precision=settings.model.precision,
         threads=settings.worker.torch_threads,
+        backend=settings.model.backend,
+        cache_dir=settings.model_cache_dir,
     )
 
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tests.conftest import MODEL_CACHE_DIR
 from triaged.outputs.send import read_dicom_file, send_files
 
 _LISTENING = re.compile(r"^triaged listening: (?P<rest>.*)$")
@@ -66,7 +67,13 @@ def daemon_config(
         "storage": {"min_free_bytes": 0},
         "series": {"quiet_seconds": 1.0, "sweep_interval_seconds": 0.25},
         "worker": {"count": workers, "torch_threads": 1, "poll_seconds": 0.1, "heartbeat_seconds": 1.0},
-        "model": {"directory": str(model_dir), "device": "cpu", "precision": "fp32", "cam_top_k": 2},
+        "model": {
+            "directory": str(model_dir),
+            "device": "cpu",
+            "precision": "fp32",
+            "cam_top_k": 2,
+            "cache_dir": str(MODEL_CACHE_DIR),
+        },
         "outputs": {"mode": "none"},
         "http": {"bind_address": "127.0.0.1", "port": 0, "public_metrics": True},
     }

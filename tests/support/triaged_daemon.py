@@ -19,7 +19,7 @@ from typing import Any
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from tests.conftest import free_port
+from tests.conftest import MODEL_CACHE_DIR, free_port
 from triaged.db.engine import make_engine, make_session_factory
 from triaged.db.models import Job, JobKind
 
@@ -57,6 +57,7 @@ class TriagedDaemon:
     http_port: int = field(default_factory=free_port)
     worker: dict[str, Any] = field(default_factory=dict)
     dicom: dict[str, Any] = field(default_factory=dict)
+    model: dict[str, Any] = field(default_factory=dict)
     process: subprocess.Popen[bytes] | None = None
     _engine: Engine | None = None
 
@@ -89,7 +90,13 @@ class TriagedDaemon:
                 "backoff_max_seconds": 2.0,
                 **self.worker,
             },
-            "model": {"directory": str(self.model_dir), "device": "cpu", "precision": "fp32"},
+            "model": {
+                "directory": str(self.model_dir),
+                "device": "cpu",
+                "precision": "fp32",
+                "cache_dir": str(MODEL_CACHE_DIR),
+                **self.model,
+            },
             "outputs": self.outputs,
             "http": {"enabled": True, "bind_address": "127.0.0.1", "port": self.http_port, "public_metrics": True},
         }

@@ -16,7 +16,9 @@ import structlog
 import torch
 from torch import nn
 
+from triaged.errors import ModelError
 from triaged.ml.aggregate import aggregate_series, brain_measures, in_brain_mask, relative_signal
+from triaged.ml.backends import Forward, build_forward, check_against_torch, resolve_backend
 from triaged.ml.cam import CamConfig, cam_to_slice, compute_cams
 from triaged.ml.device import Placement, choose_placement, faster_precision, time_cpu_precisions, torch_threads
 from triaged.ml.gate import gate_reason
@@ -25,9 +27,12 @@ from triaged.ml.ood import FeatureOOD, FeatureTap
 from triaged.ml.reformat import axial_reformat
 from triaged.ml.registry import ModelSpec, load_model, load_ood
 from triaged.ml.results import SeriesAssessment, SeriesMeta
-from triaged.ml.transforms import build_preprocess, preprocess_slice
+from triaged.ml.transforms import build_preprocess, preprocess_stack
 
 log = structlog.get_logger()
+
+# A compiled backend whose probabilities differ more than this from torch fp32 on the load-time probe is broken.
+BACKEND_CHECK_MAX_DP = 0.05
 
 
 class Predictor:
@@ -41,8 +46,10 @@ class Predictor:
         *,
         batch_size: int = 32,
         ood: FeatureOOD | None = None,
+        forward: Forward | None = None,
     ) -> None:
         self.spec = spec
+        self.forward = forward  # a compiled forward pass (OpenVINO, ONNX Runtime); None: torch
         self.ood = ood
         self.cam_config = CamConfig.from_dict(spec.extra.get("cam", {}), cam_target_layer(spec.arch))
         # Left-right flip averaging, when the model was evaluated and calibrated that way (model.json).
@@ -54,21 +61,56 @@ class Predictor:
         self.preprocess = build_preprocess(spec.preprocessing)
 
     @classmethod
-    def from_dir(cls, model_dir: Path, *, device: str = "auto", precision: str = "auto") -> Predictor:
+    def from_dir(
+        cls,
+        model_dir: Path,
+        *,
+        device: str = "auto",
+        precision: str = "auto",
+        backend: str = "torch",
+        cache_dir: Path | None = None,
+        threads: int | None = None,
+    ) -> Predictor:
         spec, model = load_model(model_dir)
-        return cls.build(spec, model, device=device, precision=precision, ood=load_ood(model_dir, spec))
+        return cls.build(
+            spec,
+            model,
+            device=device,
+            precision=precision,
+            ood=load_ood(model_dir, spec),
+            backend=backend,
+            cache_dir=cache_dir,
+            threads=threads,
+        )
 
     @classmethod
     def build(
-        cls, spec: ModelSpec, model: nn.Module, *, device: str, precision: str, ood: FeatureOOD | None = None
+        cls,
+        spec: ModelSpec,
+        model: nn.Module,
+        *,
+        device: str,
+        precision: str,
+        ood: FeatureOOD | None = None,
+        backend: str = "torch",
+        cache_dir: Path | None = None,
+        threads: int | None = None,
     ) -> Predictor:
         """A predictor whose ``auto`` precision on a bf16-capable CPU is settled by timing this model both ways.
 
-        The daemon and ``triaged evaluate`` both come through here, so "auto" means the same in each.
+        The daemon and ``triaged evaluate`` both come through here, so "auto" means the same in each. With a
+        compiled ``backend`` (see :mod:`triaged.ml.backends`) the forward passes run there and torch keeps
+        Grad-CAM; under ``auto`` a backend that cannot be built or fails its load-time check falls back to torch.
         """
         placement = choose_placement(device, precision)
-        predictor = cls(spec, model, placement, ood=ood)
-        if precision == "auto" and placement == Placement("cpu", "bf16"):
+        chosen = resolve_backend(backend, placement.device)
+        forward = None
+        if chosen != "torch":
+            forward = _compiled_forward(
+                chosen, backend, model=model, spec=spec, precision=precision, cache_dir=cache_dir, threads=threads
+            )
+        predictor = cls(spec, model, placement, ood=ood, forward=forward)
+        if forward is None and precision == "auto" and placement == Placement("cpu", "bf16"):
             size = spec.preprocessing.input_size
             timings = time_cpu_precisions(predictor.model, (8, 1, size, size))
             predictor.placement = Placement("cpu", faster_precision(timings))
@@ -80,12 +122,27 @@ class Predictor:
             )
         return predictor
 
+    @property
+    def backend(self) -> str:
+        return "torch" if self.forward is None else self.forward.name
+
+    @property
+    def forward_precision(self) -> str:
+        """The precision of the forward passes (the backend's own when compiled)."""
+        return self.placement.precision if self.forward is None else self.forward.precision
+
     def preprocess_slices(self, slices: Sequence[np.ndarray]) -> torch.Tensor:
-        """Stack preprocessed slices into an (N, 1, S, S) float32 CPU tensor."""
-        return torch.stack([preprocess_slice(self.preprocess, np.asarray(s)) for s in slices])
+        """Stack preprocessed slices into an (N, 1, S, S) float32 CPU tensor (one pass over the whole stack)."""
+        return preprocess_stack(self.spec.preprocessing, [np.asarray(s) for s in slices])
+
+    def logits(self, x: torch.Tensor) -> np.ndarray:
+        """Raw logits (N, C) as float32."""
+        if self.forward is not None:
+            return self.forward(x.numpy())[0]
+        return self._torch_logits(x)
 
     @torch.inference_mode()
-    def logits(self, x: torch.Tensor) -> np.ndarray:
+    def _torch_logits(self, x: torch.Tensor) -> np.ndarray:
         """Raw logits (N, C) as float32, computed in batches under the chosen precision."""
         out = []
         for start in range(0, x.shape[0], self.batch_size):
@@ -103,9 +160,16 @@ class Predictor:
         With ``flip_tta`` the logits are the mean over the slice and its left-right mirror (brains are roughly
         symmetric and tumours occur on either side); the features, used for the OOD score, are the slice's own.
         """
+        if self.forward is not None:
+            if not self.flip_tta:
+                return self.forward(x.numpy())
+            # One call for the slices and their mirrors: one batch, one set of kernel launches.
+            n = x.shape[0]
+            both, features = self.forward(torch.cat([x, torch.flip(x, dims=[-1])]).numpy())
+            return (both[:n] + both[n:]) / 2.0, features[:n]
         logits, features = self._one_pass(x)
         if self.flip_tta:
-            logits = (logits + self.logits(torch.flip(x, dims=[-1]))) / 2.0
+            logits = (logits + self._torch_logits(torch.flip(x, dims=[-1]))) / 2.0
         return logits, features
 
     def features(self, x: torch.Tensor) -> np.ndarray:
@@ -113,8 +177,10 @@ class Predictor:
         return self._one_pass(x)[1]
 
     def _one_pass(self, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        if self.forward is not None:
+            return self.forward(x.numpy())
         with FeatureTap(self.model) as tap:
-            logits = self.logits(x)
+            logits = self._torch_logits(x)
         return logits, tap.array()
 
     def calibrated(self, logits: np.ndarray) -> np.ndarray:
@@ -125,6 +191,33 @@ class Predictor:
         """Grad-CAM maps (N, S, S) in [0, 1] with the layer, method and density chosen on validation."""
         c = self.cam_config
         return compute_cams(self.model, x, class_index, c.target_layer, method=c.method, atrous=c.atrous)
+
+
+def _compiled_forward(
+    chosen: str,
+    asked: str,
+    *,
+    model: nn.Module,
+    spec: ModelSpec,
+    precision: str,
+    cache_dir: Path | None,
+    threads: int | None,
+) -> Forward | None:
+    """Build and check ``chosen``; under ``auto`` (``asked``) any failure means torch, logged, never a crash."""
+    try:
+        if cache_dir is None:
+            raise ModelError(f"backend {chosen!r} needs a cache directory for its ONNX export")
+        forward = build_forward(chosen, model, spec, precision=precision, cache_dir=cache_dir, threads=threads)
+        max_dp = check_against_torch(forward, model, spec)
+        if not max_dp <= BACKEND_CHECK_MAX_DP:
+            raise ModelError(f"backend {chosen!r} disagrees with torch (max |Δp| {max_dp:.3g} on the probe)")
+    except (ModelError, OSError, RuntimeError) as exc:
+        if asked != "auto":
+            raise ModelError(f"cannot use backend {chosen!r}: {exc}") from exc
+        log.warning("backend_unavailable", backend=chosen, error=str(exc), fallback="torch")
+        return None
+    log.info("backend_ready", backend=forward.name, precision=forward.precision, probe_max_dp=round(max_dp, 5))
+    return forward
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -146,9 +239,18 @@ class Triage:
     """Assess series with one shipped model; safe to call from one worker thread at a time (calls serialise)."""
 
     def __init__(
-        self, model_dir: Path, *, device: str = "auto", precision: str = "auto", threads: int | None = None
+        self,
+        model_dir: Path,
+        *,
+        device: str = "auto",
+        precision: str = "auto",
+        threads: int | None = None,
+        backend: str = "torch",
+        cache_dir: Path | None = None,
     ) -> None:
-        self._predictor = Predictor.from_dir(Path(model_dir), device=device, precision=precision)
+        self._predictor = Predictor.from_dir(
+            Path(model_dir), device=device, precision=precision, backend=backend, cache_dir=cache_dir, threads=threads
+        )
         self._threads = threads
         self._lock = threading.Lock()
         spec = self._predictor.spec
@@ -159,6 +261,8 @@ class Triage:
             arch=spec.arch,
             device=self._predictor.placement.device,
             precision=self._predictor.placement.precision,
+            backend=self._predictor.backend,
+            backend_precision=self._predictor.forward_precision,
             threads=threads or torch.get_num_threads(),
             provisional=spec.provisional,
         )
