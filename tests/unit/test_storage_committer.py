@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-import time
 from datetime import UTC, datetime
 
 import pytest
@@ -89,7 +88,7 @@ def test_unstarted_committer_commits_on_the_callers_thread(session_factory):
         ).file_durable()
 
 
-def _submit(committer: GroupCommitter, i: int, now: datetime):
+def _submit(committer: GroupCommitter, i: int, now: datetime) -> PendingRecord:
     return committer.submit(
         _facts(i),
         file_path=f"b/{i}",
@@ -111,32 +110,32 @@ def _instance_numbers(session_factory) -> list[int]:
         return sorted(n or 0 for n in session.scalars(select(Instance.instance_number)).all())
 
 
-def _committer_waits_for_file(record: PendingRecord, timeout: float = 30.0) -> None:
-    """Block until the committer thread waits for ``record``'s file, i.e. it has run its batch's statements
-    and stands just before COMMIT. White-box: the committer has no public "batch prepared" event, so this
-    reads the waiter list of the record's ``file_settled`` event (a ``threading.Condition`` underneath)."""
-    settled = record._pending.file_settled
-    deadline = time.monotonic() + timeout
-    while not settled._cond._waiters:
-        assert time.monotonic() < deadline, "the committer never waited for the file before committing"
-        time.sleep(0.005)
-
-
 def test_pipelined_rows_commit_only_after_the_file_is_durable_and_withdrawn_ones_never(session_factory):
     """The design's order: file durable, then row committed. The committer may prepare a batch early,
-    but nothing of it is visible until every file in it is settled; a withdrawn file's row never appears."""
+    but nothing of it is visible until every file in it is settled; a withdrawn file's row never appears.
+
+    Synchronised on the committer's own ``wait_prepared`` event, never on time: ``first`` holds the committer
+    at its COMMIT step while ``kept`` and ``dropped`` queue, so those two always form the next batch together,
+    and both are prepared before ``dropped`` is withdrawn. A committer that did not wait for the files would
+    commit ``dropped`` too, whatever the machine's speed.
+    """
     committer = GroupCommitter(session_factory)
     committer.start()
     now = datetime.now(UTC)
     try:
-        kept, dropped = _submit(committer, 1, now), _submit(committer, 2, now)
-        _committer_waits_for_file(kept)  # the committer is at its last step before COMMIT, however slow it is
+        first = _submit(committer, 1, now)
+        assert first.wait_prepared(timeout=30), "the committer never prepared the first batch"
+        kept, dropped = _submit(committer, 2, now), _submit(committer, 3, now)
         assert _instance_numbers(session_factory) == []
+        assert first.file_durable().kind == "new"
+        assert _instance_numbers(session_factory) == [1]
+        assert kept.wait_prepared(timeout=30) and dropped.wait_prepared(timeout=30), "second batch never prepared"
+        assert _instance_numbers(session_factory) == [1]
         dropped.withdraw()
         assert kept.file_durable().kind == "new"
-        assert _instance_numbers(session_factory) == [1]
-        late = _submit(committer, 3, now)
+        assert _instance_numbers(session_factory) == [1, 2]
+        late = _submit(committer, 4, now)
         assert late.file_durable().kind == "new"
-        assert _instance_numbers(session_factory) == [1, 3]
+        assert _instance_numbers(session_factory) == [1, 2, 4]
     finally:
         committer.stop()

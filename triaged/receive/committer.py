@@ -40,6 +40,7 @@ class _Pending:
     association_id: int | None
     now: datetime
     done: threading.Event = field(default_factory=threading.Event)
+    prepared: threading.Event = field(default_factory=threading.Event)
     file_settled: threading.Event = field(default_factory=threading.Event)
     withdrawn: bool = False
     outcome: RecordOutcome | None = None
@@ -72,6 +73,14 @@ class PendingRecord:
             raise pending.error
         assert pending.outcome is not None
         return pending.outcome
+
+    def wait_prepared(self, timeout: float | None = None) -> bool:
+        """Wait until the committer has run this record's statements and waits for its file before COMMIT.
+
+        For tests and diagnostics of the pipelined order (file durable, then row committed): from this point
+        the row is written but not visible to any other connection. Returns False if ``timeout`` passed first.
+        """
+        return self._pending.prepared.wait(timeout)
 
     def withdraw(self) -> None:
         """The file could not be written: the row must not be committed."""
@@ -167,6 +176,8 @@ class GroupCommitter:
                     )
                     for p in batch
                 ]
+                for pending in batch:
+                    pending.prepared.set()
                 for pending in batch:  # COMMIT only once every file of the batch is durable
                     if not pending.file_settled.wait(self.settle_timeout):
                         log.error("group_commit_file_never_settled", timeout_s=self.settle_timeout)
