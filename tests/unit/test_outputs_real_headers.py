@@ -8,8 +8,6 @@ once, by keyword, never with the value.
 from __future__ import annotations
 
 import csv
-import shutil
-import subprocess
 from collections import defaultdict
 from io import BytesIO
 from pathlib import Path
@@ -28,6 +26,7 @@ from pydicom.valuerep import validate_value
 from structlog.testing import capture_logs
 
 from tests.conftest import SHARED_DATA, shared_data
+from tests.support.dicom_tools import dciodvfy_errors, tool
 from triaged.config import OutputSettings
 from triaged.dicom.synthetic import write_mr_series
 from triaged.outputs.build import build_outputs, encode
@@ -73,13 +72,6 @@ def _cam(ds: Dataset) -> np.ndarray:
     return cam
 
 
-def _dciodvfy() -> str:
-    found = shutil.which("dciodvfy")
-    if found is None:
-        pytest.skip("needs dciodvfy (Debian package dicom3tools)")
-    return found
-
-
 def _assert_copied_attributes_valid(ds: Dataset) -> None:
     for keyword in COPIED_KEYWORDS:
         tag = tag_for_keyword(keyword)
@@ -99,7 +91,7 @@ SERIES = _brain_series() if (SHARED_DATA / "README.md").is_file() else {}  # mis
 
 @pytest.mark.parametrize("series", list(SERIES) or ["missing"], ids=lambda key: key.split("|")[0])
 def test_every_real_brain_series_gets_all_its_outputs(series: str, tmp_path: Path) -> None:
-    dciodvfy = _dciodvfy()
+    tool("dciodvfy", "dicom3tools")  # before the work: a missing tool skips (fails in CI) at once
     paths = _brain_series()[series]
     headers = [pydicom.dcmread(path, stop_before_pixels=True) for path in paths]
     middle = pydicom.dcmread(paths[len(paths) // 2])
@@ -121,9 +113,7 @@ def test_every_real_brain_series_gets_all_its_outputs(series: str, tmp_path: Pat
         _assert_copied_attributes_valid(ds)
         path = tmp_path / f"{output.kind}-{output.index}.dcm"
         path.write_bytes(encode(output.dataset))
-        run = subprocess.run([dciodvfy, str(path)], capture_output=True, text=True, check=False)
-        errors = [line for line in (run.stdout + run.stderr).splitlines() if line.startswith("Error")]
-        assert not errors, f"{output.kind}: {errors}"
+        assert dciodvfy_errors(path) == [], output.kind
 
 
 def test_the_uih_series_has_its_bad_dates_left_out_and_logged_by_keyword() -> None:
