@@ -10,7 +10,14 @@ import pydicom
 import pytest
 from typer.testing import CliRunner
 
-from tests.support.receiver import instance_rows, receiver_settings, running_receiver, synthetic_series
+from tests.support.dicom_files import SYNTHETIC_SYNTAXES
+from tests.support.receiver import (
+    dataset_bytes,
+    instance_rows,
+    receiver_settings,
+    running_receiver,
+    synthetic_series,
+)
 from triaged.cli.app import app
 from triaged.outputs.send import DicomFile, _batches
 
@@ -86,10 +93,48 @@ def test_send_shows_failure_statuses(tmp_path, db_url, make_settings, session_fa
     assert "0 of 2 stored" in result.output
 
 
-def test_send_preserves_dataset_bytes_and_splits_over_128_contexts(tmp_path):
+# Real files whose dataset has group-length elements (gggg,0000): pynetdicom drops those when it decodes and
+# re-encodes a file (field notes), so these arrive changed unless the dataset bytes are streamed as they are.
+GROUP_LENGTH_FILES = (
+    "neurolabusc_dcm_qa_nih/In/20180918GE/mr_0004/axial_epi_fmri_interleaved_i_to_s-00001.dcm",
+    "neurolabusc_dcm_qa_nih/In/20180918GE/mr_0004/axial_epi_fmri_interleaved_i_to_s-00002.dcm",
+    "pydicom_pylibjpeg-data/ljdata/ds/JPEGLossless/JPEGLossless_1s_1f_u_16_12.dcm",
+)
+
+
+def _has_group_length(path: Path) -> bool:
+    return any(e.tag.element == 0 and e.tag.group != 2 for e in pydicom.dcmread(path, stop_before_pixels=True))
+
+
+def test_send_streams_every_files_dataset_bytes_unchanged(
+    tmp_path, db_url, make_settings, session_factory, shared_data_dir
+):
+    """What `triaged send` puts on the wire is the file's dataset, byte for byte, in every transfer syntax.
+
+    The receiver stores the bytes it received (tests/integration/test_receiver_shared_data.py), so the stored
+    file's dataset equals the source's only if the sender neither decoded nor re-encoded it.
+    """
+    sources = [shared_data_dir / "dicom" / name for name in GROUP_LENGTH_FILES]
+    assert all(_has_group_length(path) for path in sources)  # the inputs that a re-encoding sender changes
+    for index, syntax in enumerate(SYNTHETIC_SYNTAXES):
+        sources += synthetic_series(tmp_path / "src" / f"s{index}", 2, seed=index, transfer_syntax_uid=syntax)
+    settings = receiver_settings(make_settings)
+    with running_receiver(settings, session_factory) as receiver:
+        config = _config(tmp_path, db_url, receiver.port)
+        result = runner.invoke(app, ["--config", str(config), "send", *map(str, sources), "--to", "local", "--json"])
+    assert result.exit_code == 0, result.output
+    assert [d["status_hex"] for d in json.loads(result.output)] == ["0x0000"] * len(sources)
+    stored = {row.sop_instance_uid: settings.storage_dir / row.file_path for row in instance_rows(session_factory)}
+    assert len(stored) == len(sources)
+    for path in sources:
+        uid = str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+        assert dataset_bytes(stored[uid]) == dataset_bytes(path), path.name
+    syntaxes = {pydicom.dcmread(p, stop_before_pixels=True).file_meta.TransferSyntaxUID for p in stored.values()}
+    assert syntaxes >= set(SYNTHETIC_SYNTAXES)  # each file kept its own transfer syntax
+
+
+def test_send_splits_over_128_contexts(tmp_path):
     files = [DicomFile(tmp_path / f"{i}", f"1.2.{i}", f"1.3.{i}", "1.2.840.10008.1.2.1") for i in range(300)]
     batches = list(_batches(files))
     assert [len(b) for b in batches] == [128, 128, 44]
     assert all(len({(f.sop_class_uid, f.transfer_syntax_uid) for f in b}) <= 128 for b in batches)
-    ds = pydicom.dcmread(synthetic_series(tmp_path / "x", 1)[0])
-    assert ds.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1"
