@@ -1,9 +1,15 @@
-"""Evaluation end to end on a tiny synthetic dataset: report, plots, calibration written back, model card."""
+"""Evaluation end to end on a tiny synthetic dataset: report, plots, calibration written back, model card.
+
+The report is checked against the per-image predictions it wrote (recomputed here, independently of
+triaged.training.metrics), and the trained model must separate the classes the synthetic data makes separable.
+"""
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -62,3 +68,77 @@ def test_evaluate_writes_report_and_calibration(tiny_data_root: Path, tmp_path: 
     assert spec.temperature == pytest.approx(report["temperature"])
     assert spec.ood["method"] == "mahalanobis" and (run / "model" / "ood.safetensors").is_file()
     assert (run / "model" / "MODEL_CARD.md").read_text().startswith("# Model card")
+    classes = spec.classes
+    for name in ("val", "test", "clean_test"):
+        _assert_report_matches_predictions(report["sets"][name], tmp_path / "eval" / f"predictions_{name}.csv", classes)
+    _assert_temperature_minimises_val_nll(tmp_path / "eval" / "predictions_val.csv", classes, spec.temperature)
+    # The synthetic no-tumour images have no blob: one epoch separates them (measured: AUC 1.0 on val and test).
+    # A mix-up of images, labels and predictions anywhere in the evaluation would put this near 0.5.
+    for name in ("val", "test"):
+        auc = report["sets"][name]["tumour_vs_notumour"]["auc"]["value"]
+        assert auc >= 0.9, (name, auc)
+
+
+def _predictions(path: Path, classes: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """(labels as class indices, probabilities) from a predictions CSV; its predicted column must be the argmax."""
+    with path.open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert rows, path
+    labels = np.array([classes.index(r["label"]) for r in rows])
+    probs = np.array([[float(r[f"p_{c}"]) for c in classes] for r in rows])
+    assert [classes[i] for i in probs.argmax(1)] == [r["predicted"] for r in rows]
+    assert np.allclose(probs.sum(1), 1.0, atol=1e-5) and (probs >= 0).all()
+    return labels, probs
+
+
+def _rank_auc(positive: np.ndarray, score: np.ndarray) -> float:
+    """Mann-Whitney AUC by counting pairs (ties count half)."""
+    pos, neg = score[positive], score[~positive]
+    return float(
+        ((pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()) / pos.size / neg.size
+    )
+
+
+def _assert_report_matches_predictions(report: dict[str, Any], path: Path, classes: tuple[str, ...]) -> None:
+    labels, probs = _predictions(path, classes)
+    predicted = probs.argmax(1)
+    nt = classes.index("notumor")
+    assert report["n"] == len(labels)
+    assert report["counts"] == {c: int((labels == i).sum()) for i, c in enumerate(classes)}
+    cm = np.zeros((len(classes), len(classes)), int)
+    np.add.at(cm, (labels, predicted), 1)
+    assert report["confusion_matrix"] == cm.tolist()
+    assert report["accuracy"]["value"] == pytest.approx(float((predicted == labels).mean()))
+    tumour, score = labels != nt, 1.0 - probs[:, nt]
+    binary = report["tumour_vs_notumour"]
+    assert binary["auc"]["value"] == pytest.approx(_rank_auc(tumour, score), abs=1e-6)
+    for point in ("youden", "high_sensitivity"):
+        flagged = score >= binary[point]["threshold"]
+        assert binary[point]["sensitivity"]["value"] == pytest.approx(float(flagged[tumour].mean()))
+        assert binary[point]["specificity"]["value"] == pytest.approx(float((~flagged[~tumour]).mean()))
+    for metric in (
+        report["accuracy"],
+        report["macro_auc"],
+        report["ece"],
+        binary["auc"],
+        *(binary[p][m] for p in ("youden", "high_sensitivity") for m in ("sensitivity", "specificity")),
+    ):
+        low, high = metric["ci95"]
+        assert 0.0 <= low <= metric["value"] <= high <= 1.0, metric
+
+
+def _assert_temperature_minimises_val_nll(path: Path, classes: tuple[str, ...], temperature: float) -> None:
+    """The written probabilities are softmax(z / T); T must minimise the validation NLL over T (it was fitted so)."""
+    labels, probs = _predictions(path, classes)
+    scaled = np.log(np.clip(probs, 1e-12, None))  # z / T up to a per-row constant
+
+    def nll(t: float) -> float:
+        z = scaled * temperature / t
+        z -= z.max(1, keepdims=True)
+        log_p = z - np.log(np.exp(z).sum(1, keepdims=True))
+        return float(-log_p[np.arange(len(labels)), labels].mean())
+
+    assert temperature > 0
+    best = nll(temperature)
+    assert best <= nll(1.0) + 1e-4
+    assert best <= min(nll(temperature * 0.8), nll(temperature * 1.25)) + 1e-4
