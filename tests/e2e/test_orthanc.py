@@ -21,9 +21,13 @@ import pytest
 from PIL import Image
 from sqlalchemy import select
 
+from tests.conftest import shared_data
+from tests.support.dicom_tools import dciodvfy_errors, tool
 from tests.support.orthanc import Orthanc, orthanc_binary
 from tests.support.pipeline_support import (
     SHIPPED_MODEL,
+    UIH_T1,
+    XA30_MPRAGE,
     kaggle_files,
     labelled_series,
     shipped_model_available,
@@ -31,8 +35,21 @@ from tests.support.pipeline_support import (
 )
 from tests.support.tcp_proxy import TcpProxy, running_proxy
 from tests.support.triaged_daemon import TriagedDaemon
-from triaged.db.models import DestinationState, DestinationStatus, Job, JobKind, JobState, Output, Result, Series, Study
+from triaged.db.models import (
+    DestinationState,
+    DestinationStatus,
+    Job,
+    JobKind,
+    JobState,
+    Output,
+    Result,
+    ResultStatus,
+    Series,
+    Study,
+)
+from triaged.errors import DicomPeerError
 from triaged.outputs.scu import Destination, SendOptions, send_files
+from triaged.outputs.send import echo
 
 pytestmark = [
     pytest.mark.orthanc,
@@ -56,23 +73,32 @@ def random_model(tmp_path: Path) -> Path:
     return build_random_model_dir(tmp_path / "model", seed=0)
 
 
-def _stack(tmp_path: Path, model_dir: Path, *, quiet_seconds: float = 1.0) -> Stack:
+def _stack(
+    tmp_path: Path,
+    model_dir: Path,
+    *,
+    quiet_seconds: float = 1.0,
+    database_url: str | None = None,
+    outputs: dict[str, Any] | None = None,
+) -> Stack:
     orthanc_binary()
     orthanc = Orthanc(root=tmp_path / "orthanc", modalities={})
     triaged = TriagedDaemon(
         root=tmp_path / "triaged",
         model_dir=model_dir,
         peers={"orthanc": {"ae_title": orthanc.ae_title, "host": "127.0.0.1", "port": orthanc.dicom_port}},
-        outputs={"destination": "orthanc"},
+        outputs={"destination": "orthanc", **(outputs or {})},
         quiet_seconds=quiet_seconds,
+        database_url=database_url,
     )
     orthanc.modalities = {"triaged": ("TRIAGED", triaged.dicom_port)}
     return Stack(orthanc, triaged)
 
 
 @pytest.fixture
-def stack(tmp_path: Path, random_model: Path) -> Iterator[Stack]:
-    yield from _running_stack(_stack(tmp_path, random_model))
+def stack(tmp_path: Path, random_model: Path, db_url: str) -> Iterator[Stack]:
+    """Orthanc and `triaged serve`, the daemon on a SQLite file or on the PostgreSQL server (``db_url``)."""
+    yield from _running_stack(_stack(tmp_path, random_model, database_url=db_url))
 
 
 def _running_stack(running: Stack) -> Iterator[Stack]:
@@ -174,11 +200,100 @@ def test_outputs_arrive_in_the_source_study_and_render(stack: Stack, tmp_path: P
         assert png.startswith(b"\x89PNG")
         assert _coloured_fraction(png) > 0.001, "no Grad-CAM colours in Orthanc's rendering"
     assert kos[0]["Modality"] == "KO" and sr[0]["Modality"] == "SR"
+    _assert_orthanc_checks_the_called_ae(stack.orthanc)
     rows = _output_rows(stack, study_uid)
     assert {row.sop_instance_uid for row in rows} == {o["SOPInstanceUID"] for v in outputs.values() for o in v}
     # Each output row is marked sent as Orthanc acknowledges it; the job is finished in a commit after the last one.
     wait_for(
         lambda: all(job.state == JobState.DONE for job in stack.triaged.export_jobs()), timeout=30, what="export done"
+    )
+
+
+# The UIH T1: classic MR, '***' dates, every 5th slice. The XA30 MPRAGE: one Enhanced MR file (96 frames).
+# The random model declares no scoring_plane, so both are scored as acquired (no axial reformat): every key
+# image is an acquired slice, so each series gets SCs referencing it, a KOS and an SR.
+REAL_SERIES = {"uih": UIH_T1, "xa30": XA30_MPRAGE}
+
+
+@pytest.fixture
+def all_outputs_stack(tmp_path: Path, random_model: Path) -> Iterator[Stack]:
+    """Outputs for every assessed series (``mode = all``, stated even where it is the default)."""
+    yield from _running_stack(_stack(tmp_path, random_model, outputs={"mode": "all"}))
+
+
+@pytest.mark.slow
+def test_real_series_through_orthanc_get_outputs_built_from_their_own_headers(
+    all_outputs_stack: Stack, tmp_path: Path
+) -> None:
+    """Outputs on, real scanner series in: the SC/KOS/SR built from real (messy) headers arrive in Orthanc.
+
+    The UIH T1 has StudyDate and other dates ``***`` (left out of the outputs); the XA30 MPRAGE is one
+    Enhanced MR file, so its SCs reference a frame. What arrived is read back from Orthanc itself and must be
+    valid for dciodvfy. The random model's scores mean nothing: ``outputs.mode = all`` builds outputs for
+    every assessed series, urgent or not, and the objects must carry the decision the daemon stored.
+    """
+    tool("dciodvfy", "dicom3tools")
+    stack = all_outputs_stack
+    studies: dict[str, tuple[str, list[Path]]] = {}
+    for name, folder in REAL_SERIES.items():
+        paths = sorted((shared_data() / "dicom" / folder).iterdir())
+        series_id, study_uid = _upload_series(stack.orthanc, paths)
+        stack.orthanc.push("triaged", [series_id])
+        studies[name] = (study_uid, paths)
+    for name, (study_uid, paths) in studies.items():
+        outputs = _wait_outputs(stack, study_uid, timeout=240)
+        result = _result_of(stack, study_uid)
+        assert result.status == ResultStatus.ASSESSED, (name, result.reason)
+        scs, kos, sr = outputs[SC_CLASS], outputs[KOS_CLASS], outputs[SR_CLASS]
+        assert scs and len(kos) == 1 and len(sr) == 1, name
+        source = pydicom.dcmread(paths[0], stop_before_pixels=True)
+        source_uids = {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in paths}
+        prefix = "AI TRIAGE URGENT:" if result.urgent else "AI TRIAGE:"
+        for obj in [*scs, *kos, *sr]:
+            assert obj["StudyInstanceUID"] == study_uid and obj["PatientID"] == str(source.PatientID), name
+            assert obj["SeriesDescription"].startswith(prefix), (name, obj["SeriesDescription"])
+            if name == "uih":
+                assert not obj.get("StudyDate"), "the source's '***' StudyDate reached an output"
+        for sc in scs:
+            reference = sc["SourceImageSequence"][0]
+            assert reference["ReferencedSOPInstanceUID"] in source_uids, name
+            if name == "xa30":
+                assert 1 <= int(reference["ReferencedFrameNumber"]) <= int(source.NumberOfFrames)
+            assert _coloured_fraction(stack.orthanc.get_bytes(f"/instances/{sc['ID']}/preview")) > 0.001
+        for obj in [*scs, *kos, *sr]:
+            path = tmp_path / "from-orthanc" / name / f"{obj['ID']}.dcm"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(stack.orthanc.get_bytes(f"/instances/{obj['ID']}/file"))
+            assert dciodvfy_errors(path) == [], (name, obj["Modality"])
+    wait_for(
+        lambda: all(job.state == JobState.DONE for job in stack.triaged.export_jobs()),
+        timeout=60,
+        what="exports done",
+    )
+
+
+def _result_of(stack: Stack, study_uid: str) -> Result:
+    with stack.triaged.session_factory() as session:
+        result = session.scalars(
+            select(Result)
+            .join(Series, Series.id == Result.series_id)
+            .join(Study, Study.id == Series.study_id)
+            .where(Study.study_instance_uid == study_uid)
+        ).one()
+        session.expunge(result)
+        return result
+
+
+def _assert_orthanc_checks_the_called_ae(orthanc: Orthanc) -> None:
+    """Orthanc runs with DicomCheckCalledAet on, so outputs that arrived were addressed to its own AE title."""
+    assert echo("127.0.0.1", orthanc.dicom_port, called_ae_title=orthanc.ae_title, calling_ae_title="TRIAGED") == 0
+    wrong = "NOT" + orthanc.ae_title
+    with pytest.raises(DicomPeerError):  # Orthanc 1.10 answers with an abort, so its log says why
+        echo("127.0.0.1", orthanc.dicom_port, called_ae_title=wrong, calling_ae_title="TRIAGED")
+    wait_for(
+        lambda: f"bad called AET in the request ({wrong})" in orthanc.log_tail(100_000),
+        timeout=30,
+        what="Orthanc's called-AE rejection in its log",
     )
 
 
@@ -383,18 +498,14 @@ def test_shipped_model_labels_urgent_and_routine_series(tmp_path: Path) -> None:
                 studies[label] = study_uid
             for label, study_uid in studies.items():
                 outputs = _wait_outputs(running, study_uid, timeout=240)
-                with running.triaged.session_factory() as session:
-                    result = session.scalars(
-                        select(Result)
-                        .join(Series, Series.id == Result.series_id)
-                        .join(Study, Study.id == Series.study_id)
-                        .where(Study.study_instance_uid == study_uid)
-                    ).one()
-                    expected = "AI TRIAGE URGENT:" if result.urgent else "AI TRIAGE:"
-                    decided = (result.label, result.urgent)
-                for obj in (o for v in outputs.values() for o in v):
-                    assert obj["SeriesDescription"].startswith(expected), (label, decided, obj["SeriesDescription"])
-                    assert result.urgent or not obj["SeriesDescription"].startswith("AI TRIAGE URGENT")
+                result = _result_of(running, study_uid)
+                # Expected from the input, not from the result: glioma slices urgent, normal slices routine.
+                assert result.status == ResultStatus.ASSESSED, (label, result.reason)
+                assert result.label == label, (label, result.probabilities)
+                assert result.urgent == (label == "glioma"), (label, result.urgency, result.threshold)
+                expected = "AI TRIAGE URGENT:" if label == "glioma" else "AI TRIAGE:"
+                descriptions = [o["SeriesDescription"] for v in outputs.values() for o in v]
+                assert descriptions and all(d.startswith(expected) for d in descriptions), (label, descriptions)
         finally:
             running.triaged.stop()
     finally:

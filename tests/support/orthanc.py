@@ -42,6 +42,8 @@ class Orthanc:
     root: Path
     modalities: dict[str, tuple[str, int]]  # name -> (AE title, port on 127.0.0.1)
     ae_title: str = "ORTHANC"
+    # Orthanc refuses an association whose called AE title is not its own: senders must address it right.
+    check_called_ae: bool = True
     http_port: int = field(default_factory=free_port)
     dicom_port: int = field(default_factory=free_port)
     process: subprocess.Popen[bytes] | None = None
@@ -67,7 +69,7 @@ class Orthanc:
             "SslEnabled": False,
             "DicomAlwaysAllowStore": True,
             "DicomAlwaysAllowEcho": True,
-            "DicomCheckCalledAet": False,
+            "DicomCheckCalledAet": self.check_called_ae,
             "DicomModalities": {name: [ae, "127.0.0.1", port] for name, (ae, port) in self.modalities.items()},
             "StableAge": 1,
             "Plugins": self.plugins,

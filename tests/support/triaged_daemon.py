@@ -58,6 +58,7 @@ class TriagedDaemon:
     worker: dict[str, Any] = field(default_factory=dict)
     dicom: dict[str, Any] = field(default_factory=dict)
     model: dict[str, Any] = field(default_factory=dict)
+    database_url: str | None = None  # None: SQLite in the data directory (the daemon's default)
     process: subprocess.Popen[bytes] | None = None
     _engine: Engine | None = None
 
@@ -82,6 +83,7 @@ class TriagedDaemon:
                 **self.dicom,
             },
             "storage": {"min_free_bytes": 0},
+            **({"database": {"url": self.database_url}} if self.database_url else {}),
             "series": {"quiet_seconds": self.quiet_seconds, "sweep_interval_seconds": 0.25},
             "worker": {
                 "count": 1,
@@ -156,7 +158,7 @@ class TriagedDaemon:
     @property
     def session_factory(self) -> sessionmaker[Session]:
         if self._engine is None:
-            self._engine = make_engine(f"sqlite:///{self.root / 'data' / 'triaged.db'}")
+            self._engine = make_engine(self.database_url or f"sqlite:///{self.root / 'data' / 'triaged.db'}")
         return make_session_factory(self._engine)
 
     def export_jobs(self) -> list[Job]:
