@@ -31,7 +31,7 @@ from pydicom.errors import InvalidDicomError
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from triaged.db import destinations, queue
+from triaged.db import audit, destinations, queue
 from triaged.db.models import (
     DestinationState,
     Instance,
@@ -266,6 +266,7 @@ def run_export_job(runtime: Runtime, job: Job) -> None:
         raise DestinationDownError(str(exc), destination=destination.name) from exc
     with runtime.session_factory.begin() as session:
         queue.complete(session, job.id, worker_id)
+        audit.record_export_outcome(session, job.id, outcome="sent", actor=worker_id)
     log.info(
         "export_done",
         destination=destination.name,

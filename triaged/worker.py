@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 import structlog
 
 from triaged import metrics
-from triaged.db import destinations, queue, repo
+from triaged.db import audit, destinations, queue, repo
 from triaged.db.models import Job, JobKind, JobState
 from triaged.errors import DestinationDownError
 from triaged.outputs.destinations import probe_delay
@@ -194,6 +194,10 @@ class Worker:
                     error=error,
                     spend_attempt=failed_trial,
                 )
+                if state == JobState.DEAD:
+                    audit.record_export_outcome(
+                        session, job.id, outcome="dead", reason="attempts", actor=self.worker_id
+                    )
         except queue.LeaseLostError:
             log.warning("job_deferred_after_lease_lost", error=error)
             return JobState.RUNNING
@@ -210,6 +214,15 @@ class Worker:
             log.info("job_waiting_for_destination", destination=exc.destination, attempt_spent=failed_trial)
         structlog.contextvars.clear_contextvars()
         return state
+
+    def _audit_given_up(self, job: Job, state: JobState) -> None:
+        """Audit an export that will not be retried (its own transaction: ``queue.fail`` already committed)."""
+        reason = "attempts" if state == JobState.DEAD else "permanent"
+        try:
+            with self.runtime.session_factory.begin() as session:
+                audit.record_export_outcome(session, job.id, outcome=str(state), reason=reason, actor=self.worker_id)
+        except Exception as db_error:  # the job's state is recorded; only its audit row is missing
+            log.error("audit_record_failed", kind=audit.EXPORT, db_error=queue.error_line(db_error))
 
     def _failed(self, job: Job, exc: Exception, seconds: float) -> JobState:
         settings = self.runtime.settings.worker
@@ -232,6 +245,8 @@ class Worker:
             repo.mark_series_failed(self.runtime.session_factory, job, exc)
         if job.kind == JobKind.EXPORT:
             metrics.EXPORT_FAILURES.inc()  # every failed send attempt, retried or not
+            if state in (JobState.FAILED, JobState.DEAD):
+                self._audit_given_up(job, state)
             if state == JobState.DEAD:
                 metrics.EXPORTS_DEAD.labels(reason="attempts").inc()
                 log.error("export_dead", reason="attempts", attempts=job.attempts, error=queue.error_line(exc))

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -20,9 +22,10 @@ from tests.conftest import free_port
 from tests.support.fake_pacs import FakePacs, running_fake_pacs
 from triaged.cli.app import app
 from triaged.config import Settings, load_settings
-from triaged.db import queue
+from triaged.db import audit, queue
 from triaged.db.engine import make_engine, make_session_factory
 from triaged.db.models import (
+    AuditEvent,
     Instance,
     Job,
     JobKind,
@@ -40,10 +43,12 @@ from triaged.db.schema import upgrade
 from triaged.dicom.synthetic import write_mr_series
 from triaged.errors import ConfigError, DestinationDownError, DicomPeerError, DicomSendError
 from triaged.export import run_export_job
+from triaged.log import uid_hash
 from triaged.outputs.destinations import resolve_destination
 from triaged.receive.storage import InstanceStore
 from triaged.resend import requeue_dead_exports, resend_series
 from triaged.runtime import Runtime
+from triaged.worker import Worker
 
 WORKER = "test-worker"
 # pynetdicom 3.0 never closes the socket of a refused connection (the GC does): not ours to fail on.
@@ -212,6 +217,58 @@ def test_export_builds_stores_sends_and_completes(
     assert sc.InstanceNumber == 1
     assert pacs.received[1].SourceImageSequence[0].ReferencedSOPInstanceUID == scenario.source_uids[1]
     assert _job_state(scenario.runtime, job.id).state == JobState.DONE
+    (event,) = _export_audit(scenario.runtime)
+    assert (event.outcome, event.actor, event.detail["destination"]) == ("sent", WORKER, "pacs")
+    assert event.detail["job_id"] == job.id and event.detail["result_id"] == scenario.result_id
+    assert event.detail["sop_instance_uid_hashes"] == [uid_hash(o.sop_instance_uid) for o in outputs]
+    assert event.detail["objects"] == event.detail["delivered"] == len(outputs)
+    raw_uids = [o.sop_instance_uid for o in outputs] + scenario.source_uids
+    assert not any(uid in json.dumps(event.detail) for uid in raw_uids)
+
+
+def _export_audit(runtime: Runtime) -> list[AuditEvent]:
+    with runtime.session_factory() as session:
+        query = select(AuditEvent).where(AuditEvent.kind == audit.EXPORT).order_by(AuditEvent.id)
+        return list(session.scalars(query))
+
+
+def test_an_export_the_worker_gives_up_on_is_audited_once_as_dead(
+    pacs: FakePacs, make_settings: Callable[..., Settings], session_factory: sessionmaker[Session], tmp_path: Path
+) -> None:
+    scenario = _seed(_settings(make_settings, pacs.port), session_factory, tmp_path)
+    pacs.statuses = [0x0000] + [0xA700] * 100  # the first object is delivered, then the peer refuses every one
+    worker = Worker(scenario.runtime, worker_id=WORKER, stop=threading.Event(), kinds=[JobKind.EXPORT])
+    states = []
+    while not states or states[-1] == JobState.QUEUED:
+        job = queue.claim(session_factory, worker_id=WORKER, kinds=[JobKind.EXPORT], lease_seconds=60, now=_later())
+        assert job is not None
+        assert _export_audit(scenario.runtime) == []  # nothing is audited while the job will still be retried
+        states.append(worker.run_job(job))
+    assert states[-1] == JobState.DEAD
+    (event,) = _export_audit(scenario.runtime)
+    assert (event.outcome, event.reason, event.detail["destination"]) == ("dead", "attempts", "pacs")
+    outputs = _outputs(scenario.runtime)
+    assert event.detail["sop_instance_uid_hashes"] == [uid_hash(o.sop_instance_uid) for o in outputs]
+    assert (event.detail["objects"], event.detail["delivered"]) == (len(outputs), 1)
+
+
+def test_an_export_whose_last_lease_ran_out_is_audited_as_dead_by_the_reaper(
+    make_settings: Callable[..., Settings], session_factory: sessionmaker[Session], tmp_path: Path
+) -> None:
+    scenario = _seed(_settings(make_settings, free_port()), session_factory, tmp_path)
+    job = _claim(scenario.runtime)  # its worker dies holding it, on its last attempt
+    with session_factory.begin() as session:
+        session.get_one(Job, job.id).max_attempts = job.attempts
+    assert queue.reap_expired_leases(session_factory, now=_later()) == 1
+    assert _job_state(scenario.runtime, job.id).state == JobState.DEAD
+    (event,) = _export_audit(scenario.runtime)
+    assert (event.outcome, event.reason, event.detail["job_id"]) == ("dead", "lease_expired", job.id)
+    assert (event.detail["objects"], event.detail["delivered"]) == (0, 0)  # it died before building anything
+
+
+def _later() -> datetime:
+    """A claim time past any backoff the worker scheduled."""
+    return datetime.now(UTC) + timedelta(hours=2)
 
 
 def test_failed_send_resumes_with_the_same_uids_and_no_duplicates(

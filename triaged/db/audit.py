@@ -18,8 +18,9 @@ import structlog
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from triaged.db.models import AuditEvent, utcnow
+from triaged.db.models import AuditEvent, Job, Output, utcnow
 from triaged.db.states import AuditKind
+from triaged.log import uid_hash
 
 log = structlog.get_logger()
 
@@ -27,6 +28,7 @@ ASSOCIATION_ACCEPTED = AuditKind.ASSOCIATION_ACCEPTED.value
 ASSOCIATION_REJECTED = AuditKind.ASSOCIATION_REJECTED.value
 INSTANCES_STORED = AuditKind.INSTANCES_STORED.value
 ADMIN_ACTION = AuditKind.ADMIN_ACTION.value
+EXPORT = AuditKind.EXPORT.value
 KINDS = tuple(kind.value for kind in AuditKind)
 
 #: At most this many instance hashes are kept in one ``instances_stored`` record (the count is exact).
@@ -140,6 +142,80 @@ def record_admin_action(
             reason=action[:64],
             detail=dict(detail or {}),
         ),
+    )
+
+
+def record_export(
+    session: Session,
+    *,
+    destination: str,
+    job_id: int,
+    result_id: int | None,
+    sop_instance_uids: Sequence[str],
+    outcome: str,
+    reason: str | None = None,
+    actor: str = "",
+    delivered: int | None = None,
+    now: datetime | None = None,
+) -> AuditEvent:
+    """An export job that ended: ``sent`` (every output delivered) or ``dead``/``failed`` (given up).
+
+    ``sop_instance_uids`` are the outputs' raw UIDs: they are hashed here with :func:`~triaged.log.uid_hash`,
+    as the receiver hashes what it stored, so an auditor can match an export to the objects a PACS holds.
+    ``reason`` is a short stable word (``attempts``, ``permanent``), never a peer's free-text error.
+    """
+    return _record(
+        session,
+        AuditEvent(
+            at=now or utcnow(),
+            kind=EXPORT,
+            actor=actor[:64],
+            outcome=outcome[:32],
+            reason=reason[:64] if reason else None,
+            detail={
+                "destination": destination,
+                "job_id": job_id,
+                "result_id": result_id,
+                "objects": len(sop_instance_uids),
+                "delivered": len(sop_instance_uids) if delivered is None else delivered,
+                "sop_instance_uid_hashes": [uid_hash(uid) for uid in sop_instance_uids[:MAX_HASHES]],
+            },
+        ),
+    )
+
+
+def record_export_outcome(
+    session: Session, job_id: int, *, outcome: str, reason: str | None = None, actor: str = ""
+) -> AuditEvent | None:
+    """Audit how export job ``job_id`` ended, from its rows: its destination and its outputs' UIDs.
+
+    Called in the transaction that ends the job (``sent``) or right after the one that gave up on it
+    (``dead``/``failed``). ``None`` for a job that is not an export of a result.
+    """
+    job = session.get(Job, job_id)
+    if job is None:
+        return None
+    try:
+        result_id: int | None = int(job.payload["result_id"])
+    except (KeyError, TypeError, ValueError):
+        result_id = None
+    outputs = (
+        list(session.scalars(select(Output).where(Output.result_id == result_id).order_by(Output.id)))
+        if result_id is not None
+        else []
+    )
+    delivered = [o for o in outputs if o.sent_at is not None]
+    destination = job.destination or next((o.destination for o in outputs if o.destination), None) or ""
+    return record_export(
+        session,
+        destination=destination,
+        job_id=job_id,
+        result_id=result_id,
+        sop_instance_uids=[o.sop_instance_uid for o in outputs],
+        outcome=outcome,
+        reason=reason,
+        actor=actor,
+        delivered=len(delivered),
     )
 
 

@@ -26,6 +26,7 @@ from sqlalchemy import Executable, case, func, or_, select, update
 from sqlalchemy.engine import CursorResult
 from sqlalchemy.orm import Session, sessionmaker
 
+from triaged.db import audit
 from triaged.db.models import (
     ACTIVE_JOB_STATES,
     DestinationState,
@@ -270,6 +271,8 @@ def reap_expired_leases(
                 owner = job.lease_owner
                 error = f"LeaseExpiredError: lease of {owner} expired"
                 _end_attempt(job, now=now, error=error, retryable=True, retry_at=now)
+                if job.kind == JobKind.EXPORT and job.state == JobState.DEAD:
+                    audit.record_export_outcome(session, job.id, outcome="dead", reason="lease_expired")
                 log.warning(
                     "job_lease_expired", job_id=job.id, kind=str(job.kind), worker=owner, new_state=str(job.state)
                 )
@@ -368,6 +371,7 @@ def expire_old_exports(
             job.state = JobState.DEAD
             job.finished_at = now
             job.updated_at = now
+            audit.record_export_outcome(session, job.id, outcome="dead", reason="expired")
         session.flush()
         for job in jobs:
             session.expunge(job)

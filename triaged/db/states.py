@@ -60,3 +60,4 @@ class AuditKind(enum.StrEnum):
     ASSOCIATION_REJECTED = "association_rejected"
     INSTANCES_STORED = "instances_stored"
     ADMIN_ACTION = "admin_action"
+    EXPORT = "export"  # one per export job that ended: delivered (sent) or given up (dead/failed)
