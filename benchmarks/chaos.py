@@ -138,7 +138,10 @@ def _series(root: Path, count: int, slices: int, seed: int) -> list[list[Path]]:
 
 @contextmanager
 def _database(kind: str, root: Path) -> Iterator[str]:
-    """A fresh PostgreSQL schema (dropped afterwards) or a SQLite file."""
+    """A fresh PostgreSQL schema (dropped afterwards), a SQLite file, or ``kind`` itself when it is a URL."""
+    if "://" in kind:
+        yield kind
+        return
     if kind == "sqlite":
         yield f"sqlite:///{root / 'chaos.db'}"
         return
@@ -203,7 +206,10 @@ def run_chaos(
     settle_seconds: float = 180.0,
     log: bool = True,
 ) -> ChaosCounts:
-    """One chaos run below ``root``; see the module docstring for what is counted."""
+    """One chaos run below ``root``; see the module docstring for what is counted.
+
+    ``database`` is ``postgres`` (a fresh schema in the test database), ``sqlite`` or a database URL.
+    """
     from triaged.ml.api import build_random_model_dir
 
     started = time.monotonic()
