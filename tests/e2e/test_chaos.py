@@ -40,11 +40,11 @@ def test_kill_9_of_any_process_loses_no_acknowledged_instance_and_duplicates_no_
     tmp_path: Path, postgres_url: str
 ) -> None:
     orthanc_binary()  # skip (fail in CI) without Orthanc
-    counts = run_chaos(tmp_path, database=postgres_url, kills=4, seed=SEED, series=6, kill_gap=(1.0, 3.0), log=False)
+    counts = run_chaos(tmp_path, database=postgres_url, kills=4, seed=SEED, series=4, kill_gap=(1.0, 3.0), log=False)
     assert counts.failures() == [], counts
     assert set(counts.kills) == set(VICTIMS) and sum(counts.kills.values()) == 4
-    assert counts.acknowledged == 6 * 3  # the sender resent until every instance was answered 0x0000
-    assert counts.results >= 6 and counts.outputs > 0
+    assert counts.acknowledged == 4 * 3  # the sender resent until every instance was answered 0x0000
+    assert counts.results >= 4 and counts.outputs > 0
     assert (counts.lost, counts.duplicate_results, counts.sent_not_received, counts.stuck) == (0, 0, 0, 0)
 
 
