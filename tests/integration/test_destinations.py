@@ -209,7 +209,9 @@ def test_exports_older_than_max_age_die_loudly_and_resend_revives_them(
     before = metrics.REGISTRY.get_sample_value("triaged_exports_dead_total", {"reason": "max_age"}) or 0.0
     with capture_logs() as logs:
         assert expire_old_exports(session_factory, settings, utcnow() + timedelta(hours=72)) == 1
-    assert [(e["event"], e["reason"]) for e in logs] == [("export_dead", "max_age")]
+    # loudly: one export_dead event, and its audit record (kind export, outcome expired) beside it
+    assert [(e["event"], e["reason"]) for e in logs if e["event"] != "audit_event"] == [("export_dead", "max_age")]
+    assert sum(1 for e in logs if e["event"] == "audit_event") == 1
     assert metrics.REGISTRY.get_sample_value("triaged_exports_dead_total", {"reason": "max_age"}) == before + 1
     with session_factory() as session:
         job = session.get(Job, job_id)
