@@ -7,9 +7,11 @@ intensities from many vendors; geometric augmentation covers crops, zoom and hea
 
 from __future__ import annotations
 
+import io
 import math
 from typing import Any
 
+import numpy as np
 import torch
 from monai.transforms import (
     Compose,
@@ -19,10 +21,46 @@ from monai.transforms import (
     RandFlip,
     RandGaussianNoise,
     RandGaussianSmooth,
+    RandGibbsNoise,
     RandHistogramShift,
+    RandomizableTransform,
+    RandRicianNoise,
     RandScaleIntensity,
     RandSimulateLowResolution,
 )
+from PIL import Image
+
+AUGMENTS = ("standard", "scanner")
+
+
+class RandJpegRecompress(RandomizableTransform):  # type: ignore[misc]
+    """Re-encode the (1, S, S) image in [0, 1] as an 8-bit JPEG of random quality and decode it again.
+
+    Why: public slice sets are JPEG exports of unknown quality, while other sites' exports (and the held-back
+    external set) use other encoders and qualities; the blocking and ringing artefacts must not carry the label.
+    """
+
+    def __init__(self, prob: float = 0.3, quality: tuple[int, int] = (25, 90)) -> None:
+        super().__init__(prob)
+        self.quality = quality
+        self._q = quality[1]
+
+    def randomize(self, data: Any = None) -> None:
+        super().randomize(None)
+        self._q = int(self.R.randint(self.quality[0], self.quality[1] + 1))
+
+    def __call__(self, img: torch.Tensor) -> torch.Tensor:
+        self.randomize()
+        if not self._do_transform:
+            return img
+        x = torch.as_tensor(img).as_subclass(torch.Tensor)
+        pixels = (x[0].clamp(0.0, 1.0) * 255.0).round().to(torch.uint8).numpy()
+        buf = io.BytesIO()
+        Image.fromarray(pixels, mode="L").save(buf, format="JPEG", quality=self._q)
+        buf.seek(0)
+        with Image.open(buf) as decoded:
+            out = np.asarray(decoded, dtype=np.float32) / 255.0
+        return torch.from_numpy(out)[None].to(x.dtype)
 
 
 def _geometric(input_size: int) -> list[Any]:
@@ -52,9 +90,26 @@ def _intensity() -> list[Any]:
     ]
 
 
-def build_train_augment(input_size: int, *, seed: int = 0) -> Compose:
+def _scanner() -> list[Any]:
+    """Extra artefacts of other scanners and exports (``--augment scanner``): re-sampling, k-space truncation
+    ringing, Rician noise and JPEG re-compression. No intensity inversion: that changes what a contrast means."""
+    return [
+        RandSimulateLowResolution(prob=0.25, zoom_range=(0.4, 0.9)),
+        RandGibbsNoise(prob=0.15, alpha=(0.0, 0.6)),
+        RandRicianNoise(prob=0.2, mean=0.0, std=0.03, relative=True, sample_std=True),
+        RandJpegRecompress(prob=0.3),
+    ]
+
+
+def _intensity_for(augment: str) -> list[Any]:
+    if augment not in AUGMENTS:
+        raise ValueError(f"augment must be one of {', '.join(AUGMENTS)}, got {augment!r}")
+    return [*_intensity(), *(_scanner() if augment == "scanner" else [])]
+
+
+def build_train_augment(input_size: int, *, seed: int = 0, augment: str = "standard") -> Compose:
     """Return the random augmentation ``Compose`` for training (seeded via ``set_random_state``)."""
-    aug = Compose([*_geometric(input_size), *_intensity()])
+    aug = Compose([*_geometric(input_size), *_intensity_for(augment)])
     aug.set_random_state(seed=seed)
     return aug
 
@@ -65,9 +120,9 @@ class PairedAugment:
     Input and output are (2, S, S): channel 0 the image, channel 1 the mask (bilinear-resampled, so soft at edges).
     """
 
-    def __init__(self, input_size: int, *, seed: int = 0) -> None:
+    def __init__(self, input_size: int, *, seed: int = 0, augment: str = "standard") -> None:
         self.geometric = Compose(_geometric(input_size))
-        self.intensity = Compose(_intensity())
+        self.intensity = Compose(_intensity_for(augment))
         self.set_random_state(seed)
 
     def set_random_state(self, seed: int) -> None:

@@ -13,7 +13,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from triaged.ml.transforms import PreprocessingConfig, build_preprocess, preprocess_slice
+from triaged.ml.transforms import PreprocessingConfig, preprocess_stack
 from triaged.training.data import Sample
 
 
@@ -21,6 +21,9 @@ def load_image(path: Path) -> np.ndarray:
     """Decode an image file to a 2-D float32 grayscale array (the same pixel values the daemon would see)."""
     with Image.open(path) as img:
         return np.asarray(img.convert("L"), dtype=np.float32)
+
+
+_CHUNK = 256
 
 
 def preprocess_files(
@@ -36,11 +39,15 @@ def preprocess_files(
     if cache is not None and cache.is_file():
         cached: np.ndarray = np.load(cache)
         return cached
-    preprocess = build_preprocess(config)
     size = config.input_size
     out = np.empty((len(paths), 1, size, size), dtype=np.float16)
-    for i, path in enumerate(tqdm(paths, desc="preprocess", disable=not progress, mininterval=5.0)):
-        out[i] = preprocess_slice(preprocess, load_image(path)).numpy().astype(np.float16)
+    # In chunks through the daemon's stacked path (bit-identical to MONAI slice by slice, several times faster).
+    with tqdm(total=len(paths), desc="preprocess", disable=not progress, mininterval=5.0) as bar:
+        for start in range(0, len(paths), _CHUNK):
+            chunk = paths[start : start + _CHUNK]
+            stacked = preprocess_stack(config, [load_image(p) for p in chunk])
+            out[start : start + len(chunk)] = stacked.numpy().astype(np.float16)
+            bar.update(len(chunk))
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_suffix(".tmp.npy")

@@ -22,7 +22,7 @@ import numpy as np
 import structlog
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, WeightedRandomSampler
 from tqdm import tqdm
 
 from triaged.ml.device import Placement, choose_placement
@@ -37,7 +37,7 @@ from triaged.ml.registry import (
 )
 from triaged.ml.transforms import PreprocessingConfig
 from triaged.training.attention import attention_loss, cell_hits, logits_and_cams
-from triaged.training.augment import PairedAugment, build_train_augment
+from triaged.training.augment import AUGMENTS, PairedAugment, build_train_augment
 from triaged.training.camscore import cheng_mask_path, load_masks
 from triaged.training.data import (
     Sample,
@@ -50,6 +50,7 @@ from triaged.training.data import (
 )
 from triaged.training.dataset import CachedImages, MaskedImages, preprocess_files, sample_labels, sample_paths
 from triaged.training.lgg import is_lgg, lgg_mask_path
+from triaged.training.sampling import SAMPLINGS, balanced_weights, effective_class_counts
 
 log = structlog.get_logger()
 
@@ -85,6 +86,9 @@ class TrainConfig:
     model_name: str = "densenet121-brainmri"
     model_version: str = "1.0.0"
     cam_loss_weight: float = 0.0
+    cam_mask_sources: str = "cheng,tcga_lgg"
+    sampling: str = "uniform"
+    augment: str = "standard"
 
     def to_json(self) -> dict[str, Any]:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
@@ -121,7 +125,9 @@ def _load_arrays(cfg: TrainConfig, prep: PreprocessingConfig) -> tuple[dict[str,
         images = preprocess_files(sample_paths(cfg.data_root, chosen), prep, cache_dir=cfg.cache_dir)
         arrays[split] = (images, sample_labels(chosen, DEFAULT_CLASSES))
         if cfg.cam_loss_weight > 0:
-            arrays[split] += _tumour_masks(cfg.data_root, chosen, prep.input_size)
+            sources = frozenset(cfg.cam_mask_sources.split(","))
+            arrays[split] += _tumour_masks(cfg.data_root, chosen, prep.input_size, sources)
+        arrays[f"{split}_samples"] = chosen
     return arrays, manifest_sha
 
 
@@ -135,9 +141,12 @@ def tumour_mask_path(data_root: Path, sample: Sample) -> Path | None:
     return None
 
 
-def _tumour_masks(data_root: Path, samples: Sequence[Sample], size: int) -> tuple[np.ndarray, np.ndarray]:
-    """(N, S, S) uint8 masks and an (N,) has-mask flag (see :func:`tumour_mask_path`)."""
-    paths = [tumour_mask_path(data_root, s) for s in samples]
+def _tumour_masks(
+    data_root: Path, samples: Sequence[Sample], size: int, sources: frozenset[str] = frozenset({"cheng", "tcga_lgg"})
+) -> tuple[np.ndarray, np.ndarray]:
+    """(N, S, S) uint8 masks and an (N,) has-mask flag (see :func:`tumour_mask_path`); only masks of ``sources``
+    are used (``--cam-mask-sources``: the lever "attention loss on LGG FLAIR masks as well as on Cheng")."""
+    paths = [tumour_mask_path(data_root, s) if s.source in sources else None for s in samples]
     has_mask = np.array([p is not None for p in paths], dtype=bool)
     masks = np.zeros((len(samples), size, size), dtype=np.uint8)
     rows = np.flatnonzero(has_mask)
@@ -188,7 +197,9 @@ def _build_model(cfg: TrainConfig) -> tuple[nn.Module, dict[str, Any] | None]:
             model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True)["model"])
         elif kind == "model":
             spec, shipped = load_model(Path(path))
-            if spec.arch != cfg.arch or spec.preprocessing.input_size != cfg.input_size:
+            # A DenseNet ends in adaptive pooling, so its weights serve any input size (the 160 px lever).
+            size_free = cfg.arch == "densenet121"
+            if spec.arch != cfg.arch or (not size_free and spec.preprocessing.input_size != cfg.input_size):
                 raise ValueError(
                     f"--init {cfg.init}: that model is {spec.arch} at {spec.preprocessing.input_size} px,"
                     f" this run is {cfg.arch} at {cfg.input_size} px"
@@ -291,20 +302,33 @@ def train(cfg: TrainConfig) -> Path:
     prep = PreprocessingConfig(input_size=cfg.input_size)
     arrays, manifest_sha = _load_arrays(cfg, prep)
     train_x, train_y = arrays["train"][:2]
-    counts = np.bincount(train_y, minlength=len(DEFAULT_CLASSES)).astype(np.float64)
-    class_weight = torch.tensor(counts.sum() / (len(counts) * np.maximum(counts, 1)), dtype=torch.float32)
+    if cfg.sampling not in SAMPLINGS:
+        raise ValueError(f"sampling must be one of {', '.join(SAMPLINGS)}, got {cfg.sampling!r}")
     gen = torch.Generator().manual_seed(cfg.seed)
+    sampler: WeightedRandomSampler | None = None
+    if cfg.sampling == "balanced":
+        weights = balanced_weights(arrays["train_samples"])
+        counts = effective_class_counts(train_y, weights, len(DEFAULT_CLASSES))
+        sampler = WeightedRandomSampler(weights.tolist(), len(train_y), replacement=True, generator=gen)
+    else:
+        counts = np.bincount(train_y, minlength=len(DEFAULT_CLASSES)).astype(np.float64)
+    class_weight = torch.tensor(counts.sum() / (len(counts) * np.maximum(counts, 1)), dtype=torch.float32)
     train_set: CachedImages | MaskedImages = (
         MaskedImages(
-            train_x, train_y, arrays["train"][2], arrays["train"][3], PairedAugment(cfg.input_size, seed=cfg.seed)
+            train_x,
+            train_y,
+            arrays["train"][2],
+            arrays["train"][3],
+            PairedAugment(cfg.input_size, seed=cfg.seed, augment=cfg.augment),
         )
         if cfg.cam_loss_weight > 0
-        else CachedImages(train_x, train_y, build_train_augment(cfg.input_size, seed=cfg.seed))
+        else CachedImages(train_x, train_y, build_train_augment(cfg.input_size, seed=cfg.seed, augment=cfg.augment))
     )
     train_loader = DataLoader(
         train_set,
         batch_size=cfg.batch_size,
-        shuffle=True,
+        shuffle=sampler is None,
+        sampler=sampler,
         drop_last=True,
         num_workers=cfg.workers,
         generator=gen,
@@ -318,7 +342,8 @@ def train(cfg: TrainConfig) -> Path:
     model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = len(train_loader)
-    total = cfg.epochs * steps_per_epoch
+    # A --max-steps run (the lever study's equal budget) decays its cosine over those steps, not the epochs.
+    total = min(cfg.epochs * steps_per_epoch, cfg.max_steps or cfg.epochs * steps_per_epoch)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, _lr_lambda(total, max(1, int(cfg.warmup_epochs * steps_per_epoch)))
     )
@@ -486,7 +511,7 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
     defaults = {f.name: f.default for f in fields(TrainConfig)}
     p.add_argument("--data-root", type=Path, default=Path(__file__).resolve().parents[3] / "shared" / "data")
     p.add_argument("--out-dir", type=Path, required=True)
-    for name in ("arch", "device", "precision", "init", "model_name", "model_version"):
+    for name in ("arch", "device", "precision", "init", "model_name", "model_version", "cam_mask_sources"):
         p.add_argument("--" + name.replace("_", "-"), default=defaults[name])
     for name in ("input_size", "epochs", "batch_size", "threads", "workers", "max_steps", "patience", "limit", "seed"):
         p.add_argument("--" + name.replace("_", "-"), type=int, default=defaults[name])
@@ -500,6 +525,8 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
         "cam_loss_weight",
     ):
         p.add_argument("--" + name.replace("_", "-"), type=float, default=defaults[name])
+    p.add_argument("--sampling", choices=SAMPLINGS, default=defaults["sampling"])
+    p.add_argument("--augment", choices=AUGMENTS, default=defaults["augment"])
     p.add_argument("--manifest", type=Path, default=None)
     p.add_argument("--cache-dir", type=Path, default=None)
     p.add_argument("--resume", action="store_true")

@@ -1,0 +1,124 @@
+"""The lever study's parts: balanced sampling, scanner augmentation, the step-budget schedule, the metrics."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.ml.test_train import TINY
+from triaged.ml.registry import load_model
+from triaged.training.augment import RandJpegRecompress, build_train_augment
+from triaged.training.data import Sample
+from triaged.training.levers import arms, markdown_table, sensitivity_at_specificity, validation_metrics
+from triaged.training.sampling import balanced_weights, effective_class_counts, sampling_group
+from triaged.training.train import TrainConfig, train
+
+
+def _sample(path: str, source: str, label: str = "glioma") -> Sample:
+    return Sample(path, source, label, "train", path, False, "", False, False)
+
+
+def _lgg(patient: str, site: str, contrast: str, n: int, label: str) -> Sample:
+    return _sample(f"tcga_lgg/TCGA_{site}_{patient}/{contrast}/{n:02d}.jpg", "tcga_lgg", label)
+
+
+def test_balanced_weights_give_every_source_and_contrast_an_equal_share() -> None:
+    samples = [_sample(f"k{i}", "kaggle") for i in range(90)]
+    samples += [_sample(f"c{i}", "cheng") for i in range(9)]
+    samples += [_lgg("0001", "DU", "flair", i, "notumor") for i in range(3)]
+    weights = balanced_weights(samples)
+    assert weights.sum() == pytest.approx(1.0)
+    share: dict[str, float] = {}
+    for s, w in zip(samples, weights, strict=True):
+        share[sampling_group(s)] = share.get(sampling_group(s), 0.0) + float(w)
+    assert share == pytest.approx({"kaggle": 1 / 3, "cheng": 1 / 3, "tcga_lgg:flair": 1 / 3})
+
+
+def test_effective_class_counts_follow_the_sampling_weights() -> None:
+    labels = [0, 0, 0, 1]
+    counts = effective_class_counts(labels, np.array([0.1, 0.1, 0.1, 0.7]), 3)
+    assert counts == pytest.approx([1.2, 2.8, 0.0])
+
+
+def test_jpeg_recompression_changes_pixels_and_keeps_shape_and_range() -> None:
+    jpeg = RandJpegRecompress(prob=1.0, quality=(20, 20))
+    jpeg.set_random_state(1)
+    x = torch.rand(1, 64, 64)
+    y = jpeg(x)
+    assert y.shape == x.shape and float(y.min()) >= 0.0 and float(y.max()) <= 1.0
+    assert float((y - x).abs().mean()) > 0.01
+    assert torch.equal(RandJpegRecompress(prob=0.0)(x), x)
+
+
+def test_unknown_augment_is_refused() -> None:
+    with pytest.raises(ValueError, match="augment must be one of"):
+        build_train_augment(32, augment="invert")
+
+
+def test_a_balanced_scanner_augmented_run_trains_and_records_its_levers(tiny_data_root: Path, tmp_path: Path) -> None:
+    cfg = TrainConfig(
+        data_root=tiny_data_root,
+        out_dir=tmp_path / "run",
+        **TINY,  # type: ignore[arg-type]
+        epochs=1,
+        max_steps=2,
+        sampling="balanced",
+        augment="scanner",
+    )
+    train(cfg)
+    spec, _ = load_model(tmp_path / "run" / "model")
+    recorded = spec.extra["training"]["config"]
+    assert (recorded["sampling"], recorded["augment"]) == ("balanced", "scanner")
+
+
+def test_unknown_sampling_is_refused(tiny_data_root: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="sampling must be one of"):
+        train(TrainConfig(data_root=tiny_data_root, out_dir=tmp_path / "run", **TINY, sampling="oversample"))  # type: ignore[arg-type]
+
+
+def test_sensitivity_at_specificity_reads_the_roc_point() -> None:
+    labels = np.array([0] * 20 + [1] * 10)
+    score = np.concatenate([np.linspace(0.0, 0.5, 20), np.linspace(0.4, 1.0, 10)])
+    # 95 % specificity allows one of twenty negatives (0.5) above the threshold, so it sits just above the second
+    # (0.474): eight of the ten positives (0.533 … 1.0) are above it.
+    assert sensitivity_at_specificity(labels, score, 0.95) == pytest.approx(0.8)
+    assert sensitivity_at_specificity(labels, score, 0.9) == pytest.approx(0.9)  # two negatives above: 0.467 in
+    assert sensitivity_at_specificity(np.ones(3, dtype=np.int64), np.ones(3), 0.95) is None
+
+
+def test_validation_metrics_separate_seen_and_unseen_sites_and_contrasts() -> None:
+    samples = [
+        _lgg("0001", "HT", "flair", 1, "glioma"),
+        _lgg("0001", "HT", "flair", 2, "notumor"),
+        _lgg("0002", "DU", "t1_pre", 1, "glioma"),
+        _lgg("0002", "DU", "t1_pre", 2, "notumor"),
+        _sample("kaggle/a.jpg", "kaggle", "notumor"),
+        _sample("kaggle/b.jpg", "kaggle", "pituitary"),
+    ]
+    # classes: glioma, meningioma, notumor, pituitary. HT ranks right, DU ranks wrong, Kaggle is right.
+    probs = np.array(
+        [
+            [0.9, 0.0, 0.1, 0.0],
+            [0.2, 0.0, 0.8, 0.0],
+            [0.3, 0.0, 0.7, 0.0],
+            [0.6, 0.0, 0.4, 0.0],
+            [0.0, 0.0, 1.0, 0.0],
+            [0.0, 0.0, 0.0, 1.0],
+        ]
+    )
+    m = validation_metrics(samples, probs)
+    assert m["lgg_unseen_auc"] == 1.0 and m["lgg_unseen_auc_flair"] == 1.0
+    assert m["lgg_seen_auc"] == 0.0
+    assert m["lgg_unseen_auc_t1_pre"] is None  # no unseen-site T1 in this set
+    assert m["public_acc"] == 1.0 and m["kaggle_tumour_auc"] == 1.0
+
+
+def test_every_arm_has_a_distinct_name_and_the_table_has_a_row_each() -> None:
+    names = [a.name for a in arms()]
+    assert len(names) == len(set(names)) and names[0] == "baseline"
+    rows = [{"arm": n, "change": "x", "compute": {"wall_seconds": 60.0}, "public_acc": 0.5} for n in names]
+    table = markdown_table(rows)
+    assert table.count("\n") == len(names) + 2 and "50.0 %" in table

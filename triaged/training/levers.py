@@ -1,0 +1,226 @@
+"""The generalisation levers of model 2.0, compared on validation at an equal training budget.
+
+``python -m triaged.training.levers --out-dir DIR`` trains one short run per lever (the same number of optimiser
+steps and images for each, on the shipped model's data split), evaluates each on the validation split only
+(never test), and writes ``levers.json`` and ``levers.md``. Each arm's directory is kept, so an interrupted study
+resumes where it stopped and a finished arm is never trained twice.
+
+Why an equal *step* budget, not an equal wall-clock one: the machine is shared, and a lever must not look better
+because its run happened to get more CPU. The budget is small (a few thousand images), so the table ranks levers
+by how much they move a model in that budget; it is not what each lever would give in a full run.
+
+The columns that matter most are those of the unseen site (tcga_lgg HT validation patients: a site no arm trains
+on), because the held-back evaluation is on sites and sources none of our data comes from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F  # noqa: N812
+from tqdm import tqdm
+
+from triaged.ml.inference import Predictor
+from triaged.ml.registry import DEFAULT_CLASSES, NO_TUMOUR
+from triaged.training.data import Sample, evaluation_samples, read_manifest
+from triaged.training.dataset import preprocess_files, sample_labels, sample_paths
+from triaged.training.lgg import UNSEEN_SITE, is_lgg, lgg_contrast, lgg_site
+from triaged.training.metrics import expected_calibration_error, roc_auc, roc_curve
+from triaged.training.train import TrainConfig, train
+
+REPO = Path(__file__).resolve().parents[2]
+SHIPPED = REPO / "models" / "densenet121-brainmri-v2"
+EARLIER = REPO / "models" / "densenet121-brainmri-v1"
+SPECIFICITY = 0.95
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One lever setting: a name, what it changes against the baseline, and the TrainConfig overrides."""
+
+    name: str
+    change: str
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+def arms() -> list[Arm]:
+    """The arms in the order they run (most informative first, so a study cut short still answers most)."""
+    cont = {"init": f"model:{SHIPPED}", "lr": 1e-4}
+    return [
+        Arm("baseline", "2.0.0's recipe, continued from 2.0.0", cont),
+        Arm("balanced", "source- and contrast-balanced sampling", {**cont, "sampling": "balanced"}),
+        Arm(
+            "scanner_aug",
+            "scanner/export augmentation (JPEG, resampling, Gibbs, Rician)",
+            {**cont, "augment": "scanner"},
+        ),
+        Arm(
+            "cam_cheng_only",
+            "attention loss on Cheng masks only (no LGG FLAIR masks)",
+            {**cont, "cam_mask_sources": "cheng"},
+        ),
+        Arm("size160", "input 160 px instead of 128", {**cont, "input_size": 160}),
+        Arm(
+            "from_1.2.0",
+            "continued from 1.2.0 instead of 2.0.0 (2.0.0's own start)",
+            {"init": f"model:{EARLIER}", "lr": 3e-4},
+        ),
+        Arm("fresh", "random initialisation", {"init": None, "lr": 1e-3}),
+    ]
+
+
+def base_config(data_root: Path, out_dir: Path, steps: int, seed: int) -> TrainConfig:
+    """The shared recipe: 2.0.0's settings (attention loss 0.3, label smoothing, AdamW), the shipped split."""
+    return TrainConfig(
+        data_root=data_root,
+        out_dir=out_dir,
+        epochs=1,
+        max_steps=steps,
+        warmup_epochs=0.05,
+        cam_loss_weight=0.3,
+        seed=seed,
+        manifest=SHIPPED / "manifest.csv",
+        model_version="0.0.0-lever",
+    )
+
+
+def _auc(labels: np.ndarray, score: np.ndarray) -> float | None:
+    return roc_auc(labels, score) if 0 < labels.sum() < len(labels) else None
+
+
+def sensitivity_at_specificity(labels: np.ndarray, score: np.ndarray, specificity: float) -> float | None:
+    """Tumour sensitivity at the ROC point whose specificity is at least ``specificity`` (threshold-free)."""
+    if not 0 < labels.sum() < len(labels):
+        return None
+    fpr, tpr, _ = roc_curve(labels, score)
+    ok = fpr <= 1.0 - specificity + 1e-12  # 1 - 0.9 is 0.0999…: an fpr of exactly 0.1 must count
+    return float(tpr[ok].max()) if ok.any() else 0.0
+
+
+def validation_metrics(samples: Sequence[Sample], probs: np.ndarray) -> dict[str, float | None]:
+    """Per-source accuracy, tumour AUC (1 − p(no tumour)) and calibration on validation images."""
+    classes = list(DEFAULT_CLASSES)
+    labels = np.array(sample_labels(samples, classes))
+    tumour = (labels != classes.index(NO_TUMOUR)).astype(np.int64)
+    score = 1.0 - probs[:, classes.index(NO_TUMOUR)]
+    public = np.array([not is_lgg(s) for s in samples])
+    kaggle = np.array([s.source == "kaggle" for s in samples])
+    site = np.array([lgg_site(s.path) if is_lgg(s) else "" for s in samples])
+    contrast = np.array([lgg_contrast(s.path) if is_lgg(s) else "" for s in samples])
+    unseen, seen = site == UNSEEN_SITE, (site != "") & (site != UNSEEN_SITE)
+    out: dict[str, float | None] = {
+        "public_acc": float((probs[public].argmax(1) == labels[public]).mean()),
+        "public_ece": expected_calibration_error(probs[public], labels[public])[0],
+        "kaggle_tumour_auc": _auc(tumour[kaggle], score[kaggle]),
+        "lgg_seen_auc": _auc(tumour[seen], score[seen]),
+        "lgg_unseen_auc": _auc(tumour[unseen], score[unseen]),
+        "lgg_unseen_sens_at_95spec": sensitivity_at_specificity(tumour[unseen], score[unseen], SPECIFICITY),
+    }
+    for c in ("flair", "t1_pre", "t1_post"):
+        sel = unseen & (contrast == c)
+        out[f"lgg_unseen_auc_{c}"] = _auc(tumour[sel], score[sel])
+    return out
+
+
+def evaluate_arm(model_dir: Path, data_root: Path, samples: Sequence[Sample], cache_dir: Path) -> dict[str, Any]:
+    """Probabilities of the arm's exported model (torch, fp32, temperature 1) on the validation images."""
+    predictor = Predictor.from_dir(model_dir, device="cpu", precision="fp32", backend="torch")
+    images = preprocess_files(sample_paths(data_root, samples), predictor.spec.preprocessing, cache_dir=cache_dir)
+    logits = []
+    for start in tqdm(range(0, len(images), 128), desc="validate", mininterval=10.0):
+        logits.append(predictor.logits(torch.from_numpy(images[start : start + 128].astype(np.float32))))
+    probs = F.softmax(torch.from_numpy(np.concatenate(logits)), dim=1).numpy()
+    return validation_metrics(samples, probs)
+
+
+def run_study(
+    data_root: Path, out_root: Path, steps: int, seed: int, only: Sequence[str] | None
+) -> list[dict[str, Any]]:
+    """Train and evaluate every arm not yet done; return all arms' rows (done ones read from disk)."""
+    cache_dir = out_root / "cache"
+    val = evaluation_samples(read_manifest(SHIPPED / "manifest.csv"), "val")
+    rows = []
+    chosen = [a for a in arms() if only is None or a.name in only]
+    for arm in chosen:
+        arm_dir = out_root / arm.name
+        result = arm_dir / "result.json"
+        if not result.is_file():
+            cfg = replace(base_config(data_root, arm_dir, steps, seed), cache_dir=cache_dir, **arm.overrides)
+            if not (arm_dir / "model" / "model.json").is_file():
+                train(cfg)
+            history = json.loads((arm_dir / "history.json").read_text())
+            row = {
+                "arm": arm.name,
+                "change": arm.change,
+                "overrides": {k: v for k, v in arm.overrides.items() if k != "init"}
+                | {"init": arm.overrides.get("init")},
+                "steps": steps,
+                "compute": history["compute"],
+                **evaluate_arm(arm_dir / "model", data_root, val, cache_dir),
+            }
+            result.write_text(json.dumps(row, indent=1, default=str))
+        rows.append(json.loads(result.read_text()))
+        write_table(rows, out_root)
+    return rows
+
+
+COLUMNS = (
+    ("public_acc", "Kaggle+Cheng acc"),
+    ("public_ece", "ECE (T=1)"),
+    ("kaggle_tumour_auc", "Kaggle tumour AUC"),
+    ("lgg_seen_auc", "LGG seen-site AUC"),
+    ("lgg_unseen_auc", "LGG unseen-site AUC"),
+    ("lgg_unseen_auc_flair", "unseen FLAIR"),
+    ("lgg_unseen_auc_t1_pre", "unseen T1"),
+    ("lgg_unseen_auc_t1_post", "unseen T1+C"),
+    ("lgg_unseen_sens_at_95spec", "unseen sens @95 % spec"),
+)
+
+
+def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
+    """One row per arm; percentages for accuracy-like columns, three decimals for AUCs."""
+    head = "| arm | change | " + " | ".join(title for _, title in COLUMNS) + " | CPU min |"
+    lines = [head, "|" + "---|" * (len(COLUMNS) + 3)]
+    for row in rows:
+        cells = []
+        for key, _ in COLUMNS:
+            value = row.get(key)
+            cells.append("–" if value is None else f"{value:.3f}" if "auc" in key else f"{100 * value:.1f} %")
+        minutes = float(row["compute"]["wall_seconds"]) / 60
+        lines.append(f"| {row['arm']} | {row['change']} | " + " | ".join(cells) + f" | {minutes:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_table(rows: Sequence[dict[str, Any]], out_root: Path) -> None:
+    (out_root / "levers.json").write_text(json.dumps(list(rows), indent=1, default=str))
+    (out_root / "levers.md").write_text(markdown_table(rows))
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m triaged.training.levers", description=__doc__)
+    p.add_argument("--data-root", type=Path, default=REPO.parent / "shared" / "data")
+    p.add_argument("--out-dir", type=Path, required=True)
+    p.add_argument("--steps", type=int, default=200, help="optimiser steps per arm (batch 32)")
+    p.add_argument("--seed", type=int, default=20310)
+    p.add_argument("--arms", default=None, help="comma-separated subset of: " + ", ".join(a.name for a in arms()))
+    ns = p.parse_args(argv)
+    if not (ns.data_root / "tcga_lgg").is_dir():
+        p.error(f"{ns.data_root} has no tcga_lgg/: the study needs the shared data")
+    only = ns.arms.split(",") if ns.arms else None
+    unknown = set(only or ()) - {a.name for a in arms()}
+    if unknown:
+        p.error(f"unknown arm(s): {', '.join(sorted(unknown))}")
+    ns.out_dir.mkdir(parents=True, exist_ok=True)
+    rows = run_study(ns.data_root, ns.out_dir, ns.steps, ns.seed, only)
+    print(markdown_table(rows))
+
+
+if __name__ == "__main__":
+    main()
