@@ -60,3 +60,11 @@ def test_attention_loss_needs_densenet(tiny_data_root: Path, tmp_path: Path) -> 
     result = runner.invoke(app, [*args, "--cam-loss-weight", "0.3"])
     assert result.exit_code == 2 and "--cam-loss-weight" in result.output
     assert "Traceback" not in result.output
+
+
+def test_unknown_sampling_or_augment_is_one_line(tiny_data_root: Path, tmp_path: Path) -> None:
+    args = ["train", "--out-dir", str(tmp_path / "o"), "--data-root", str(tiny_data_root), "--arch", "smallcnn"]
+    for extra in (["--sampling", "oversample"], ["--augment", "invert"]):
+        result = runner.invoke(app, [*args, *extra])
+        assert result.exit_code == 2 and "--sampling must be uniform" in result.output
+        assert "Traceback" not in result.output

@@ -58,6 +58,15 @@ def train_command(  # noqa: PLR0917 (one parameter per CLI option)
     cam_loss_weight: Annotated[
         float, typer.Option(help="Weight of the mask-guided attention loss on Cheng slices (0 = labels only).")
     ] = 0.0,
+    cam_mask_sources: Annotated[
+        str, typer.Option(help="Comma-separated sources whose tumour masks the attention loss uses.")
+    ] = "cheng,tcga_lgg",
+    sampling: Annotated[
+        str, typer.Option(help="uniform | balanced (every source and contrast an equal share of each epoch).")
+    ] = "uniform",
+    augment: Annotated[
+        str, typer.Option(help="standard | scanner (adds JPEG re-compression, resampling, Gibbs and Rician noise).")
+    ] = "standard",
 ) -> None:
     """Train a classifier on the leak-free split and export OUT_DIR/model."""
     from triaged.ml.networks import ARCHITECTURES
@@ -70,6 +79,8 @@ def train_command(  # noqa: PLR0917 (one parameter per CLI option)
         _fail(f"--init path {init.partition(':')[2]!r} does not exist")
     if cam_loss_weight < 0 or (cam_loss_weight > 0 and arch != "densenet121"):
         _fail("--cam-loss-weight must be >= 0 and needs --arch densenet121")
+    if sampling not in ("uniform", "balanced") or augment not in ("standard", "scanner"):
+        _fail("--sampling must be uniform or balanced, --augment standard or scanner")
     if epochs < 1 or batch_size < 1 or input_size < 32:
         _fail("--epochs and --batch-size must be >= 1 and --input-size >= 32")
     cfg = TrainConfig(
@@ -94,6 +105,9 @@ def train_command(  # noqa: PLR0917 (one parameter per CLI option)
         init=init,
         cache_dir=cache_dir,
         cam_loss_weight=cam_loss_weight,
+        cam_mask_sources=cam_mask_sources,
+        sampling=sampling,
+        augment=augment,
     )
     try:
         best = train(cfg)

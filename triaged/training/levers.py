@@ -66,12 +66,12 @@ def arms() -> list[Arm]:
             "attention loss on Cheng masks only (no LGG FLAIR masks)",
             {**cont, "cam_mask_sources": "cheng"},
         ),
-        Arm("size160", "input 160 px instead of 128", {**cont, "input_size": 160}),
         Arm(
             "from_1.2.0",
             "continued from 1.2.0 instead of 2.0.0 (2.0.0's own start)",
             {"init": f"model:{EARLIER}", "lr": 3e-4},
         ),
+        Arm("size160", "input 160 px instead of 128", {**cont, "input_size": 160}),
         Arm("fresh", "random initialisation", {"init": None, "lr": 1e-3}),
     ]
 
@@ -207,7 +207,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m triaged.training.levers", description=__doc__)
     p.add_argument("--data-root", type=Path, default=REPO.parent / "shared" / "data")
     p.add_argument("--out-dir", type=Path, required=True)
-    p.add_argument("--steps", type=int, default=200, help="optimiser steps per arm (batch 32)")
+    p.add_argument("--steps", type=int, default=120, help="optimiser steps per arm (batch 32)")
     p.add_argument("--seed", type=int, default=20310)
     p.add_argument("--arms", default=None, help="comma-separated subset of: " + ", ".join(a.name for a in arms()))
     ns = p.parse_args(argv)
