@@ -12,7 +12,13 @@ from tests.ml.test_train import TINY
 from triaged.ml.registry import load_model
 from triaged.training.augment import RandJpegRecompress, build_train_augment
 from triaged.training.data import Sample
-from triaged.training.levers import arms, markdown_table, sensitivity_at_specificity, validation_metrics
+from triaged.training.levers import (
+    arms,
+    markdown_table,
+    paired_unseen_delta,
+    sensitivity_at_specificity,
+    validation_metrics,
+)
 from triaged.training.sampling import balanced_weights, effective_class_counts, sampling_group
 from triaged.training.train import TrainConfig, train
 
@@ -122,3 +128,29 @@ def test_every_arm_has_a_distinct_name_and_the_table_has_a_row_each() -> None:
     rows = [{"arm": n, "change": "x", "compute": {"wall_seconds": 60.0}, "public_acc": 0.5} for n in names]
     table = markdown_table(rows)
     assert table.count("\n") == len(names) + 2 and "50.0 %" in table
+
+
+def test_paired_unseen_delta_is_zero_for_the_same_model_and_positive_for_a_better_one() -> None:
+    samples, rows = [], []
+    rng = np.random.default_rng(0)
+    for patient in range(6):
+        for n in range(10):
+            label = "glioma" if n < 4 else "notumor"
+            samples.append(_lgg(f"{patient:04d}", "HT", "flair", n, label))
+            rows.append(label)
+    samples.append(_lgg("0099", "DU", "flair", 1, "glioma"))  # a seen-site slice: not part of the delta
+    rows.append("glioma")
+    tumour = np.array([r == "glioma" for r in rows])
+    noisy = np.where(tumour, 0.6, 0.4) + rng.normal(0.0, 0.3, len(rows))
+    clean = np.where(tumour, 0.9, 0.1)
+
+    def probs(score: np.ndarray) -> np.ndarray:
+        p = np.zeros((len(score), 4))
+        p[:, 2] = 1.0 - np.clip(score, 0.0, 1.0)  # p(notumor)
+        p[:, 0] = 1.0 - p[:, 2]
+        return p
+
+    same = paired_unseen_delta(samples, probs(noisy), probs(noisy), rounds=200)
+    assert same == {"value": 0.0, "lo": 0.0, "hi": 0.0, "patients": 6}
+    better = paired_unseen_delta(samples, probs(clean), probs(noisy), rounds=200)
+    assert better["value"] > 0 and better["lo"] > 0 and better["hi"] <= 1.0

@@ -31,7 +31,7 @@ from triaged.ml.inference import Predictor
 from triaged.ml.registry import DEFAULT_CLASSES, NO_TUMOUR
 from triaged.training.data import Sample, evaluation_samples, read_manifest
 from triaged.training.dataset import preprocess_files, sample_labels, sample_paths
-from triaged.training.lgg import UNSEEN_SITE, is_lgg, lgg_contrast, lgg_site
+from triaged.training.lgg import UNSEEN_SITE, is_lgg, lgg_contrast, lgg_patient, lgg_site
 from triaged.training.metrics import expected_calibration_error, roc_auc, roc_curve
 from triaged.training.train import TrainConfig, train
 
@@ -129,44 +129,77 @@ def validation_metrics(samples: Sequence[Sample], probs: np.ndarray) -> dict[str
     return out
 
 
-def evaluate_arm(model_dir: Path, data_root: Path, samples: Sequence[Sample], cache_dir: Path) -> dict[str, Any]:
-    """Probabilities of the arm's exported model (torch, fp32, temperature 1) on the validation images."""
+def paired_unseen_delta(
+    samples: Sequence[Sample], probs: np.ndarray, baseline: np.ndarray, *, rounds: int = 1000, seed: int = 0
+) -> dict[str, float]:
+    """Unseen-site slice AUC of an arm minus the baseline's, with a 95 % CI from a paired bootstrap over
+    *patients* (slices of one patient are correlated, so resampling slices would make the CI far too narrow)."""
+    no_tumour = list(DEFAULT_CLASSES).index(NO_TUMOUR)
+    rows = [i for i, s in enumerate(samples) if is_lgg(s) and lgg_site(s.path) == UNSEEN_SITE]
+    tumour = np.array([samples[i].label != NO_TUMOUR for i in rows], dtype=np.int64)
+    arm_score, base_score = 1.0 - probs[rows, no_tumour], 1.0 - baseline[rows, no_tumour]
+    patients = np.array([lgg_patient(samples[i].path) for i in rows])
+    by_patient = [np.flatnonzero(patients == p) for p in np.unique(patients)]
+    rng = np.random.default_rng(seed)
+    deltas = []
+    for _ in range(rounds):
+        pick = np.concatenate([by_patient[j] for j in rng.integers(0, len(by_patient), len(by_patient))])
+        d = roc_auc(tumour[pick], arm_score[pick]) - roc_auc(tumour[pick], base_score[pick])
+        if np.isfinite(d):
+            deltas.append(d)
+    value = roc_auc(tumour, arm_score) - roc_auc(tumour, base_score)
+    lo, hi = (float(np.quantile(deltas, 0.025)), float(np.quantile(deltas, 0.975))) if deltas else (np.nan, np.nan)
+    return {"value": float(value), "lo": lo, "hi": hi, "patients": len(by_patient)}
+
+
+def validation_probabilities(
+    model_dir: Path, data_root: Path, samples: Sequence[Sample], cache_dir: Path
+) -> np.ndarray:
+    """Probabilities of an exported model (torch, fp32, temperature 1) on the validation images."""
     predictor = Predictor.from_dir(model_dir, device="cpu", precision="fp32", backend="torch")
     images = preprocess_files(sample_paths(data_root, samples), predictor.spec.preprocessing, cache_dir=cache_dir)
     logits = []
     for start in tqdm(range(0, len(images), 128), desc="validate", mininterval=10.0):
         logits.append(predictor.logits(torch.from_numpy(images[start : start + 128].astype(np.float32))))
-    probs = F.softmax(torch.from_numpy(np.concatenate(logits)), dim=1).numpy()
-    return validation_metrics(samples, probs)
+    probs: np.ndarray = F.softmax(torch.from_numpy(np.concatenate(logits)), dim=1).numpy()
+    return probs
+
+
+def arm_probabilities(arm_dir: Path, data_root: Path, samples: Sequence[Sample], cache_dir: Path) -> np.ndarray:
+    """The arm's validation probabilities, computed once and kept in ``val_probs.npy``."""
+    path = arm_dir / "val_probs.npy"
+    if not path.is_file():
+        np.save(path, validation_probabilities(arm_dir / "model", data_root, samples, cache_dir))
+    probs: np.ndarray = np.load(path)
+    return probs
 
 
 def run_study(
     data_root: Path, out_root: Path, steps: int, seed: int, only: Sequence[str] | None
 ) -> list[dict[str, Any]]:
-    """Train and evaluate every arm not yet done; return all arms' rows (done ones read from disk)."""
+    """Train every arm not yet trained, evaluate each (probabilities kept per arm) and return their rows."""
     cache_dir = out_root / "cache"
     val = evaluation_samples(read_manifest(SHIPPED / "manifest.csv"), "val")
     rows = []
     chosen = [a for a in arms() if only is None or a.name in only]
     for arm in chosen:
         arm_dir = out_root / arm.name
-        result = arm_dir / "result.json"
-        if not result.is_file():
-            cfg = replace(base_config(data_root, arm_dir, steps, seed), cache_dir=cache_dir, **arm.overrides)
-            if not (arm_dir / "model" / "model.json").is_file():
-                train(cfg)
-            history = json.loads((arm_dir / "history.json").read_text())
-            row = {
-                "arm": arm.name,
-                "change": arm.change,
-                "overrides": {k: v for k, v in arm.overrides.items() if k != "init"}
-                | {"init": arm.overrides.get("init")},
-                "steps": steps,
-                "compute": history["compute"],
-                **evaluate_arm(arm_dir / "model", data_root, val, cache_dir),
-            }
-            result.write_text(json.dumps(row, indent=1, default=str))
-        rows.append(json.loads(result.read_text()))
+        if not (arm_dir / "model" / "model.json").is_file():
+            train(replace(base_config(data_root, arm_dir, steps, seed), cache_dir=cache_dir, **arm.overrides))
+        probs = arm_probabilities(arm_dir, data_root, val, cache_dir)
+        row: dict[str, Any] = {
+            "arm": arm.name,
+            "change": arm.change,
+            "overrides": {k: str(v) for k, v in arm.overrides.items()},
+            "steps": steps,
+            "compute": json.loads((arm_dir / "history.json").read_text())["compute"],
+            **validation_metrics(val, probs),
+        }
+        baseline_probs = out_root / "baseline" / "val_probs.npy"
+        if arm.name != "baseline" and baseline_probs.is_file():
+            row["delta_unseen_auc"] = paired_unseen_delta(val, probs, np.load(baseline_probs))
+        (arm_dir / "result.json").write_text(json.dumps(row, indent=1, default=str))
+        rows.append(row)
         write_table(rows, out_root)
     return rows
 
@@ -186,13 +219,15 @@ COLUMNS = (
 
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     """One row per arm; percentages for accuracy-like columns, three decimals for AUCs."""
-    head = "| arm | change | " + " | ".join(title for _, title in COLUMNS) + " | CPU min |"
-    lines = [head, "|" + "---|" * (len(COLUMNS) + 3)]
+    head = "| arm | change | " + " | ".join(title for _, title in COLUMNS) + " | Δ unseen AUC [95 % CI] | min |"
+    lines = [head, "|" + "---|" * (len(COLUMNS) + 4)]
     for row in rows:
         cells = []
         for key, _ in COLUMNS:
             value = row.get(key)
             cells.append("–" if value is None else f"{value:.3f}" if "auc" in key else f"{100 * value:.1f} %")
+        delta = row.get("delta_unseen_auc")
+        cells.append(f"{delta['value']:+.3f} [{delta['lo']:+.3f}, {delta['hi']:+.3f}]" if delta else "–")
         minutes = float(row["compute"]["wall_seconds"]) / 60
         lines.append(f"| {row['arm']} | {row['change']} | " + " | ".join(cells) + f" | {minutes:.0f} |")
     return "\n".join(lines) + "\n"
