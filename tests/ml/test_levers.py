@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -154,3 +155,21 @@ def test_paired_unseen_delta_is_zero_for_the_same_model_and_positive_for_a_bette
     assert same == {"value": 0.0, "lo": 0.0, "hi": 0.0, "patients": 6}
     better = paired_unseen_delta(samples, probs(clean), probs(noisy), rounds=200)
     assert better["value"] > 0 and better["lo"] > 0 and better["hi"] <= 1.0
+
+
+def test_card_section_states_each_levers_verdict_from_its_ci(tmp_path: Path) -> None:
+    from triaged.training.model_card_levers import lever_sections
+
+    assert lever_sections(tmp_path) == []  # no study, no section
+    base = {"change": "x", "steps": 120, "compute": {"wall_seconds": 600.0}}
+    rows = [
+        {"arm": "baseline", **base},
+        {"arm": "up", **base, "delta_unseen_auc": {"value": 0.02, "lo": 0.01, "hi": 0.03, "patients": 9}},
+        {"arm": "down", **base, "delta_unseen_auc": {"value": -0.02, "lo": -0.03, "hi": -0.01, "patients": 9}},
+        {"arm": "flat", **base, "delta_unseen_auc": {"value": 0.01, "lo": -0.01, "hi": 0.02, "patients": 9}},
+    ]
+    (tmp_path / "evaluation").mkdir()
+    (tmp_path / "evaluation" / "levers.json").write_text(json.dumps(rows))
+    text = "\n".join(lever_sections(tmp_path))
+    assert "`up` (x): helped" in text and "`down` (x): hurt" in text
+    assert "`flat` (x): no measurable change" in text and "3840 images" in text

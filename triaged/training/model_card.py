@@ -11,6 +11,7 @@ from triaged.ml.networks import build_network, count_parameters
 from triaged.ml.registry import read_spec
 from triaged.training.evaluate_outputs import ci
 from triaged.training.lgg import UNSEEN_SITE
+from triaged.training.model_card_levers import lever_sections
 from triaged.training.model_card_volumes import lgg_data_lines, volume_sections
 
 REPRODUCE = """\
@@ -315,6 +316,7 @@ def write_model_card(model_dir: Path, report: dict[str, Any], compare: Sequence[
         "",
         "Budgets differ (see the minutes column, wall-clock on a 2-core CPU shared with other work, one torch",
         "thread each); read accordingly. The product model's minutes include every run it was continued from.",
+        *lever_sections(model_dir),
     ]
     if "release" in report:
         lines += [
