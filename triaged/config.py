@@ -112,6 +112,14 @@ class DicomSettings(_Section):
     )
     dimse_timeout: float = Field(default=60, gt=0)
     network_timeout: float = Field(default=60, gt=0)
+    heartbeat_seconds: float = Field(
+        default=10, gt=0, description="receiver: how often it writes its liveness into the receivers table"
+    )
+    receiver_timeout_seconds: float = Field(
+        default=60,
+        gt=0,
+        description="a receiver whose heartbeat is older than this is gone: the reaper closes its open associations",
+    )
     accept_unknown_peers: bool = True
     require_called_ae_title: bool = Field(
         default=True, description="reject (A-ASSOCIATE-RJ 1/1/7) requests whose called AE title is not ae_title"
@@ -121,6 +129,16 @@ class DicomSettings(_Section):
     tls: TlsSettings = TlsSettings()
 
     _ae = field_validator("ae_title")(_check_ae_title)
+
+    @model_validator(mode="after")
+    def _timeout_spans_heartbeats(self) -> DicomSettings:
+        """A live receiver must never look dead: the time-out has to cover at least two missed heartbeats."""
+        if self.receiver_timeout_seconds < 2 * self.heartbeat_seconds:
+            raise ValueError(
+                f"receiver_timeout_seconds ({self.receiver_timeout_seconds:g}) must be at least twice "
+                f"heartbeat_seconds ({self.heartbeat_seconds:g})"
+            )
+        return self
 
     def peer_for_ae(self, ae_title: str) -> tuple[str, Peer] | None:
         for name, peer in self.peers.items():

@@ -1,9 +1,11 @@
 """`triaged serve` / `triaged worker`: wire receiver, workers, housekeeping and the web console in one process.
 
 The model is loaded once per process and shared by the worker threads. Housekeeping runs on an
-APScheduler ``BackgroundScheduler``: the series sweep (complete series → infer jobs), the lease reaper,
-the retention purge and the jobs gauges. SIGTERM/SIGINT stop accepting associations, let current jobs
-finish (releasing their leases if they overrun the grace period) and return exit status 0.
+APScheduler ``BackgroundScheduler``: the series sweep (complete series → infer jobs), the reaper (jobs
+whose lease ran out, associations of receivers whose heartbeat ran out), the retention purge and the jobs
+gauges; a process that receives also beats its receivers' heartbeat on it. SIGTERM/SIGINT stop accepting
+associations, let current jobs finish (releasing their leases if they overrun the grace period) and return
+exit status 0.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from sqlalchemy import text
 
 from triaged import metrics
 from triaged.config import Settings
-from triaged.db import queue, repo
+from triaged.db import queue, receivers, repo
 from triaged.db.engine import make_engine
 from triaged.db.models import utcnow
 from triaged.db.schema import require_current_schema
@@ -46,9 +48,14 @@ class ReceiverLike(Protocol):
     @property
     def port(self) -> int: ...
 
+    @property
+    def receiver_ids(self) -> list[str]: ...
+
     def start(self) -> None: ...
 
     def stop(self) -> None: ...
+
+    def heartbeat(self) -> None: ...
 
 
 def check_schema(settings: Settings) -> None:
@@ -73,6 +80,22 @@ def destinations_housekeeping(runtime: Runtime) -> None:
     probe_due_destinations(runtime.session_factory, runtime.settings)
     expire_old_exports(runtime.session_factory, runtime.settings)
     refresh_destination_gauges(runtime.session_factory)
+
+
+def reaper_interval(settings: Settings) -> float:
+    """Often enough for both time-outs the reaper enforces (the job lease and the receiver heartbeat)."""
+    return min(REAPER_INTERVAL_SECONDS, settings.worker.lease_seconds / 2, settings.dicom.receiver_timeout_seconds / 2)
+
+
+def reap(runtime: Runtime) -> None:
+    """The reaper: re-queue jobs whose worker's lease ran out, close the associations of receivers whose
+    heartbeat ran out (their series then complete). One failing does not keep the other from running."""
+    settings = runtime.settings
+    _guarded("lease_reaper", lambda: queue.reap_expired_leases(runtime.session_factory))()
+    _guarded(
+        "receiver_reaper",
+        lambda: receivers.reap_dead_receivers(runtime.session_factory, settings.dicom.receiver_timeout_seconds),
+    )()
 
 
 def _guarded(name: str, func: Callable[[], Any]) -> Callable[[], None]:
@@ -130,7 +153,7 @@ class Daemon:
             )
             self.http = WebServer(create_app(context), settings.http)
             self.http.start()
-        if self.housekeeping:
+        if self.housekeeping or self.receiver is not None:
             self._start_scheduler(runtime)
         export_workers = settings.worker.export_count if workers > 0 else 0
         self._workers = start_worker_threads(runtime, workers, self.stop_event, export_count=export_workers)
@@ -198,6 +221,21 @@ class Daemon:
 
         settings = self.settings
         scheduler = BackgroundScheduler(timezone="UTC", job_defaults={"coalesce": True, "max_instances": 1})
+        receiver = self.receiver
+        if receiver is not None:  # even without housekeeping: a receiver that does not beat gets reaped
+            scheduler.add_job(
+                _guarded("receiver_heartbeat", receiver.heartbeat),
+                "interval",
+                seconds=settings.dicom.heartbeat_seconds,
+                id="receiver_heartbeat",
+            )
+        if self.housekeeping:
+            self._add_housekeeping(scheduler, runtime)
+        scheduler.start()
+        self._scheduler = scheduler
+
+    def _add_housekeeping(self, scheduler: Any, runtime: Runtime) -> None:
+        settings = self.settings
         if self.receive:
             from triaged.receive.series import sweep_complete_series
 
@@ -207,12 +245,7 @@ class Daemon:
                 seconds=settings.series.sweep_interval_seconds,
                 id="series_sweep",
             )
-        scheduler.add_job(
-            _guarded("lease_reaper", lambda: queue.reap_expired_leases(runtime.session_factory)),
-            "interval",
-            seconds=min(REAPER_INTERVAL_SECONDS, settings.worker.lease_seconds / 2),
-            id="lease_reaper",
-        )
+        scheduler.add_job(lambda: reap(runtime), "interval", seconds=reaper_interval(settings), id="reaper")
         scheduler.add_job(
             _guarded("job_gauges", lambda: refresh_job_gauges(runtime)),
             "interval",
@@ -241,8 +274,6 @@ class Daemon:
                 id="retention_purge",
                 next_run_time=utcnow(),
             )
-        scheduler.start()
-        self._scheduler = scheduler
 
     # -- probes ------------------------------------------------------------------------------------------
     def readiness(self) -> dict[str, str]:

@@ -100,3 +100,29 @@ def test_daemon_refuses_the_schema_before_destinations_and_upgrade_downgrade_rou
     upgrade(engine)
     require_current_schema(engine)
     engine.dispose()
+
+
+def test_receivers_revision_gives_open_associations_a_heartbeat_and_round_trips(db_url: str) -> None:
+    """0006 adds `receivers`; an association left open before it gets a row for its receiver id, beating from
+    the upgrade, so the reaper can close it once the time-out has passed (and a returning receiver still can)."""
+    engine = make_engine(db_url)
+    try:
+        upgrade(engine, "0005")
+        with engine.begin() as connection:
+            for receiver_id, closed in (("old-host:TRIAGED:11112", None), ("done:TRIAGED:1", "CURRENT_TIMESTAMP")):
+                connection.exec_driver_sql(
+                    "INSERT INTO associations (calling_ae_title, peer_address, receiver_id, opened_at, closed_at) "
+                    f"VALUES ('PACS', '', '{receiver_id}', CURRENT_TIMESTAMP, {closed or 'NULL'})"
+                )
+        upgrade(engine, "0006")
+        with engine.connect() as connection:
+            rows = connection.exec_driver_sql("SELECT id, host, heartbeat_at FROM receivers").all()
+        assert [(r.id, r.host) for r in rows] == [("old-host:TRIAGED:11112", "old-host")]
+        assert rows[0].heartbeat_at is not None
+        downgrade(engine, "0005")
+        assert "receivers" not in inspect(engine).get_table_names()
+        upgrade(engine)
+        require_current_schema(engine)
+        assert _schema_diff(engine) == []
+    finally:
+        engine.dispose()

@@ -14,6 +14,7 @@ from triaged.cli import db, dicom_commands, ml_commands
 from triaged.cli import demo as demo_cli
 from triaged.cli import jobs as jobs_cli
 from triaged.cli import outputs as outputs_cli
+from triaged.cli import receivers as receivers_cli
 from triaged.cli import series as series_cli
 from triaged.cli import users as users_cli
 from triaged.cli.common import CliState
@@ -34,6 +35,7 @@ dicom_commands.register(app)
 series_cli.register(app)
 users_cli.register(app)
 audit_cli.register(app)
+receivers_cli.register(app)
 app.command("train")(ml_commands.train_command)
 app.command("evaluate")(ml_commands.evaluate_command)
 model_app = typer.Typer(help="The shipped classifier.", no_args_is_help=True)

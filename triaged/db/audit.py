@@ -27,6 +27,7 @@ log = structlog.get_logger()
 ASSOCIATION_ACCEPTED = AuditKind.ASSOCIATION_ACCEPTED.value
 ASSOCIATION_REJECTED = AuditKind.ASSOCIATION_REJECTED.value
 INSTANCES_STORED = AuditKind.INSTANCES_STORED.value
+ASSOCIATION_CLOSED = AuditKind.ASSOCIATION_CLOSED.value
 ADMIN_ACTION = AuditKind.ADMIN_ACTION.value
 EXPORT = AuditKind.EXPORT.value
 KINDS = tuple(kind.value for kind in AuditKind)
@@ -110,6 +111,44 @@ def record_instances_stored(
                 "association_id": association_id,
                 "stored": len(instance_hashes),
                 "refused": refused,
+                "sop_instance_uid_hashes": list(instance_hashes[:MAX_HASHES]),
+            },
+        ),
+    )
+
+
+def record_association_closed(
+    session: Session,
+    *,
+    association_id: int,
+    receiver_id: str,
+    peer_address: str,
+    calling_ae_title: str,
+    instance_hashes: Sequence[str],
+    series: int,
+    outcome: str,
+    reason: str,
+    actor: str,
+    now: datetime | None = None,
+) -> AuditEvent:
+    """An association closed on behalf of a receiver that is gone: ``reaped`` (its heartbeat ran out) or
+    ``forgotten`` (``triaged receivers forget`` by ``actor``). Its receiver cannot write the ``instances_stored``
+    record any more, so this one names what the association stored, from the rows (hashed UIDs only)."""
+    return _record(
+        session,
+        AuditEvent(
+            at=now or utcnow(),
+            kind=ASSOCIATION_CLOSED,
+            actor=actor[:64],
+            peer_address=peer_address[:64],
+            calling_ae_title=calling_ae_title[:16],
+            outcome=outcome[:32],
+            reason=reason[:64],
+            detail={
+                "association_id": association_id,
+                "receiver_id": receiver_id,
+                "stored": len(instance_hashes),
+                "series": series,
                 "sop_instance_uid_hashes": list(instance_hashes[:MAX_HASHES]),
             },
         ),

@@ -117,6 +117,25 @@ class Association(Base):
     closed_at: Mapped[datetime | None] = mapped_column(UTCDateTime, index=True)
 
 
+class Receiver(Base):
+    """One receiver process's liveness: series completion waits on its open associations only while it beats.
+
+    The row is keyed by the ``receiver_id`` its associations carry. A receiver writes it at start and every
+    ``dicom.heartbeat_seconds``; the reaper closes the open associations of one whose heartbeat is older than
+    ``dicom.receiver_timeout_seconds`` (:mod:`triaged.db.receivers`), so a host that never comes back does not
+    hold its series forever.
+    """
+
+    __tablename__ = "receivers"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True, doc="the receiver_id of its associations")
+    host: Mapped[str] = mapped_column(String(255), default="")
+    pid: Mapped[int | None] = mapped_column(Integer)
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    heartbeat_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
+    stopped_at: Mapped[datetime | None] = mapped_column(UTCDateTime, doc="set by a clean stop")
+
+
 class Series(Base):
     __tablename__ = "series"
 

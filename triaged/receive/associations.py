@@ -2,7 +2,8 @@
 
 Series completion waits until every association that sent to a series is closed (style P6), so each
 accepted association gets a row when it is accepted and its ``closed_at`` when it ends, however it ends;
-a restart closes what a crashed predecessor left open. The same transactions write the audit trail
+a restart closes what a crashed predecessor left open, and the reaper closes what a receiver that never
+comes back left open (:mod:`triaged.db.receivers`). The same transactions write the audit trail
 (:mod:`triaged.db.audit`): accepted with its row, what it stored with its close, and each rejection.
 """
 
@@ -15,17 +16,18 @@ from datetime import UTC, datetime
 from typing import Any
 
 import structlog
-from sqlalchemy import Table, or_, update
+from sqlalchemy import Table, delete, or_, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from triaged.db import audit
-from triaged.db.models import Association
+from triaged.db.models import Association, Receiver
 from triaged.log import uid_hash
 
 log = structlog.get_logger()
 
 ASSOCIATIONS: Table = Association.__table__  # type: ignore[assignment]
+RECEIVERS: Table = Receiver.__table__  # type: ignore[assignment]
 
 
 def utcnow() -> datetime:
@@ -73,6 +75,8 @@ def close_stale_associations(session_factory: sessionmaker[Session], receiver_id
             )
             .values(closed_at=utcnow())
         )
+        # The liveness rows of an earlier pool's processes: they are gone, and this start re-registers its own.
+        session.execute(delete(RECEIVERS).where(RECEIVERS.c.id.startswith(f"{receiver_id}:", autoescape=True)))
     count = int(getattr(result, "rowcount", 0) or 0)
     if count:
         log.warning("stale_associations_closed", count=count, receiver_id=receiver_id)

@@ -36,6 +36,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from triaged import metrics
 from triaged.config import Settings
+from triaged.db import receivers
 from triaged.db.engine import make_engine, make_session_factory
 from triaged.errors import TriagedError
 from triaged.log import configure_logging
@@ -193,6 +194,21 @@ class ReceiverPool:
                 end.close()
         self._close_slots()
         log.info("receiver_pool_stopped", processes=len(children), killed=killed)
+
+    @property
+    def receiver_ids(self) -> list[str]:
+        """The ids the children record their associations under (``<base>:<index>``)."""
+        with self._lock:
+            return [c.receiver_id for c in self._children]
+
+    def heartbeat(self) -> None:
+        """Beat for every child while this parent supervises it (a dead child is restarted, which closes what
+        it left open); when the parent dies, its children stop and the beats stop with them."""
+        if self.session_factory is None:
+            return
+        with self._lock:
+            pids = {c.receiver_id: c.process.pid for c in self._children}
+        receivers.beat(self.session_factory, pids)
 
     def associations_in_use(self) -> int:
         """Associations held right now over all children (from the shared table)."""

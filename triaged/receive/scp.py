@@ -12,6 +12,7 @@ A-ASSOCIATE-RQ has arrived.
 
 from __future__ import annotations
 
+import os
 import socket
 import socketserver
 import time
@@ -26,6 +27,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from triaged.config import Settings
+from triaged.db import receivers
 from triaged.dicom.contexts import configure_pynetdicom, scp_contexts
 from triaged.receive import spool as spooling
 from triaged.receive import status
@@ -99,6 +101,7 @@ class Receiver:
         self.ingestor.committer.start()
         self.store.cleanup_stale_temp_files()
         self._close_stale_associations()
+        receivers.register(self.session_factory, self.receiver_id)  # alive from now: the reaper spares it
         dicom = self.settings.dicom
         ae = ReceiverAE(dicom.ae_title, self.admission, artim_timeout=dicom.artim_timeout, reuse_port=self._reuse_port)
         ae.supported_contexts = scp_contexts(dicom.extra_storage_sop_classes)
@@ -165,7 +168,20 @@ class Receiver:
             self._ae.shutdown()
         self.ingestor.committer.stop()
         self._server = None
+        try:
+            receivers.mark_stopped(self.session_factory, [self.receiver_id])
+        except SQLAlchemyError as exc:  # only `receivers list` misses it: its heartbeat runs out all the same
+            log.warning("receiver_stop_record_failed", error=type(exc).__name__)
         log.info("receiver_stopped", aborted=len(leftover))
+
+    @property
+    def receiver_ids(self) -> list[str]:
+        """The ids its associations are recorded under (one: this process)."""
+        return [self.receiver_id]
+
+    def heartbeat(self) -> None:
+        """Tell the database this receiver is alive (the daemon's scheduler calls it every heartbeat_seconds)."""
+        receivers.beat(self.session_factory, {self.receiver_id: os.getpid()})
 
     def _close_stale_associations(self) -> None:
         close_stale_associations(self.session_factory, self.receiver_id)
