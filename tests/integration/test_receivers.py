@@ -9,6 +9,7 @@ The CLI (`triaged receivers list/forget`) runs through Typer's runner.
 from __future__ import annotations
 
 import json
+import subprocess
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -18,7 +19,8 @@ from sqlalchemy import select
 from structlog.testing import capture_logs
 from typer.testing import CliRunner
 
-from tests.support.receiver import receiver_settings, running_receiver, spawn_receiver, synthetic_series
+from tests.support.receiver import receiver_settings, running_receiver, spawn_receiver, synthetic_series, wait_for
+from tests.support.triaged_daemon import TriagedDaemon
 from triaged.cli.app import app
 from triaged.config import Settings
 from triaged.db import audit, receivers
@@ -26,6 +28,7 @@ from triaged.db.models import Association, AuditEvent, Instance, Job, JobKind, R
 from triaged.errors import ConfigError, NotFoundError
 from triaged.log import uid_hash
 from triaged.outputs.send import close_socket, read_dicom_file
+from triaged.receive.associations import default_receiver_id
 from triaged.receive.series import sweep_complete_series
 
 runner = CliRunner()
@@ -71,6 +74,10 @@ def _store_then_die(tmp_path: Path, db_url: str, paths: list[Path]) -> list[str]
         "dicom": {"bind_address": "127.0.0.1", "ae_title": "TRIAGED"},
     }
     proc, port = spawn_receiver(overrides, tmp_path, "doomed")
+    return _store_then_kill(proc, port, paths)
+
+
+def _store_then_kill(proc: subprocess.Popen[bytes], port: int, paths: list[Path]) -> list[str]:
     files = [read_dicom_file(p) for p in paths]
     ae = AE(ae_title="GONESCU")
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
@@ -276,3 +283,58 @@ def test_the_timeout_must_cover_two_heartbeats(make_settings):
         make_settings(dicom={"heartbeat_seconds": 10, "receiver_timeout_seconds": 15})
     settings: Settings = make_settings(dicom={"heartbeat_seconds": 1, "receiver_timeout_seconds": 2})
     assert settings.dicom.receiver_timeout_seconds == 2
+
+
+def _series_states(session_factory) -> list[SeriesState]:
+    with session_factory() as session:
+        return list(session.scalars(select(Series.state)))
+
+
+def _heartbeat_moved(session_factory, receiver_id: str) -> bool:
+    with session_factory() as session:
+        row = session.get(Receiver, receiver_id)
+        return row is not None and row.heartbeat_at > row.started_at
+
+
+@pytest.mark.slow
+def test_a_killed_serve_is_reaped_by_another_serve_and_its_series_queued(tmp_path):
+    """Real processes: `triaged serve` (receive only) beats its heartbeat, stores 3 instances on an association and
+    is SIGKILLed; a second `triaged serve` (another receiver) reaps that association once the heartbeat is older
+    than the (short) time-out, and its sweep queues the series once."""
+    common: dict[str, object] = {
+        "model_dir": tmp_path / "no-model",  # worker.count = 0: no model is loaded
+        "peers": {"pacs": {"ae_title": "GONESCU", "host": "127.0.0.1", "port": 9}},
+        "quiet_seconds": 0.5,
+        "worker": {"count": 0, "lease_seconds": 4},
+        "dicom": {"heartbeat_seconds": 0.5, "receiver_timeout_seconds": 3},
+        "database_url": f"sqlite:///{tmp_path / 'shared.db'}",
+    }
+    doomed = TriagedDaemon(root=tmp_path / "a", **common)  # type: ignore[arg-type]
+    doomed.start()
+    doomed_id = default_receiver_id("TRIAGED", doomed.dicom_port)
+    factory = doomed.session_factory
+    try:
+        wait_for(lambda: _heartbeat_moved(factory, doomed_id), timeout=30)  # the daemon's scheduler beats
+        assert doomed.process is not None
+        acked = _store_then_kill(doomed.process, doomed.dicom_port, synthetic_series(tmp_path / "src", 3, seed=5))
+    finally:
+        doomed.stop()
+    assert len(acked) == 3
+    assert len(_open(factory, doomed_id)) == 1
+    assert _series_states(factory) == [SeriesState.RECEIVING]
+
+    rescuer = TriagedDaemon(root=tmp_path / "b", **common)  # type: ignore[arg-type]
+    rescuer.start()
+    try:
+        wait_for(lambda: _series_states(factory) == [SeriesState.QUEUED], timeout=60)
+        listed = rescuer.cli("receivers", "list", "--json")
+    finally:
+        rescuer.stop()
+    assert _open(factory, doomed_id) == []
+    assert len(_infer_jobs(factory)) == 1
+    [event] = _events(factory, audit.ASSOCIATION_CLOSED)
+    assert (event.actor, event.detail["receiver_id"], event.detail["stored"]) == ("reaper", doomed_id, 3)
+    assert listed.returncode == 0, listed.stderr
+    states = {r["id"]: (r["state"], r["open_associations"]) for r in json.loads(listed.stdout)}
+    assert states[doomed_id] == ("dead", 0)
+    assert states[default_receiver_id("TRIAGED", rescuer.dicom_port)] == ("alive", 0)
