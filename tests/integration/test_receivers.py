@@ -24,11 +24,14 @@ from tests.support.triaged_daemon import TriagedDaemon
 from triaged.cli.app import app
 from triaged.config import Settings
 from triaged.db import audit, receivers
+from triaged.db.engine import make_engine, make_session_factory
 from triaged.db.models import Association, AuditEvent, Instance, Job, JobKind, Receiver, Series, SeriesState
+from triaged.db.schema import upgrade
 from triaged.errors import ConfigError, NotFoundError
 from triaged.log import uid_hash
 from triaged.outputs.send import close_socket, read_dicom_file
 from triaged.receive.associations import default_receiver_id
+from triaged.receive.pool import ReceiverPool
 from triaged.receive.series import sweep_complete_series
 
 runner = CliRunner()
@@ -338,3 +341,31 @@ def test_a_killed_serve_is_reaped_by_another_serve_and_its_series_queued(tmp_pat
     states = {r["id"]: (r["state"], r["open_associations"]) for r in json.loads(listed.stdout)}
     assert states[doomed_id] == ("dead", 0)
     assert states[default_receiver_id("TRIAGED", rescuer.dicom_port)] == ("alive", 0)
+
+
+def test_a_pool_registers_each_process_and_its_parent_beats_for_them(make_settings, sqlite_url, tmp_path):
+    """Each child registers its own ``<base>:<index>`` (an earlier, larger pool's rows go); the parent beats for
+    all of them (the daemon's scheduler calls it) and each child records its clean stop."""
+    engine = make_engine(sqlite_url)
+    upgrade(engine)
+    session_factory = make_session_factory(engine)
+    receivers.register(session_factory, "pool-test:7", now=T0)  # a process of an earlier run with more of them
+    settings = receiver_settings(make_settings, dicom={"receiver_processes": 2}, database={"url": sqlite_url})
+    pool = ReceiverPool(settings, session_factory, receiver_id="pool-test", port=0, stop_timeout=5)
+    pool.start()
+    try:
+        assert pool.receiver_ids == ["pool-test:0", "pool-test:1"]
+        with session_factory() as session:
+            rows = {r.id: r for r in session.scalars(select(Receiver))}
+        assert sorted(rows) == ["pool-test:0", "pool-test:1"]
+        assert sorted(r.pid for r in rows.values()) == sorted(pool.pids)
+        pool.heartbeat()
+        with session_factory() as session:
+            beaten = {r.id: r for r in session.scalars(select(Receiver))}
+        assert all(beaten[k].heartbeat_at > rows[k].heartbeat_at for k in rows)
+        assert {k: r.pid for k, r in beaten.items()} == {k: r.pid for k, r in rows.items()}
+    finally:
+        pool.stop()
+    with session_factory() as session:
+        assert all(r.stopped_at is not None for r in session.scalars(select(Receiver)))
+    engine.dispose()

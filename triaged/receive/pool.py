@@ -85,8 +85,10 @@ class _Child:
 class ReceiverPool:
     """N receiver processes sharing one port; :meth:`start` returns once all listen, :meth:`stop` drains.
 
-    ``session_factory`` (optional) is used once, at start, to close associations that an earlier run under
-    the same base id left open, whatever its process count was (each child only closes its own id's).
+    ``session_factory`` (optional) is used at start, to close associations that an earlier run under the
+    same base id left open, whatever its process count was (each child only closes its own id's), and by
+    :meth:`heartbeat`, which beats for every child: without it the children's heartbeats run out, and a
+    reaper elsewhere would close their associations.
     """
 
     def __init__(
