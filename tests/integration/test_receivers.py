@@ -300,7 +300,7 @@ def _heartbeat_moved(session_factory, receiver_id: str) -> bool:
 
 
 @pytest.mark.slow
-def test_a_killed_serve_is_reaped_by_another_serve_and_its_series_queued(tmp_path):
+def test_a_killed_serve_is_reaped_by_another_serve_and_its_series_queued(tmp_path, db_url):
     """Real processes: `triaged serve` (receive only) beats its heartbeat, stores 3 instances on an association and
     is SIGKILLed; a second `triaged serve` (another receiver) reaps that association once the heartbeat is older
     than the (short) time-out, and its sweep queues the series once."""
@@ -310,33 +310,38 @@ def test_a_killed_serve_is_reaped_by_another_serve_and_its_series_queued(tmp_pat
         "quiet_seconds": 0.5,
         "worker": {"count": 0, "lease_seconds": 4},
         "dicom": {"heartbeat_seconds": 0.5, "receiver_timeout_seconds": 3},
-        "database_url": f"sqlite:///{tmp_path / 'shared.db'}",
+        "database_url": db_url,  # one database for both (SQLite file or PostgreSQL schema)
     }
     doomed = TriagedDaemon(root=tmp_path / "a", **common)  # type: ignore[arg-type]
     doomed.start()
     doomed_id = default_receiver_id("TRIAGED", doomed.dicom_port)
-    factory = doomed.session_factory
+    engine = make_engine(db_url)  # the test's own connections, disposed at its end
+    factory = make_session_factory(engine)
     try:
-        wait_for(lambda: _heartbeat_moved(factory, doomed_id), timeout=30)  # the daemon's scheduler beats
-        assert doomed.process is not None
-        acked = _store_then_kill(doomed.process, doomed.dicom_port, synthetic_series(tmp_path / "src", 3, seed=5))
-    finally:
-        doomed.stop()
-    assert len(acked) == 3
-    assert len(_open(factory, doomed_id)) == 1
-    assert _series_states(factory) == [SeriesState.RECEIVING]
+        try:
+            wait_for(lambda: _heartbeat_moved(factory, doomed_id), timeout=30)  # the daemon's scheduler beats
+            assert doomed.process is not None
+            paths = synthetic_series(tmp_path / "src", 3, seed=5)
+            acked = _store_then_kill(doomed.process, doomed.dicom_port, paths)
+        finally:
+            doomed.stop()
+        assert len(acked) == 3
+        assert len(_open(factory, doomed_id)) == 1
+        assert _series_states(factory) == [SeriesState.RECEIVING]
 
-    rescuer = TriagedDaemon(root=tmp_path / "b", **common)  # type: ignore[arg-type]
-    rescuer.start()
-    try:
-        wait_for(lambda: _series_states(factory) == [SeriesState.QUEUED], timeout=60)
-        listed = rescuer.cli("receivers", "list", "--json")
+        rescuer = TriagedDaemon(root=tmp_path / "b", **common)  # type: ignore[arg-type]
+        rescuer.start()
+        try:
+            wait_for(lambda: _series_states(factory) == [SeriesState.QUEUED], timeout=60)
+            listed = rescuer.cli("receivers", "list", "--json")
+        finally:
+            rescuer.stop()
+        assert _open(factory, doomed_id) == []
+        assert len(_infer_jobs(factory)) == 1
+        [event] = _events(factory, audit.ASSOCIATION_CLOSED)
+        assert (event.actor, event.detail["receiver_id"], event.detail["stored"]) == ("reaper", doomed_id, 3)
     finally:
-        rescuer.stop()
-    assert _open(factory, doomed_id) == []
-    assert len(_infer_jobs(factory)) == 1
-    [event] = _events(factory, audit.ASSOCIATION_CLOSED)
-    assert (event.actor, event.detail["receiver_id"], event.detail["stored"]) == ("reaper", doomed_id, 3)
+        engine.dispose()
     assert listed.returncode == 0, listed.stderr
     states = {r["id"]: (r["state"], r["open_associations"]) for r in json.loads(listed.stdout)}
     assert states[doomed_id] == ("dead", 0)
