@@ -37,7 +37,14 @@ from triaged.db.models import (
     Study,
     utcnow,
 )
-from triaged.dicom.pixels import DecodedSeries, DecodedSlice, SeriesHeader, decode_series, read_series_header
+from triaged.dicom.pixels import (
+    DecodedSeries,
+    DecodedSlice,
+    SeriesHeader,
+    decode_series,
+    read_series_header,
+    shared_orientation,
+)
 from triaged.errors import JobError, PixelDecodeError
 from triaged.log import uid_hash
 from triaged.ml.api import SeriesAssessment, SeriesMeta, Triage
@@ -63,18 +70,14 @@ class _SeriesInput:
 
 def slice_geometry(slices: Sequence[DecodedSlice]) -> SliceGeometry | None:
     """Where the decoded slices lie, when every slice says so and all share one orientation and spacing."""
-    orientations = {s.orientation for s in slices}
+    orientation = shared_orientation(slices)
     spacings = {s.pixel_spacing for s in slices}
-    if not slices or len(orientations) != 1 or len(spacings) != 1 or None in orientations or None in spacings:
+    spacing = next(iter(spacings)) if len(spacings) == 1 else None
+    if orientation is None or spacing is None:
         return None
-    positions = tuple(s.position for s in slices)
-    if any(p is None for p in positions):
-        return None
-    orientation, spacing = next(iter(orientations)), next(iter(spacings))
-    assert orientation is not None and spacing is not None  # narrowed above
     return SliceGeometry(
         orientation=orientation,
-        positions=tuple(p for p in positions if p is not None),
+        positions=tuple(s.position for s in slices if s.position is not None),  # all of them: shared_orientation
         pixel_spacing=spacing,
     )
 

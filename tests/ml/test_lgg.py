@@ -6,9 +6,12 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import pytest
 
 from triaged.dicom.pixels import decode_series, read_series_header
+from triaged.dicom.synthetic import write_mr_series
+from triaged.errors import PixelDecodeError
 from triaged.ml.gate import gate_reason
 from triaged.training.data import Sample, training_samples
 from triaged.training.lgg import (
@@ -24,6 +27,7 @@ from triaged.training.series_eval import (
     SeriesOutcome,
     choose_threshold,
     load_volume,
+    read_series,
     series_meta_of,
     volume_series,
     wilson_interval,
@@ -104,6 +108,25 @@ def test_volume_series_decode_to_the_same_pixels_and_pass_the_gate(
         assert gate_reason(meta) is None, vs.contrast
         if vs.contrast == "flair":
             assert "IR" in meta.scanning_sequence and meta.inversion_time == 2500.0
+
+
+@pytest.mark.parametrize("description", ["AX T1 SE", "DWI b1000"])
+def test_read_series_of_an_undecodable_series(tmp_path: Path, description: str) -> None:
+    """No slices and the header's metadata; ``strict`` (the daemon's rule) raises unless the gate refuses anyway."""
+    paths = write_mr_series([np.full((16, 16), 100.0)] * 3, tmp_path, series_description=description)
+    ds = pydicom.dcmread(paths[1])
+    ds.PixelData = ds.PixelData[:10]  # truncated: the decoder refuses it, the header still reads
+    ds.save_as(paths[1])
+    slices, meta = read_series(tmp_path)
+    assert slices == [] and meta.number_of_slices == 3
+    gated = gate_reason(meta) is not None
+    assert gated == (description == "DWI b1000")
+    if gated:
+        assert read_series(paths, strict=True) == ([], meta)
+    else:
+        with pytest.raises(PixelDecodeError):
+            read_series(paths, strict=True)
+    assert len(read_series(paths[:1], strict=True)[0]) == 1
 
 
 def _outcome(urgency: float | None) -> SeriesOutcome:

@@ -7,7 +7,6 @@ trained on).
 from __future__ import annotations
 
 import dataclasses
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -17,9 +16,8 @@ import torch
 from triaged.ml.gate import gate_reason
 from triaged.ml.inference import Predictor, Triage
 from triaged.ml.registry import read_spec
-from triaged.ml.results import SeriesMeta
-from triaged.training.data import read_manifest
 from triaged.training.dataset import load_image
+from triaged.training.series_eval import read_series
 
 REPO = Path(__file__).resolve().parents[2]
 PREVIOUS_DIR = REPO / "models" / "densenet121-brainmri-v1"  # 1.2.0, the previous default: still loadable by path
@@ -27,7 +25,6 @@ DEFAULT_DIR = REPO / "models" / "densenet121-brainmri-v2"  # 2.0.0, the daemon's
 TOSHIBA_DWI_PATH = "neurolabusc_dcm_qa_toshiba/In/Galan/8006_DTI_AX_30d"
 UIH_T1_PATH = "neurolabusc_dcm_qa_uih/In/DTI_132225/t1_gre_fsp_3d_sag__132750"
 XA30_MPRAGE_PATH = "neurolabusc_dcm_qa_xa30/In/6_anat-T1w_acq-tfl"
-VOLUME_PATIENTS = ("TCGA_DU_7018", "TCGA_HT_7616")
 DATA = REPO.parent / "shared" / "data"
 EXPECTED = {
     "kaggle_4class/Testing/glioma/Te-gl_0131.jpg": "glioma",
@@ -67,8 +64,6 @@ def test_predicts_expected_labels_on_unseen_images(data_root: Path) -> None:
 
 
 def test_diffusion_series_from_dicom_is_not_assessable(data_root: Path) -> None:
-    from triaged.training.release import read_series
-
     slices, meta = read_series(data_root / "dicom" / "neurolabusc_dcm_qa_philips/In/Vanderbilt_2018/601_WIP_dti_ax")
     result = Triage(DEFAULT_DIR, device="cpu", threads=1).assess(slices, meta)
     assert not result.assessable and not result.urgent
@@ -76,18 +71,11 @@ def test_diffusion_series_from_dicom_is_not_assessable(data_root: Path) -> None:
     assert torch.get_num_threads() == 1
 
 
-def _series_from_dicom(path: Path) -> tuple[list[np.ndarray], SeriesMeta]:
-    """Slices and gate metadata the way the daemon reads them (decoder, slice order, metadata and geometry)."""
-    from triaged.training.release import read_series
-
-    return read_series(path)
-
-
 def test_a_diffusion_b0_series_whose_metadata_says_nothing_is_not_flagged(data_root: Path) -> None:
     """A Toshiba DTI b0 with description, b-values and EPI flag stripped passes the metadata gate and must never
     come back urgent. (The issue asks the OOD score to refuse it; for 2.0.0 its feature distance, 1.14, is below
     the threshold 3.23, so today it is assessed as no tumour: recorded in the issue note, not hidden here.)"""
-    slices, meta = _series_from_dicom(data_root / "dicom" / TOSHIBA_DWI_PATH)
+    slices, meta = read_series(data_root / "dicom" / TOSHIBA_DWI_PATH)
     stripped = dataclasses.replace(
         meta, series_description="AX", protocol_name="", diffusion_b_values=(), scanning_sequence=("SE",)
     )
@@ -106,7 +94,7 @@ def test_accepts_the_real_anatomical_series(data_root: Path, model_dir: Path) ->
     # 1.2.0 predates scoring_plane in model.json: it scores every series as acquired, as it always did
     expected_reformat = {UIH_T1_PATH: False, XA30_MPRAGE_PATH: model_dir == DEFAULT_DIR}
     for relative, reformatted in expected_reformat.items():
-        slices, meta = _series_from_dicom(data_root / "dicom" / relative)
+        slices, meta = read_series(data_root / "dicom" / relative)
         result = triage.assess(slices, meta, cam_top_k=1)
         assert result.assessable, (relative, result.reason)
         assert not result.urgent, (relative, result.urgency, result.threshold)
@@ -114,27 +102,3 @@ def test_accepts_the_real_anatomical_series(data_root: Path, model_dir: Path) ->
         if reformatted:
             assert set(result.key_images) == set(result.key_slice_indices)
             assert all(result.cams[i].shape == result.key_images[i].shape for i in result.cams)
-
-
-def test_bf16_agrees_with_fp32_on_every_release_decision(data_root: Path) -> None:
-    """Reduced precision must not flip a decision: same assessability, same urgent flag, urgency within 0.02, on
-    the release series and on fixed tcga_lgg test volumes (whose urgencies sit near the threshold more often)."""
-    from triaged.training.release import RELEASE_SERIES
-    from triaged.training.series_eval import assess_dicom_files, volume_series, write_volume_series
-
-    fp32 = Triage(DEFAULT_DIR, device="cpu", precision="fp32", threads=1)
-    bf16 = Triage(DEFAULT_DIR, device="cpu", precision="bf16", threads=1)
-    paths: list[list[Path]] = []
-    for _, relative, _ in RELEASE_SERIES:
-        target = data_root / "dicom" / relative
-        paths.append(sorted(target.iterdir()) if target.is_dir() else [target])
-    samples = read_manifest(DEFAULT_DIR / "manifest.csv")
-    volumes = [v for v in volume_series(samples, "test") if v.patient in VOLUME_PATIENTS]
-    with tempfile.TemporaryDirectory() as tmp:
-        paths += [write_volume_series(data_root, v, Path(tmp) / v.patient / v.contrast) for v in volumes]
-        for files in paths:
-            a = assess_dicom_files(fp32, files, cam_top_k=0)
-            b = assess_dicom_files(bf16, files, cam_top_k=0)
-            assert (a.assessable, a.urgent) == (b.assessable, b.urgent), (files[0].parent.name, a.urgency, b.urgency)
-            if a.urgency is not None and b.urgency is not None:
-                assert abs(a.urgency - b.urgency) <= 0.02

@@ -188,11 +188,23 @@ def decode_instance(ds: Dataset, where: str = "instance", *, allow_mosaic: bool 
     return slices
 
 
+def shared_orientation(slices: Sequence[DecodedSlice]) -> tuple[float, ...] | None:
+    """The one orientation of ``slices`` when every slice has a position and all share it, else ``None``.
+
+    Why: only then do positions along one slice normal mean anything, for sorting (:func:`sort_slices`) as for the
+    geometry a reformat relies on (``pipeline.slice_geometry``).
+    """
+    orientations = {s.orientation for s in slices}
+    if not slices or len(orientations) != 1 or any(s.position is None for s in slices):
+        return None
+    return next(iter(orientations))
+
+
 def sort_slices(slices: Sequence[DecodedSlice]) -> list[DecodedSlice]:
     """Order along the slice normal when every slice has a position and one orientation; else by numbers."""
-    orientations = {s.orientation for s in slices}
-    if slices and all(s.position is not None for s in slices) and len(orientations) == 1 and None not in orientations:
-        orientation = np.asarray(next(iter(orientations)), dtype=np.float64)
+    shared = shared_orientation(slices)
+    if shared is not None:
+        orientation = np.asarray(shared, dtype=np.float64)
         normal = np.cross(orientation[:3], orientation[3:])
         if np.linalg.norm(normal) > 0:
             return sorted(

@@ -13,11 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from triaged.dicom.pixels import decode_series, read_series_header
-from triaged.errors import PixelDecodeError
 from triaged.ml.inference import Triage
-from triaged.ml.results import SeriesMeta
-from triaged.training.series_eval import series_meta_of, slice_geometry_of
+from triaged.training.series_eval import read_series
 
 RELEASE_SERIES: tuple[tuple[str, str, str], ...] = (
     ("uih_t1_gre_3d_sag", "neurolabusc_dcm_qa_uih/In/DTI_132225/t1_gre_fsp_3d_sag__132750", "not_urgent"),
@@ -28,20 +25,6 @@ RELEASE_SERIES: tuple[tuple[str, str, str], ...] = (
     ("ge_epi_fmri", "neurolabusc_dcm_qa_nih/In/20180918GE/mr_0004", "not_assessable"),
     ("siemens_epi_mosaic", "neurolabusc_dcm_qa_ts/In/1.dcm", "not_assessable"),
 )
-
-
-def read_series(path: Path) -> tuple[list[np.ndarray], SeriesMeta]:
-    """Decode a one-file-per-slice series directory or one (multi-frame) file the way the daemon does: its pixel
-    decoder, slice order, gate metadata and geometry. A series the decoder refuses (a Siemens mosaic) comes back
-    with no slices and its header's metadata, so the gate still judges it."""
-    files = sorted(f for f in path.iterdir() if f.is_file()) if path.is_dir() else [path]
-    try:
-        decoded = decode_series(files)
-    except PixelDecodeError:
-        header, images = read_series_header(files)
-        return [], series_meta_of(header, images)
-    meta = series_meta_of(decoded.header, len(decoded.slices), slice_geometry_of(decoded.slices))
-    return [s.pixels for s in decoded.slices], meta
 
 
 def _summary(result: Any, slices: int) -> dict[str, Any]:

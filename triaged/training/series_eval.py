@@ -165,19 +165,35 @@ def slice_geometry_of(slices: Sequence[DecodedSlice]) -> SliceGeometry | None:
     return geometry
 
 
+def read_series(source: Path | Sequence[Path], *, strict: bool = False) -> tuple[list[np.ndarray], SeriesMeta]:
+    """Decode a series the way the daemon does: its pixel decoder, slice order, gate metadata and geometry.
+
+    ``source`` is a one-file-per-slice series directory, one (multi-frame) file or the series' files. A series the
+    decoder refuses (a Siemens mosaic) comes back with no slices and its header's metadata, so the gate still
+    judges it; ``strict`` keeps ``run_infer_job``'s rule instead: the decoder's error is raised unless the gate
+    refuses the series from its header anyway.
+    """
+    if isinstance(source, Path):
+        files = sorted(f for f in source.iterdir() if f.is_file()) if source.is_dir() else [source]
+    else:
+        files = list(source)
+    try:
+        decoded = decode_series(files)
+    except PixelDecodeError:
+        header, images = read_series_header(files)
+        meta = series_meta_of(header, images)
+        if strict and gate_reason(meta) is None:
+            raise
+        return [], meta
+    meta = series_meta_of(decoded.header, len(decoded.slices), slice_geometry_of(decoded.slices))
+    return [s.pixels for s in decoded.slices], meta
+
+
 def assess_dicom_files(triage: Triage, paths: Sequence[Path], *, cam_top_k: int = 3) -> SeriesAssessment:
     """Assess one series from its DICOM files the way ``run_infer_job`` does, including its refusal of a series
-    that does not decode but that the gate would refuse anyway."""
-    try:
-        decoded = decode_series(paths)
-    except PixelDecodeError:
-        header, images = read_series_header(paths)
-        reason = gate_reason(series_meta_of(header, images))
-        if reason is None:
-            raise
-        return triage.refused(reason, 0)  # as run_infer_job: no slice was decoded
-    meta = series_meta_of(decoded.header, len(decoded.slices), slice_geometry_of(decoded.slices))
-    return triage.assess([s.pixels for s in decoded.slices], meta, cam_top_k=cam_top_k)
+    that does not decode but that the gate would refuse anyway (no slice decoded: the gate's reason, 0 slices)."""
+    slices, meta = read_series(paths, strict=True)
+    return triage.assess(slices, meta, cam_top_k=cam_top_k)
 
 
 def _outcome(data_root: Path, series: VolumeSeries, assessment: SeriesAssessment, tumour_index: int) -> SeriesOutcome:
