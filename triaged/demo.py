@@ -28,7 +28,7 @@ from triaged.db.schema import upgrade
 from triaged.demo_phantom import image_files, phantom_series, slices_from_images
 from triaged.dicom.synthetic import derived_uid, write_mr_series
 from triaged.errors import TriagedError
-from triaged.outputs.scu import Destination, SendOptions, send_files
+from triaged.outputs.dimse import Destination, SendOptions, send_files
 from triaged.outputs.sink import StorageSink
 
 DEMO_CALLING_AE = "DEMOSCU"

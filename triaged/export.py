@@ -49,7 +49,7 @@ from triaged.log import uid_hash
 from triaged.outputs import dicomweb
 from triaged.outputs.build import build_outputs, encode
 from triaged.outputs.destinations import resolve_destination
-from triaged.outputs.scu import SendOptions, StoreResult, send_files
+from triaged.outputs.dimse import SendOptions, StoreResult, send_files
 from triaged.outputs.summary import BuiltOutput, KeySlice, TriageSummary
 from triaged.runtime import Runtime
 

@@ -48,7 +48,7 @@ from triaged.db.models import (
     Study,
 )
 from triaged.errors import DicomPeerError
-from triaged.outputs.scu import Destination, SendOptions, send_files
+from triaged.outputs.dimse import Destination, SendOptions, send_files
 from triaged.outputs.send import echo
 
 pytestmark = [

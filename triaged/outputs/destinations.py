@@ -21,7 +21,7 @@ from triaged.db.models import DestinationState, utcnow
 from triaged.errors import ConfigError, DestinationDownError, DicomPeerError
 from triaged.outputs import dicomweb, hl7
 from triaged.outputs.dicomweb import DicomwebDestination
-from triaged.outputs.scu import Destination
+from triaged.outputs.dimse import Destination
 from triaged.outputs.send import echo
 from triaged.outputs.tls import destination_ssl_context
 

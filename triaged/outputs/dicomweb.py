@@ -6,7 +6,7 @@ C-STORE (:mod:`triaged.outputs.destinations`). The multipart/related ``applicati
 verification, client certificate and basic or bearer credentials; secrets stay in that session and never reach
 a log line or an error message.
 
-How the answer maps onto the breaker (the same contract as :mod:`triaged.outputs.scu`):
+How the answer maps onto the breaker (the same contract as :mod:`triaged.outputs.dimse`):
 
 - no answer at all (refused, reset, TLS handshake failed, timed out) or a gateway that says the origin is not
   there (HTTP 502/503/504, 429) is :class:`~triaged.errors.DicomPeerError`: the destination is down, and the job
@@ -38,7 +38,7 @@ from pydicom.errors import InvalidDicomError
 from triaged.config import DicomwebDestination as DicomwebConfig
 from triaged.errors import ConfigError, DicomPeerError, DicomSendError
 from triaged.log import uid_hash
-from triaged.outputs.scu import StoreResult
+from triaged.outputs.dimse import StoreResult
 
 log = structlog.get_logger()
 

@@ -17,7 +17,7 @@ from triaged.config import OutputSettings
 from triaged.dicom.synthetic import write_mr_series
 from triaged.errors import DicomPeerError, DicomSendError
 from triaged.outputs.build import build_outputs, encode
-from triaged.outputs.scu import Destination, SendOptions, StoreResult, send_files
+from triaged.outputs.dimse import Destination, SendOptions, StoreResult, send_files
 from triaged.outputs.summary import KeySlice, TriageSummary
 
 
@@ -137,7 +137,7 @@ def test_empty_batch_opens_no_association() -> None:
 def test_requestor_socket_has_tcp_nodelay(pacs: FakePacs, output_files: list[Path]) -> None:
     import socket
 
-    from triaged.outputs.scu import _associate, _read_item
+    from triaged.outputs.dimse import _associate, _read_item
 
     assoc = _associate([_read_item(output_files[0])], _destination(pacs.port), SendOptions())
     try:
