@@ -88,6 +88,7 @@ def base_config(data_root: Path, out_dir: Path, steps: int, seed: int) -> TrainC
         seed=seed,
         manifest=SHIPPED / "manifest.csv",
         model_version="0.0.0-lever",
+        validate=False,  # each arm is evaluated once, below, on the whole validation split
     )
 
 

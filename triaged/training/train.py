@@ -89,6 +89,7 @@ class TrainConfig:
     cam_mask_sources: str = "cheng,tcga_lgg"
     sampling: str = "uniform"
     augment: str = "standard"
+    validate: bool = True  # off: no per-epoch validation pass (the lever study evaluates each arm itself)
 
     def to_json(self) -> dict[str, Any]:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
@@ -432,7 +433,7 @@ def train(cfg: TrainConfig) -> Path:
             "epoch": epoch + 1,
             "train_loss": run_loss / max(run_n, 1),
             "train_acc": run_correct / max(run_n, 1),
-            **_validate(model, val_loader, placement),
+            **(_validate(model, val_loader, placement) if cfg.validate else {"val_acc": 0.0, "val_loss": 0.0}),
         }
         epoch_s = time.monotonic() - t_epoch
         metrics["epoch_seconds"] = epoch_s
