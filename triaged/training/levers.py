@@ -48,12 +48,14 @@ class Arm:
     name: str
     change: str
     overrides: dict[str, Any] = field(default_factory=dict)
+    model_dir: Path | None = None  # an existing model evaluated as it is (no training): the reference row
 
 
 def arms() -> list[Arm]:
     """The arms in the order they run (most informative first, so a study cut short still answers most)."""
     cont = {"init": f"model:{SHIPPED}", "lr": 1e-4}
     return [
+        Arm("shipped_2.0.0", "2.0.0 as shipped, not trained further (reference)", model_dir=SHIPPED),
         Arm("baseline", "2.0.0's recipe, continued from 2.0.0", cont),
         Arm("balanced", "source- and contrast-balanced sampling", {**cont, "sampling": "balanced"}),
         Arm(
@@ -166,43 +168,45 @@ def validation_probabilities(
     return probs
 
 
-def arm_probabilities(arm_dir: Path, data_root: Path, samples: Sequence[Sample], cache_dir: Path) -> np.ndarray:
-    """The arm's validation probabilities, computed once and kept in ``val_probs.npy``."""
-    path = arm_dir / "val_probs.npy"
-    if not path.is_file():
-        np.save(path, validation_probabilities(arm_dir / "model", data_root, samples, cache_dir))
-    probs: np.ndarray = np.load(path)
-    return probs
-
-
 def run_study(
     data_root: Path, out_root: Path, steps: int, seed: int, only: Sequence[str] | None
 ) -> list[dict[str, Any]]:
     """Train every arm not yet trained, evaluate each (probabilities kept per arm) and return their rows."""
     cache_dir = out_root / "cache"
     val = evaluation_samples(read_manifest(SHIPPED / "manifest.csv"), "val")
-    rows = []
-    chosen = [a for a in arms() if only is None or a.name in only]
-    for arm in chosen:
+    for arm in arms():
+        if only is not None and arm.name not in only:
+            continue
         arm_dir = out_root / arm.name
-        if not (arm_dir / "model" / "model.json").is_file():
+        arm_dir.mkdir(parents=True, exist_ok=True)
+        model_dir = arm.model_dir or arm_dir / "model"
+        if arm.model_dir is None and not (model_dir / "model.json").is_file():
             train(replace(base_config(data_root, arm_dir, steps, seed), cache_dir=cache_dir, **arm.overrides))
-        probs = arm_probabilities(arm_dir, data_root, val, cache_dir)
+        path = arm_dir / "val_probs.npy"
+        if not path.is_file():
+            np.save(path, validation_probabilities(model_dir, data_root, val, cache_dir))
+        probs = np.load(path)
+        history = arm_dir / "history.json"
         row: dict[str, Any] = {
             "arm": arm.name,
             "change": arm.change,
             "overrides": {k: str(v) for k, v in arm.overrides.items()},
-            "steps": steps,
-            "compute": json.loads((arm_dir / "history.json").read_text())["compute"],
+            "steps": 0 if arm.model_dir else steps,
+            "compute": json.loads(history.read_text())["compute"] if history.is_file() else {"wall_seconds": 0.0},
             **validation_metrics(val, probs),
         }
         baseline_probs = out_root / "baseline" / "val_probs.npy"
         if arm.name != "baseline" and baseline_probs.is_file():
             row["delta_unseen_auc"] = paired_unseen_delta(val, probs, np.load(baseline_probs))
         (arm_dir / "result.json").write_text(json.dumps(row, indent=1, default=str))
-        rows.append(row)
-        write_table(rows, out_root)
-    return rows
+        write_table(finished_rows(out_root), out_root)
+    return finished_rows(out_root)
+
+
+def finished_rows(out_root: Path) -> list[dict[str, Any]]:
+    """Every arm with a result so far, in the order of :func:`arms` (a later ``--arms`` run adds to the table)."""
+    results = [out_root / a.name / "result.json" for a in arms()]
+    return [json.loads(r.read_text()) for r in results if r.is_file()]
 
 
 COLUMNS = (

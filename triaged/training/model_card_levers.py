@@ -30,7 +30,7 @@ def lever_sections(model_dir: Path) -> list[str]:
     if not path.is_file():
         return []
     rows: list[dict[str, Any]] = json.loads(path.read_text())
-    steps = rows[0]["steps"] if rows else 0
+    steps = max((int(r["steps"]) for r in rows), default=0)
     lines = [
         "",
         "## Generalisation levers (equal-budget study on validation)",
@@ -38,7 +38,8 @@ def lever_sections(model_dir: Path) -> list[str]:
         f"`python -m triaged.training.levers --steps {steps}`: one short run per lever, each {steps} optimiser",
         f"steps of 32 images ({steps * 32} images) on this model's split, evaluated on the validation split only",
         "(probabilities at temperature 1, torch fp32). Each arm changes one thing against `baseline` (2.0.0's",
-        "recipe, continued from 2.0.0 at lr 1e-4); `from_1.2.0` repeats 2.0.0's own start at the same budget.",
+        "recipe, continued from 2.0.0 at lr 1e-4); `from_1.2.0` repeats 2.0.0's own start at the same budget, and",
+        "`shipped_2.0.0` is the shipped model itself, not trained further.",
         "Unseen site = tcga_lgg HT validation patients, a site no arm trains on. Δ is the arm's unseen-site slice",
         "AUC minus the baseline's, with a paired bootstrap over patients. The budget is a few thousand images, so",
         "this ranks how far each lever moves a trained model in that budget, not what it would give in a full run.",
@@ -46,7 +47,7 @@ def lever_sections(model_dir: Path) -> list[str]:
         *markdown_table(rows).splitlines(),
         "",
     ]
-    for row in rows[1:]:
+    for row in rows:
         delta = row.get("delta_unseen_auc")
         if delta:
             lines.append(
