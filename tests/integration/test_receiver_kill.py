@@ -14,7 +14,8 @@ from pynetdicom import AE
 from sqlalchemy import select
 
 from tests.support.receiver import spawn_receiver
-from triaged.db.models import Association, Instance
+from triaged.db import audit
+from triaged.db.models import Association, AuditEvent, Instance
 from triaged.dicom.synthetic import write_mr_series
 from triaged.outputs.send import close_socket, read_dicom_file
 from triaged.receive.storage import TEMP_DIR_NAME
@@ -88,6 +89,11 @@ def test_sigkill_mid_send_loses_no_acknowledged_instance(tmp_path, db_url, engin
             assert len(data) == row.size_bytes
         assert list((storage / TEMP_DIR_NAME).iterdir()) == []
         assert associations and all(a.closed_at is not None for a in associations)
+        # The crashed receiver never wrote its instances_stored record: the restart's close is the audit trail.
+        with session_factory() as session:
+            closed = list(session.scalars(select(AuditEvent).where(AuditEvent.kind == audit.ASSOCIATION_CLOSED)))
+        assert [(e.outcome, e.reason, e.actor) for e in closed] == [("restarted", "receiver_restarted", "receiver")]
+        assert closed[0].detail["stored"] == sum(1 for r in rows.values() if r.association_id == associations[0].id)
         # The sender retries everything: the store completes with one row per instance.
         files = [read_dicom_file(p) for p in paths]
         ae = AE(ae_title="CRASHSCU")

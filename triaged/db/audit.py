@@ -131,9 +131,10 @@ def record_association_closed(
     actor: str,
     now: datetime | None = None,
 ) -> AuditEvent:
-    """An association closed on behalf of a receiver that is gone: ``reaped`` (its heartbeat ran out) or
-    ``forgotten`` (``triaged receivers forget`` by ``actor``). Its receiver cannot write the ``instances_stored``
-    record any more, so this one names what the association stored, from the rows (hashed UIDs only)."""
+    """An association closed on behalf of a receiver that is gone: ``reaped`` (its heartbeat ran out),
+    ``forgotten`` (``triaged receivers forget`` by ``actor``) or ``restarted`` (its receiver id started again after
+    a crash). Its receiver cannot write the ``instances_stored`` record any more, so this one names what the
+    association stored, from the rows (hashed UIDs only)."""
     return _record(
         session,
         AuditEvent(

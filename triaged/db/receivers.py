@@ -160,7 +160,7 @@ def _has_open_association() -> Any:
     return exists().where(ASSOCIATIONS.c.receiver_id == RECEIVERS.c.id, ASSOCIATIONS.c.closed_at.is_(None))
 
 
-def _close_open_associations(
+def close_open_associations(
     session: Session, receiver_id: str, *, now: datetime, outcome: str, reason: str, actor: str
 ) -> list[ClosedAssociation]:
     """Close every open association of ``receiver_id``, one audit record each (a concurrent close wins)."""
@@ -253,7 +253,7 @@ def reap_dead_receivers(
             heartbeat_at = session.scalar(query)
             if heartbeat_at is None:  # it beat meanwhile, or another reaper holds it
                 continue
-            reaped = _close_open_associations(
+            reaped = close_open_associations(
                 session, receiver_id, now=now, outcome="reaped", reason="receiver_timeout", actor=REAPER_ACTOR
             )
         _log_closed(
@@ -303,7 +303,7 @@ def forget(
                 f"receiver {receiver_id!r} is alive (heartbeat {age:.0f} s ago, time-out {timeout_seconds:g} s): "
                 "its series are still arriving; use --force to close its associations anyway"
             )
-        closed = _close_open_associations(
+        closed = close_open_associations(
             session, receiver_id, now=now, outcome="forgotten", reason="receiver_forgotten", actor=who
         )
         session.execute(delete(RECEIVERS).where(RECEIVERS.c.id == receiver_id))

@@ -59,6 +59,8 @@ class AuditKind(enum.StrEnum):
     ASSOCIATION_ACCEPTED = "association_accepted"
     ASSOCIATION_REJECTED = "association_rejected"
     INSTANCES_STORED = "instances_stored"
-    ASSOCIATION_CLOSED = "association_closed"  # closed for a receiver that is gone (reaper or `receivers forget`)
+    ASSOCIATION_CLOSED = (
+        "association_closed"  # closed for a receiver that is gone (reaper, `receivers forget`, or its restart)
+    )
     ADMIN_ACTION = "admin_action"
     EXPORT = "export"  # one per export job that ended: delivered (sent) or given up (dead/failed)

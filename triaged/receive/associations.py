@@ -16,12 +16,13 @@ from datetime import UTC, datetime
 from typing import Any
 
 import structlog
-from sqlalchemy import Table, delete, or_, update
+from sqlalchemy import Table, delete, or_, select, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from triaged.db import audit
 from triaged.db.models import Association, Receiver
+from triaged.db.receivers import close_open_associations
 from triaged.log import uid_hash
 
 log = structlog.get_logger()
@@ -63,24 +64,34 @@ def close_stale_associations(session_factory: sessionmaker[Session], receiver_id
     """Close rows a crashed predecessor left open under ``receiver_id`` or its processes' ``receiver_id:N``.
 
     Open rows hold back series completion; whatever ran before (one process or a pool of any size) is gone
-    once this receiver id binds its port again.
+    once this receiver id binds its port again. Each closed association gets one ``association_closed`` audit
+    record (outcome ``restarted``), as when the reaper or ``receivers forget`` closes one: the crashed
+    predecessor never wrote its ``instances_stored`` record, so this is the trail's only word on it.
     """
     ids = ASSOCIATIONS.c.receiver_id
     with session_factory.begin() as session:
-        result = session.execute(
-            update(ASSOCIATIONS)
+        stale_ids = session.scalars(
+            select(ids)
             .where(
                 or_(ids == receiver_id, ids.startswith(f"{receiver_id}:", autoescape=True)),
                 ASSOCIATIONS.c.closed_at.is_(None),
             )
-            .values(closed_at=utcnow())
-        )
+            .distinct()
+            .order_by(ids)
+        ).all()
+        now = utcnow()
+        closed = [
+            item
+            for stale in stale_ids
+            for item in close_open_associations(
+                session, stale, now=now, outcome="restarted", reason="receiver_restarted", actor="receiver"
+            )
+        ]
         # The liveness rows of an earlier pool's processes: they are gone, and this start re-registers its own.
         session.execute(delete(RECEIVERS).where(RECEIVERS.c.id.startswith(f"{receiver_id}:", autoescape=True)))
-    count = int(getattr(result, "rowcount", 0) or 0)
-    if count:
-        log.warning("stale_associations_closed", count=count, receiver_id=receiver_id)
-    return count
+    if closed:
+        log.warning("stale_associations_closed", count=len(closed), receiver_id=receiver_id)
+    return len(closed)
 
 
 class AssociationBook:
