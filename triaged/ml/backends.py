@@ -11,11 +11,12 @@ gradients and stays in torch.
 from __future__ import annotations
 
 import copy
+import hashlib
 import importlib.util
 import os
 import tempfile
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +26,7 @@ import torch
 from torch import nn
 
 from triaged.errors import ModelError
-from triaged.ml.ood import last_linear
+from triaged.ml.ood import last_linear, pool_map
 from triaged.ml.spec import ModelSpec
 
 log = structlog.get_logger()
@@ -49,11 +50,15 @@ class Forward:
 
 
 class LogitsAndFeatures(nn.Module):
-    """The network with its feature vector (the input of the last linear layer) as a second output."""
+    """The network with its OOD feature vector as a second output: the pooled ``layers`` (channel means and
+    standard deviations, :func:`~triaged.ml.ood.pool_map`), then the input of the last linear layer."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, layers: Sequence[str] = ()) -> None:
         super().__init__()
         self.body = copy.deepcopy(model).eval()
+        self._pooled: list[torch.Tensor] = []
+        for name in layers:
+            self.body.get_submodule(name).register_forward_hook(self._pool)
         head = last_linear(self.body)
         for name, module in self.body.named_modules():
             if module is head:
@@ -61,9 +66,16 @@ class LogitsAndFeatures(nn.Module):
                 setattr(self.body.get_submodule(parent_name) if parent_name else self.body, attr, nn.Identity())
         self.head = head
 
+    def _pool(self, _module: nn.Module, _args: object, output: torch.Tensor) -> None:
+        self._pooled.append(pool_map(output))
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self._pooled.clear()
         features: torch.Tensor = self.body(x)
         logits: torch.Tensor = self.head(features)
+        if self._pooled:
+            features = torch.cat([*self._pooled, features], dim=1)
+            self._pooled.clear()
         return logits, features
 
 
@@ -86,19 +98,21 @@ def resolve_backend(backend: str, device: str) -> str:
     return backend
 
 
-def onnx_file(model: nn.Module, spec: ModelSpec, cache_dir: Path) -> Path:
+def onnx_file(model: nn.Module, spec: ModelSpec, cache_dir: Path, layers: Sequence[str] = ()) -> Path:
     """The ONNX export of ``model`` in ``cache_dir``, made now if it is not there yet (atomic: workers may race).
 
     The name carries the weights' sha256 and the torch version, so new weights or a new exporter never reuse an
-    old file. The TorchScript exporter is used on purpose: the torch.export one took 100 s here, this one 4 s.
+    old file; pooled OOD ``layers`` add a tag of their names. The TorchScript exporter is used on purpose: the
+    torch.export one took 100 s here, this one 4 s.
     """
-    name = f"{spec.name}-{spec.version}-{spec.weights_sha256[:16]}-torch{torch.__version__}-op{_OPSET}.onnx"
+    tag = "-ood" + hashlib.sha256("\n".join(layers).encode()).hexdigest()[:8] if layers else ""
+    name = f"{spec.name}-{spec.version}-{spec.weights_sha256[:16]}-torch{torch.__version__}-op{_OPSET}{tag}.onnx"
     path = cache_dir / name
     if path.is_file():
         return path
     cache_dir.mkdir(parents=True, exist_ok=True)
     size = spec.preprocessing.input_size
-    wrapper = LogitsAndFeatures(model).cpu().float()
+    wrapper = LogitsAndFeatures(model, layers).cpu().float()
     fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=".export-", suffix=".onnx")
     os.close(fd)
     try:
@@ -168,10 +182,17 @@ def open_openvino(path: Path, threads: int | None, precision: str) -> Forward:
 
 
 def build_forward(
-    backend: str, model: nn.Module, spec: ModelSpec, *, precision: str, cache_dir: Path, threads: int | None
+    backend: str,
+    model: nn.Module,
+    spec: ModelSpec,
+    *,
+    precision: str,
+    cache_dir: Path,
+    threads: int | None,
+    layers: Sequence[str] = (),
 ) -> Forward:
     """Export (or reuse) the ONNX file and open it with ``backend`` (``onnxruntime`` or ``openvino``)."""
-    path = onnx_file(model, spec, cache_dir)
+    path = onnx_file(model, spec, cache_dir, layers)
     if backend == "onnxruntime":
         return open_onnxruntime(path, threads)
     if backend == "openvino":

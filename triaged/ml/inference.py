@@ -23,7 +23,7 @@ from triaged.ml.cam import CamConfig, cam_to_slice, compute_cams
 from triaged.ml.device import Placement, choose_placement, faster_precision, time_cpu_precisions, torch_threads
 from triaged.ml.gate import gate_reason
 from triaged.ml.networks import cam_target_layer
-from triaged.ml.ood import FeatureOOD, FeatureTap
+from triaged.ml.ood import OOD, FeatureTap, ood_layers
 from triaged.ml.reformat import axial_reformat
 from triaged.ml.registry import ModelSpec, load_model, load_ood
 from triaged.ml.results import SeriesAssessment, SeriesMeta
@@ -45,12 +45,14 @@ class Predictor:
         placement: Placement,
         *,
         batch_size: int = 32,
-        ood: FeatureOOD | None = None,
+        ood: OOD | None = None,
         forward: Forward | None = None,
     ) -> None:
         self.spec = spec
         self.forward = forward  # a compiled forward pass (OpenVINO, ONNX Runtime); None: torch
         self.ood = ood
+        # Layers pooled on the same forward pass for the OOD score (a compiled forward was exported with them).
+        self.ood_layers = ood_layers(ood)
         self.cam_config = CamConfig.from_dict(spec.extra.get("cam", {}), cam_target_layer(spec.arch))
         # Left-right flip averaging, when the model was evaluated and calibrated that way (model.json).
         self.flip_tta = bool(dict(spec.extra.get("inference", {})).get("flip_tta", False))
@@ -91,7 +93,7 @@ class Predictor:
         *,
         device: str,
         precision: str,
-        ood: FeatureOOD | None = None,
+        ood: OOD | None = None,
         backend: str = "torch",
         cache_dir: Path | None = None,
         threads: int | None = None,
@@ -107,7 +109,14 @@ class Predictor:
         forward = None
         if chosen != "torch":
             forward = _compiled_forward(
-                chosen, backend, model=model, spec=spec, precision=precision, cache_dir=cache_dir, threads=threads
+                chosen,
+                backend,
+                model=model,
+                spec=spec,
+                precision=precision,
+                cache_dir=cache_dir,
+                threads=threads,
+                layers=ood_layers(ood),
             )
         predictor = cls(spec, model, placement, ood=ood, forward=forward)
         if forward is None and precision == "auto" and placement == Placement("cpu", "bf16"):
@@ -155,7 +164,7 @@ class Predictor:
         return torch.cat(out).numpy().astype(np.float32)
 
     def logits_and_features(self, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        """Logits (N, C) and penultimate features (N, D), both float32.
+        """Logits (N, C) and OOD features (N, D: pooled ``ood_layers``, then the penultimate), both float32.
 
         With ``flip_tta`` the logits are the mean over the slice and its left-right mirror (brains are roughly
         symmetric and tumours occur on either side); the features, used for the OOD score, are the slice's own.
@@ -173,13 +182,13 @@ class Predictor:
         return logits, features
 
     def features(self, x: torch.Tensor) -> np.ndarray:
-        """Penultimate features (N, D) float32 only (one pass, no TTA: the OOD model needs nothing else)."""
+        """OOD features (N, D) float32 only (one pass, no TTA: the OOD model needs nothing else)."""
         return self._one_pass(x)[1]
 
     def _one_pass(self, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         if self.forward is not None:
             return self.forward(x.numpy())
-        with FeatureTap(self.model) as tap:
+        with FeatureTap(self.model, self.ood_layers) as tap:
             logits = self._torch_logits(x)
         return logits, tap.array()
 
@@ -202,12 +211,15 @@ def _compiled_forward(
     precision: str,
     cache_dir: Path | None,
     threads: int | None,
+    layers: tuple[str, ...] = (),
 ) -> Forward | None:
     """Build and check ``chosen``; under ``auto`` (``asked``) any failure means torch, logged, never a crash."""
     try:
         if cache_dir is None:
             raise ModelError(f"backend {chosen!r} needs a cache directory for its ONNX export")
-        forward = build_forward(chosen, model, spec, precision=precision, cache_dir=cache_dir, threads=threads)
+        forward = build_forward(
+            chosen, model, spec, precision=precision, cache_dir=cache_dir, threads=threads, layers=layers
+        )
         max_dp = check_against_torch(forward, model, spec)
         if not max_dp <= BACKEND_CHECK_MAX_DP:
             raise ModelError(f"backend {chosen!r} disagrees with torch (max |Δp| {max_dp:.3g} on the probe)")
@@ -376,7 +388,9 @@ class Triage:
         return result
 
     def _ood(self, logits: np.ndarray, features: np.ndarray) -> tuple[float, float | None, str]:
-        """Series OOD score (median over in-brain slices) and its threshold; feature distance when fitted."""
+        """Series OOD score (median over in-brain slices) and its threshold; feature distance when fitted.
+
+        The median, not the maximum: one odd slice (a vertex cut, a flow artefact) must not refuse a series."""
         p = self._predictor
         threshold = p.spec.ood.get("threshold", p.spec.ood.get("energy_threshold"))
         if p.ood is not None:

@@ -17,7 +17,7 @@ from torch import nn
 
 from triaged.errors import ModelError
 from triaged.ml.networks import build_network
-from triaged.ml.ood import FeatureOOD
+from triaged.ml.ood import OOD, FeatureOOD, LayeredOOD
 from triaged.ml.spec import (
     DEFAULT_CLASSES,
     FORMAT_VERSION,
@@ -66,17 +66,25 @@ def load_model(model_dir: Path) -> tuple[ModelSpec, nn.Module]:
     return spec, model.eval()
 
 
-def load_ood(model_dir: Path, spec: ModelSpec) -> FeatureOOD | None:
-    """Load the feature-space OOD statistics named in ``model.json`` (sha256-checked), if the model has them."""
+def load_ood(model_dir: Path, spec: ModelSpec) -> OOD | None:
+    """Load the feature-space OOD statistics named in ``model.json`` (sha256-checked), if the model has them.
+
+    ``mahalanobis``: the penultimate layer only (1.2.0); ``mahalanobis-layers``: several layers (2.0.0)."""
     name = spec.ood.get("file")
-    if spec.ood.get("method") != "mahalanobis" or not name:
+    method = spec.ood.get("method")
+    if method not in ("mahalanobis", "mahalanobis-layers") or not name:
         return None
     path = model_dir / str(name)
     if not path.is_file():
         raise ModelError(f"model directory {model_dir} has no {name} although model.json names it")
     if sha256_file(path) != spec.ood.get("sha256"):
         raise ModelError(f"{path} sha256 does not match model.json; the OOD statistics were modified")
-    return FeatureOOD.load(path)
+    if method == "mahalanobis":
+        return FeatureOOD.load(path)
+    ood = LayeredOOD.load(path)
+    if list(ood.layers) != list(spec.ood.get("layers", [])):
+        raise ModelError(f"{path} scores layers {list(ood.layers)}; model.json names {spec.ood.get('layers')}")
+    return ood
 
 
 def save_model_dir(model_dir: Path, model: nn.Module, spec: ModelSpec, *, half: bool = False) -> ModelSpec:
