@@ -24,8 +24,8 @@ from triaged.ml.cam import CamConfig
 from triaged.ml.device import Placement, torch_threads
 from triaged.ml.inference import Predictor, Triage, energy_score, softmax
 from triaged.ml.networks import cam_layer_candidates
-from triaged.ml.ood import OOD_FILE, FeatureOOD
-from triaged.ml.registry import default_aggregation, load_model, read_spec, sha256_file, write_spec
+from triaged.ml.ood import OOD, OOD_FILE, FeatureOOD, ood_layers
+from triaged.ml.registry import default_aggregation, load_model, load_ood, read_spec, sha256_file, write_spec
 from triaged.training.camscore import cheng_mask_path, evenly_spaced, load_masks, score_cams
 from triaged.training.data import Sample, evaluation_samples, read_manifest, split_summary, training_samples
 from triaged.training.dataset import preprocess_files, sample_labels, sample_paths
@@ -107,6 +107,10 @@ def evaluate_model(model_dir: Path, data_root: Path, out_dir: Path, options: Eva
     with torch_threads(options.threads):
         predictor = Predictor.build(spec, model, device=options.device, precision=options.precision)
     predictor.flip_tta = options.tta  # evaluated as asked; --calibrate records it so the daemon does the same
+    # A multi-layer OOD check is fitted by triaged.training.ood_fit (its threshold needs the unseen site's series
+    # through the daemon path); evaluation keeps and reports it. 1.x's penultimate-layer check is refitted here.
+    kept_ood = load_ood(model_dir, spec) if spec.ood.get("method") == "mahalanobis-layers" else None
+    predictor.ood_layers = ood_layers(kept_ood)
     log.info(
         "evaluate_start",
         model=spec.name,
@@ -149,8 +153,12 @@ def evaluate_model(model_dir: Path, data_root: Path, out_dir: Path, options: Eva
         "high_sensitivity": sensitivity_threshold(val_tumour, 1.0 - val_probs[:, nt], options.high_sensitivity),
     }
     val_energy = energy_score(logits["val"])
-    with torch_threads(options.threads):
-        ood_model, ood = _fit_ood(predictor, data_root, samples, features["val"], options)
+    ood_model: OOD
+    if kept_ood is not None:
+        ood_model, ood = kept_ood, dict(spec.ood)
+    else:
+        with torch_threads(options.threads):
+            ood_model, ood = _fit_ood(predictor, data_root, samples, features["val"], options)
     ood["test_score_median"] = float(np.median(ood_model.score(features["test"])))
     report: dict[str, Any] = {
         "model": {
@@ -202,8 +210,9 @@ def evaluate_model(model_dir: Path, data_root: Path, out_dir: Path, options: Eva
         )
     urgency_threshold = float(spec.thresholds.get("urgency", thresholds["high_sensitivity"]))
     if options.calibrate:
-        ood_model.save(model_dir / OOD_FILE)
-        ood["sha256"] = sha256_file(model_dir / OOD_FILE)
+        if kept_ood is None:
+            ood_model.save(model_dir / OOD_FILE)
+            ood["sha256"] = sha256_file(model_dir / OOD_FILE)
         urgency_threshold = thresholds["high_sensitivity"]
         new_spec = dataclasses.replace(
             spec,

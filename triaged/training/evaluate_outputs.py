@@ -41,8 +41,9 @@ def markdown(report: dict[str, Any], classes: tuple[str, ...]) -> str:
         "- thresholds on tumour probability 1 − p(notumor), chosen on validation: "
         + ", ".join(f"{k} {v:.4f}" for k, v in report["thresholds"].items()),
         f"- OOD: {report['ood']['method']} (fitted on {report['ood']['fitted_on']}), threshold "
-        f"{report['ood']['threshold']:.3f} = validation quantile {report['ood']['quantile']}; "
-        f"test median {report['ood']['test_score_median']:.3f}",
+        f"{report['ood']['threshold']:.3f} = "
+        + str(report["ood"].get("threshold_rule", f"validation quantile {report['ood']['quantile']}"))
+        + (f"; test median {report['ood']['test_score_median']:.3f}" if "test_score_median" in report["ood"] else ""),
         "",
         "| set | n | accuracy | macro AUC | tumour AUC | sens @high-sens | spec @high-sens | sens @Youden | "
         "spec @Youden | ECE before → after |",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +59,24 @@ python -m triaged.training.train --out-dir SMALL --cache-dir CACHE --arch smallc
 triaged evaluate R50/model --no-release --cache-dir CACHE
 triaged evaluate SMALL/model --no-release --cache-dir CACHE
 ```"""
+
+
+def _ood_line(ood: Mapping[str, Any]) -> str:
+    """The card's OOD line: 1.2.0's penultimate-layer check or the multi-layer one (see triaged.ml.ood)."""
+    threshold = float(ood.get("threshold", float("nan")))
+    if ood.get("method") != "mahalanobis-layers":
+        return (
+            f"- OOD: {ood.get('method')} distance in the penultimate feature space, threshold {threshold:.3f} "
+            f"(validation quantile {ood.get('quantile')})."
+        )
+    layers = ", ".join(f"`{name}`" for name in ood.get("layers", []))
+    return (
+        f"- OOD: Mahalanobis distance to the nearest class centroid, PCA-whitened ({ood.get('components')} "
+        f"components, fitted on {ood.get('fitted_on')}), in each of {layers} (pooled layers: channel mean and "
+        "standard deviation); each distance is divided by its median on the validation images, a slice scores the "
+        f"largest, a series the median over its in-brain slices. Threshold {threshold:.3f}: "
+        f"{ood.get('threshold_rule', 'validation quantile ' + str(ood.get('quantile')))}."
+    )
 
 
 def _split_table(spec_extra: dict[str, Any]) -> list[str]:
@@ -222,8 +240,7 @@ def write_model_card(model_dir: Path, report: dict[str, Any], compare: Sequence[
         f" to the corners, head ≥ {float(spec.aggregation.get('relative_head_fraction', 0.5)):.0%} of the series'"
         f" typical head and tissue ≥ {float(spec.aggregation.get('min_tissue_of_head', 0.5)):.0%} of the head"
         " (any field of view, skull-stripped volumes included). Key images and Grad-CAM come from those slices only.",
-        f"- OOD: {spec.ood.get('method')} distance in the penultimate feature space, threshold "
-        f"{float(spec.ood.get('threshold', float('nan'))):.3f} (validation quantile {spec.ood.get('quantile')}).",
+        _ood_line(spec.ood),
         f"- Weights sha256 `{spec.weights_sha256}`; data manifest sha256 `{spec.extra.get('data_manifest_sha256')}`.",
         "- Inference: device/precision `auto` (CUDA AMP; on CPUs with native bf16, bf16 autocast only where timing the"
         " model at load shows it faster than fp32; else fp32),"
