@@ -26,7 +26,7 @@ MODEL_DIR = DEFAULT_MODEL_DIR  # the daemon's default
 META = SeriesMeta("MR", "HEAD", "T1 AX POST GD", "", ("ORIGINAL", "PRIMARY"), ("GR",), (), (), 12)
 # On 183 real slices OpenVINO bf16 moved no probability by more than 1.1e-2 from fp32 (torch bf16: 2.3e-2).
 MAX_DP = {"fp32": 1e-4, "bf16": 0.03}
-MAX_DP_OOD = 1.0  # x 0.1: OOD slice scores (about 1 in distribution) may move by 0.1 between backends
+MAX_OOD_SERIES = 0.1  # series OOD score, threshold units (refused above 1): 0.075 measured, OpenVINO bf16 vs fp32
 
 
 def _needs(backend: str) -> None:
@@ -76,7 +76,8 @@ def test_backend_gives_the_torch_decisions_on_real_slices(
     assert reference_features.shape[1] > 1024  # the pooled OOD layers travel with the penultimate features
     ood = reference_predictor.ood
     assert ood is not None
-    assert np.abs(ood.score(features) - ood.score(reference_features)).max() <= 0.1 * MAX_DP_OOD
+    # the series decision reads the median: one slice's score may move more (0.3 of a threshold seen in bf16)
+    assert abs(ood.series_score(features) - ood.series_score(reference_features)) <= MAX_OOD_SERIES
     assert len(set(reference.argmax(axis=1))) == 4  # three slices of each class: the comparison can fail
 
 
