@@ -90,9 +90,10 @@ def test_demo_with_the_shipped_model(tmp_path: Path) -> None:
     for series in (plain, lesion):
         assert series["status"] == "not_assessable", (series["status"], series["urgency"], series["reason"])
         assert (series["reason"] or "").startswith("out of distribution"), series["reason"]
-        assert series["urgent"] is False and series["export_state"] == "done"
+        # outputs.not_assessable defaults to "none": a refused series sends no Secondary Capture, so no PNG
+        assert series["urgent"] is False and series["export_state"] == "none"
     assert "--images" in report["study"]  # the note says how to see a real tumour flagged
-    _check_pngs(out, 2)
+    assert not list(out.glob("*.png"))
 
 
 @pytest.mark.slow
