@@ -80,8 +80,7 @@ def test_refuses_a_diffusion_b0_whose_metadata_says_nothing(data_root: Path, tri
 
 
 def test_accepts_the_real_anatomical_series(data_root: Path, triage: Triage) -> None:
-    from triaged.training.series_eval import read_series
-    from triaged.training.series_eval import assess_dicom_files, volume_series, write_volume_series
+    from triaged.training.series_eval import assess_dicom_files, read_series, volume_series, write_volume_series
 
     threshold = float(read_spec(DEFAULT_DIR).ood["threshold"])
     for relative in NORMAL_PATHS:
