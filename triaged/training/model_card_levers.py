@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from triaged.training.levers import markdown_table
+from triaged.training.levers import arms, markdown_table
 
 LEVERS_FILE = "levers.json"
 
@@ -41,8 +41,8 @@ def lever_sections(model_dir: Path) -> list[str]:
         "recipe, continued from 2.0.0 at lr 1e-4); `from_1.2.0` repeats 2.0.0's own start at the same budget, and",
         "`shipped_2.0.0` is the shipped model itself, not trained further.",
         "Unseen site = tcga_lgg HT validation patients, a site no arm trains on. Δ is the arm's unseen-site slice",
-        "AUC minus the baseline's, with a paired bootstrap over patients. The budget is a few thousand images, so",
-        "this ranks how far each lever moves a trained model in that budget, not what it would give in a full run.",
+        "AUC minus the baseline's, with a paired bootstrap over patients. The budget is about one epoch, so this",
+        "ranks how far each lever moves a trained model in that budget, not what it would give in a full run.",
         "",
         *markdown_table(rows).splitlines(),
         "",
@@ -55,4 +55,10 @@ def lever_sections(model_dir: Path) -> list[str]:
                 f"(Δ AUC {delta['value']:+.3f}, 95 % CI {delta['lo']:+.3f} to {delta['hi']:+.3f}, "
                 f"{delta['patients']} patients)."
             )
+    verdicts = [lever_verdict(r) for r in rows if r.get("delta_unseen_auc") and r.get("steps")]
+    if verdicts and "helped" not in verdicts:
+        lines.append("- No lever helped measurably on the unseen site at this budget.")
+    missing = [a.name for a in arms() if a.name not in {r["arm"] for r in rows}]
+    if missing:
+        lines.append(f"- Not run (no compute left in that session): {', '.join(f'`{m}`' for m in missing)}.")
     return lines
