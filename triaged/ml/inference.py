@@ -394,7 +394,7 @@ class Triage:
         p = self._predictor
         threshold = p.spec.ood.get("threshold", p.spec.ood.get("energy_threshold"))
         if p.ood is not None:
-            score, kind = p.ood.series_score(features), "feature distance"
+            score, kind = float(np.median(p.ood.score(features))), "feature distance"
         else:
             score, kind = float(np.median(energy_score(logits, float(p.spec.ood.get("temperature", 1.0))))), "energy"
         return score, None if threshold is None else float(threshold), kind

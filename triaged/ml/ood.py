@@ -2,13 +2,13 @@
 
 Energy and max-softmax scores proved blind to the domain shift that matters here (DWI b0 slices got *more*
 confident logits than the validation images), so features are compared with the training distribution instead
-(Lee et al. 2018, with PCA for a stable covariance from a few thousand images). 1.2.0 scores the penultimate
-layer only (:class:`FeatureOOD`). That layer is trained to separate four classes and forgets what they do not
-need: a 64-pixel DWI b0 series and a numpy-drawn phantom scored like validation images there. The network's
-stem still describes resolution, noise and contrast, so 2.0.0 adds it (:class:`LayeredOOD`: the channel means and
-standard deviations of a layer's output, one Mahalanobis space and one series threshold per layer). The fitted
-statistics live in ``ood.safetensors`` next to the weights, checksummed in ``model.json``;
-:mod:`triaged.training.ood_fit` fits them.
+(Lee et al. 2018, with PCA for a stable covariance from a few thousand images). 1.2.0 uses the penultimate layer
+only (:class:`FeatureOOD`). That layer is trained to separate the four classes and forgets what the classes do
+not need: a 64-pixel DWI b0 series and a numpy-drawn phantom sat inside the validation range there. Earlier
+layers still describe resolution, noise and texture, so 2.0.0 scores several (:class:`LayeredOOD`: each layer's
+channel means and standard deviations, one Mahalanobis space per layer, each distance divided by its median on
+validation images, the series score the largest of them). The fitted statistics live in ``ood.safetensors`` next
+to the weights, checksummed in ``model.json``; :mod:`triaged.training.ood_fit` fits them.
 """
 
 from __future__ import annotations
@@ -43,10 +43,6 @@ class FeatureOOD:
         d = ((z[:, None, :] - self.centroids[None, :, :]) ** 2).sum(-1).min(axis=1)
         result: np.ndarray = (d / self.components.shape[0]).astype(np.float32)
         return result
-
-    def series_score(self, features: np.ndarray) -> float:
-        """Median slice distance (1.2.0's series score)."""
-        return float(np.median(self.score(features)))
 
     @property
     def dimension(self) -> int:
@@ -95,18 +91,17 @@ class FeatureOOD:
 
 @dataclass(frozen=True)
 class LayeredOOD:
-    """One :class:`FeatureOOD` per layer, each with its own series threshold; a series is out of distribution
-    when any layer's series score (median over in-brain slices) exceeds that layer's threshold.
+    """One :class:`FeatureOOD` per layer; a slice's score is the largest layer distance over its validation median.
 
-    Scores are reported divided by their thresholds, so the series score is the largest ratio and the refusal
-    threshold is 1. The feature vector is the pooled features of the layers in :attr:`layers` order, then the
-    penultimate features (what :class:`FeatureTap` and the compiled backends produce); the penultimate space, when
-    scored, is listed last and reads the trailing columns.
+    Dividing by the validation median puts every layer on the same scale (≈1 for an image like the validation
+    images) without any out-of-distribution example to weigh them with (Lee et al. fit weights on OOD data we do
+    not have). The feature vector is the layers' pooled features in :attr:`layers` order, then the penultimate
+    features: what :class:`FeatureTap` and the compiled backends produce for these ``layers``.
     """
 
     layers: tuple[str, ...]
     spaces: tuple[FeatureOOD, ...]
-    thresholds: tuple[float, ...]
+    references: tuple[float, ...]
 
     @property
     def pooled_layers(self) -> tuple[str, ...]:
@@ -114,37 +109,28 @@ class LayeredOOD:
         return tuple(name for name in self.layers if name != PENULTIMATE)
 
     def layer_scores(self, features: np.ndarray) -> np.ndarray:
-        """(N, L) slice distances per layer, each divided by its layer's threshold."""
-        out, start = [], 0
-        pooled = sum(sp.dimension for name, sp in zip(self.layers, self.spaces, strict=True) if name != PENULTIMATE)
-        penultimate = [sp for name, sp in zip(self.layers, self.spaces, strict=True) if name == PENULTIMATE]
-        needed = pooled + sum(sp.dimension for sp in penultimate)
-        if features.shape[1] < needed or (penultimate and features.shape[1] != needed):
+        """(N, L) distances, each divided by its validation median."""
+        needed = sum(space.dimension for space in self.spaces)
+        if features.shape[1] != needed:
             raise ValueError(f"OOD features have {features.shape[1]} columns; the layers need {needed}")
-        for name, space, threshold in zip(self.layers, self.spaces, self.thresholds, strict=True):
-            if name == PENULTIMATE:
-                columns = features[:, features.shape[1] - space.dimension :]
-            else:
-                columns = features[:, start : start + space.dimension]
-                start += space.dimension
-            out.append(space.score(columns) / threshold)
+        out, start = [], 0
+        for space, reference in zip(self.spaces, self.references, strict=True):
+            stop = start + space.dimension
+            out.append(space.score(features[:, start:stop]) / reference)
+            start = stop
         result: np.ndarray = np.stack(out, axis=1).astype(np.float32)
         return result
 
     def score(self, features: np.ndarray) -> np.ndarray:
-        """Per-slice score: the largest layer distance over its threshold (for display; series use the median)."""
+        """Per-slice score: the largest normalised layer distance (≈1 in distribution)."""
         result: np.ndarray = self.layer_scores(features).max(axis=1)
         return result
-
-    def series_score(self, features: np.ndarray) -> float:
-        """The largest, over layers, of the layer's median slice distance over its threshold (refused above 1)."""
-        return float(np.median(self.layer_scores(features), axis=0).max())
 
     def save(self, path: Path) -> None:
         tensors: dict[str, np.ndarray] = {}
         for i, space in enumerate(self.spaces):
             tensors.update(space.tensors(f"{i}."))
-        tensors["thresholds"] = np.asarray(self.thresholds, dtype=np.float32)
+        tensors["references"] = np.asarray(self.references, dtype=np.float32)
         save_file(tensors, str(path), metadata={"layers": json.dumps(list(self.layers))})
 
     @classmethod
@@ -153,7 +139,7 @@ class LayeredOOD:
             layers = tuple(json.loads((fh.metadata() or {})["layers"]))
         t = load_file(str(path))
         spaces = tuple(FeatureOOD.from_tensors(t, f"{i}.") for i in range(len(layers)))
-        return cls(layers, spaces, tuple(float(v) for v in t["thresholds"]))
+        return cls(layers, spaces, tuple(float(v) for v in t["references"]))
 
 
 OOD = FeatureOOD | LayeredOOD

@@ -69,16 +69,13 @@ def _ood_line(ood: Mapping[str, Any]) -> str:
             f"- OOD: {ood.get('method')} distance in the penultimate feature space, threshold {threshold:.3f} "
             f"(validation quantile {ood.get('quantile')})."
         )
-    stem = dict(ood.get("stem", {}))
-    limits = dict(ood.get("layer_thresholds", {}))
-    stem_layer = next((name for name in ood.get("layers", []) if name != "penultimate"), "?")
+    layers = ", ".join(f"`{name}`" for name in ood.get("layers", []))
     return (
-        f"- OOD: Mahalanobis distance to the nearest class centroid in two feature spaces, refused when either "
-        f"series score (median over in-brain slices) exceeds its threshold. Stem `{stem_layer}` (channel mean and "
-        f"standard deviation: resolution, noise, contrast; {stem.get('components')} components, fitted on "
-        f"{stem.get('fitted_on')}): threshold {float(limits.get(stem_layer, float('nan'))):.3f} = "
-        f"{stem.get('threshold_rule')}. Penultimate features: threshold "
-        f"{float(limits.get('penultimate', float('nan'))):.3f} as released (validation image quantile 0.995)."
+        f"- OOD: Mahalanobis distance to the nearest class centroid, PCA-whitened ({ood.get('components')} "
+        f"components, fitted on {ood.get('fitted_on')}), in each of {layers} (pooled layers: channel mean and "
+        "standard deviation); each distance is divided by its median on the validation images, a slice scores the "
+        f"largest, a series the median over its in-brain slices. Threshold {threshold:.3f}: "
+        f"{ood.get('threshold_rule', 'validation quantile ' + str(ood.get('quantile')))}."
     )
 
 
