@@ -15,6 +15,13 @@ INSTANCES_REJECTED = Counter(
     ["reason"],
     registry=REGISTRY,
 )
+ASSOCIATIONS_CLOSED_FOR_GONE_RECEIVER = Counter(
+    "triaged_associations_closed_for_gone_receiver",
+    "Open associations closed because their receiver is gone (reaped: heartbeat timed out; forgotten: "
+    "`receivers forget`; restarted: the receiver started again after a crash)",
+    ["outcome"],
+    registry=REGISTRY,
+)
 SERIES_COMPLETED = Counter("triaged_series_completed", "Series declared complete", registry=REGISTRY)
 JOBS_BY_STATE = Gauge("triaged_jobs", "Jobs by kind and state", ["kind", "state"], registry=REGISTRY)
 QUEUE_DEPTH = Gauge("triaged_queue_depth", "Jobs waiting to run", registry=REGISTRY)

@@ -135,7 +135,8 @@ def test_admin_pages_render_and_resend_goes_through_the_api(
     page.click("text=Resend outputs")
     page.wait_for_selector(".notice")
     assert page.locator(".notice").inner_text().startswith("resend: queued (job ")
-    for path, expected in (("/queue", "Dead letters"), ("/destinations", "pacs"), ("/model", "Model card")):
+    pages = (("/queue", "Dead letters"), ("/receivers", "alive"), ("/destinations", "pacs"), ("/model", "Model card"))
+    for path, expected in pages:
         response = page.goto(f"{console_stack.base_url}{path}")
         assert response.status == 200 and expected in page.locator("main").inner_text(), path
         page.screenshot(path=str(tmp_path / f"{path.strip('/')}.png"), full_page=True)

@@ -21,6 +21,7 @@ from typer.testing import CliRunner
 
 from tests.support.receiver import receiver_settings, running_receiver, spawn_receiver, synthetic_series, wait_for
 from tests.support.triaged_daemon import TriagedDaemon
+from triaged import metrics
 from triaged.cli.app import app
 from triaged.config import Settings
 from triaged.db import audit, receivers
@@ -100,6 +101,14 @@ def _store_then_kill(proc: subprocess.Popen[bytes], port: int, paths: list[Path]
     return acked
 
 
+def _closed_metric(outcome: str) -> float:
+    """This process's ``triaged_associations_closed_for_gone_receiver`` count for ``outcome``."""
+    value = metrics.REGISTRY.get_sample_value(
+        "triaged_associations_closed_for_gone_receiver_total", {"outcome": outcome}
+    )
+    return value or 0.0
+
+
 def test_a_gone_receivers_association_is_reaped_after_the_timeout_and_its_series_queued_once(
     tmp_path, db_url, make_settings, session_factory
 ):
@@ -121,8 +130,10 @@ def test_a_gone_receivers_association_is_reaped_after_the_timeout_and_its_series
     assert sweep_complete_series(session_factory, settings, now=just_before + timedelta(hours=1)) == []
     assert _open(session_factory, "crash-test") == [assoc_id]
 
+    reaped_before = _closed_metric("reaped")
     with capture_logs() as logs:
         [closed] = receivers.reap_dead_receivers(session_factory, TIMEOUT, now=just_after)
+    assert _closed_metric("reaped") == reaped_before + 1
     assert (closed.association_id, closed.receiver_id, closed.instances, closed.series) == (
         assoc_id,
         "crash-test",
@@ -201,10 +212,12 @@ def test_forget_refuses_a_live_receiver_and_names_an_unknown_id(session_factory)
         receivers.forget(session_factory, "nope", timeout_seconds=TIMEOUT, now=T0)
     assert _open(session_factory, "live:TRIAGED:1") == [assoc_id]
     assert _events(session_factory, audit.ADMIN_ACTION) == []
+    forgotten_before = _closed_metric("forgotten")
     [closed] = receivers.forget(
         session_factory, "live:TRIAGED:1", timeout_seconds=TIMEOUT, force=True, actor="alice", now=T0
     )
     assert closed.association_id == assoc_id
+    assert _closed_metric("forgotten") == forgotten_before + 1
     [action] = _events(session_factory, audit.ADMIN_ACTION)
     assert (action.actor, action.reason, action.detail) == (
         "alice",

@@ -22,8 +22,9 @@ from typer.testing import CliRunner
 
 from triaged.cli.app import app as cli_app
 from triaged.config import Settings
-from triaged.db import users
+from triaged.db import receivers, users
 from triaged.db.models import (
+    Association,
     AuditEvent,
     Instance,
     Job,
@@ -163,13 +164,19 @@ def test_every_route_but_the_probes_needs_a_login(populated: Settings, session_f
         assert client.get("/healthz").status_code == 200
         assert client.get("/readyz").json() == {"ready": True, "checks": {"database": "ok"}}
         assert client.get("/metrics").status_code == 401  # unless http.public_metrics = true
-        for path in ("/api/v1/series", "/api/v1/series/1.2.826.0.1.1.1", "/api/v1/jobs", "/api/v1/destinations"):
+        for path in (
+            "/api/v1/series",
+            "/api/v1/series/1.2.826.0.1.1.1",
+            "/api/v1/jobs",
+            "/api/v1/destinations",
+            "/api/v1/receivers",
+        ):
             assert client.get(path).status_code == 401, path
         assert client.get("/api/v1/model").status_code == 401
         assert client.get("/api/v1/openapi.json").status_code == 401
         assert client.get("/api/v1/outputs/1.2.3/image.png").status_code == 401
         assert client.post("/api/v1/series/1.2.826.0.1.1.1/reprocess").status_code == 401
-        for path in ("/", "/series/1.2.826.0.1.1.1", "/queue", "/destinations", "/model"):
+        for path in ("/", "/series/1.2.826.0.1.1.1", "/queue", "/receivers", "/destinations", "/model"):
             response = client.get(path)
             assert response.status_code == 303 and response.headers["location"].startswith("/login?next="), path
         assert client.get("/api/v1/series", headers={"Authorization": "Bearer tri_wrong"}).status_code == 401
@@ -254,6 +261,34 @@ def test_only_admins_act_and_they_call_the_cli_functions(populated: Settings, se
         ("retry", "admin", "web"),
     ]
     assert audited[-1].detail["requeued"] == [dead_id]
+
+
+def test_receivers_show_who_is_alive_and_who_holds_open_associations(populated: Settings, session_factory: Any) -> None:
+    timeout = populated.dicom.receiver_timeout_seconds
+    receivers.register(session_factory, "mr-host:TRIAGED:11112", host="mr-host", pid=41)
+    receivers.register(
+        session_factory, "gone-host:TRIAGED:11112", host="gone-host", pid=42, now=NOW - timedelta(seconds=3 * timeout)
+    )
+    with session_factory.begin() as session:
+        session.add(
+            Association(
+                receiver_id="gone-host:TRIAGED:11112",
+                calling_ae_title="MODALITY",
+                peer_address="10.0.0.9",
+            )
+        )
+    headers = _token(session_factory, "viewer")
+    with serving(populated, session_factory) as client:
+        listed = client.get("/api/v1/receivers", headers=headers).json()
+        client.post("/login", data={"name": "viewer", "password": PASSWORD})
+        page = client.get("/receivers")
+    assert [(r["id"], r["host"], r["state"], r["open_associations"]) for r in listed] == [
+        ("gone-host:TRIAGED:11112", "gone-host", "dead", 1),
+        ("mr-host:TRIAGED:11112", "mr-host", "alive", 0),
+    ]
+    assert page.status_code == 200
+    rows = page.text.split("<tbody>", 1)[1]
+    assert "gone-host" in rows and 'state-dead">dead' in rows and 'state-alive">alive' in rows
 
 
 def test_login_sets_a_strict_session_cookie_and_logout_ends_it(populated: Settings, session_factory: Any) -> None:

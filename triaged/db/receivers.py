@@ -30,6 +30,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import CursorResult
 from sqlalchemy.orm import Session, sessionmaker
 
+from triaged import metrics
 from triaged.db import audit
 from triaged.db.models import Association, Instance, Receiver, SeriesAssociation, utcnow
 from triaged.errors import NotFoundError, TriagedError
@@ -209,7 +210,14 @@ def close_open_associations(
     return closed
 
 
-def _log_closed(event: str, closed: Iterable[ClosedAssociation], **fields: Any) -> None:
+def count_closed(outcome: str, closed: int) -> None:
+    """The metric for associations closed for a gone receiver; called once their transaction committed."""
+    if closed:
+        metrics.ASSOCIATIONS_CLOSED_FOR_GONE_RECEIVER.labels(outcome=outcome).inc(closed)
+
+
+def _log_closed(event: str, closed: list[ClosedAssociation], **fields: Any) -> None:
+    count_closed(event.removeprefix("association_"), len(closed))
     for item in closed:
         log.warning(
             event,

@@ -135,6 +135,19 @@ class SeriesDetail(SeriesSummary):
     results: list[ResultView]
 
 
+class ReceiverView(_View):
+    """One receiver process: its liveness (alive, stopped, dead: heartbeat timed out) and open associations."""
+
+    id: str
+    host: str
+    pid: int | None
+    started_at: datetime | None
+    heartbeat_at: datetime | None
+    stopped_at: datetime | None
+    open_associations: int
+    state: str
+
+
 class DestinationView(_View):
     name: str
     state: str

@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from triaged.db import audit
 from triaged.db.models import Association, Receiver
-from triaged.db.receivers import close_open_associations
+from triaged.db.receivers import close_open_associations, count_closed
 from triaged.log import uid_hash
 
 log = structlog.get_logger()
@@ -89,6 +89,7 @@ def close_stale_associations(session_factory: sessionmaker[Session], receiver_id
         ]
         # The liveness rows of an earlier pool's processes: they are gone, and this start re-registers its own.
         session.execute(delete(RECEIVERS).where(RECEIVERS.c.id.startswith(f"{receiver_id}:", autoescape=True)))
+    count_closed("restarted", len(closed))
     if closed:
         log.warning("stale_associations_closed", count=len(closed), receiver_id=receiver_id)
     return len(closed)

@@ -16,9 +16,9 @@ from pydantic import BaseModel, ConfigDict
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from triaged.db import audit, queries, queue, repo
+from triaged.db import audit, queries, queue, receivers, repo
 from triaged.db.models import Job, JobKind, JobState, SeriesState
-from triaged.db.views import DestinationView, JobPage, SeriesDetail, SeriesPage
+from triaged.db.views import DestinationView, JobPage, ReceiverView, SeriesDetail, SeriesPage
 from triaged.errors import ModelError, NotFoundError
 from triaged.resend import resend_series
 from triaged.web.auth import Principal, api_admin, api_user
@@ -157,6 +157,19 @@ def list_destinations(context: Context, user: User) -> list[DestinationView]:
     """Each destination's circuit breaker (up/down) and its pending exports."""
     with context.session() as session:
         return queries.list_destinations(session)
+
+
+def receiver_views(context: WebContext) -> list[ReceiverView]:
+    """What `triaged receivers list` shows, judged with this daemon's ``dicom.receiver_timeout_seconds``."""
+    with context.session() as session:
+        infos = receivers.list_receivers(session, timeout_seconds=context.settings.dicom.receiver_timeout_seconds)
+    return [ReceiverView(**info.as_json()) for info in infos]
+
+
+@router.get("/receivers", response_model=list[ReceiverView])
+def list_receivers(context: Context, user: User) -> list[ReceiverView]:
+    """Every receiver process (one row per host and port, or per pool process) and its open associations."""
+    return receiver_views(context)
 
 
 @router.get("/model", response_model=ModelInfo, responses={503: {"model": ErrorBody}})

@@ -238,6 +238,12 @@ def destinations_page(request: Request, context: Context, user: Viewer) -> Respo
     return _render(request, "destinations.html", user, destinations=rows)
 
 
+@router.get("/receivers", response_class=HTMLResponse)
+def receivers_page(request: Request, context: Context, user: Viewer) -> Response:
+    timeout = context.settings.dicom.receiver_timeout_seconds
+    return _render(request, "receivers.html", user, receivers=api.receiver_views(context), timeout=timeout)
+
+
 @router.get("/model", response_class=HTMLResponse)
 def model_page(request: Request, context: Context, user: Viewer) -> Response:
     model_dir = context.settings.model.directory
