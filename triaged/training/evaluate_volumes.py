@@ -62,7 +62,7 @@ def per_source_table(
                 "source": key,
                 "slices": int(idx.size),
                 "tumour": int(y.sum()),
-                "tumour_auc": roc_auc(y, score) if 0 < y.sum() < y.size else float("nan"),
+                "tumour_auc": roc_auc(y, score),  # NaN where the group has one class only
                 "sensitivity": sens if y.sum() else float("nan"),
                 "specificity": spec if y.sum() < y.size else float("nan"),
             }

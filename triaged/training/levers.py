@@ -95,7 +95,9 @@ def base_config(data_root: Path, out_dir: Path, steps: int, seed: int) -> TrainC
 
 
 def _auc(labels: np.ndarray, score: np.ndarray) -> float | None:
-    return roc_auc(labels, score) if 0 < labels.sum() < len(labels) else None
+    """The AUC, or None (JSON null) where it is undefined: a group with one class only."""
+    auc = roc_auc(labels, score)
+    return None if np.isnan(auc) else auc
 
 
 def sensitivity_at_specificity(labels: np.ndarray, score: np.ndarray, specificity: float) -> float | None:

@@ -143,7 +143,7 @@ def tumour_mask_path(data_root: Path, sample: Sample) -> Path | None:
 
 
 def _tumour_masks(
-    data_root: Path, samples: Sequence[Sample], size: int, sources: frozenset[str] = frozenset({"cheng", "tcga_lgg"})
+    data_root: Path, samples: Sequence[Sample], size: int, sources: frozenset[str]
 ) -> tuple[np.ndarray, np.ndarray]:
     """(N, S, S) uint8 masks and an (N,) has-mask flag (see :func:`tumour_mask_path`); only masks of ``sources``
     are used (``--cam-mask-sources``: the lever "attention loss on LGG FLAIR masks as well as on Cheng")."""
