@@ -13,6 +13,7 @@ from triaged.training.evaluate_outputs import ci
 from triaged.training.lgg import UNSEEN_SITE
 from triaged.training.model_card_levers import lever_sections
 from triaged.training.model_card_volumes import lgg_data_lines, volume_sections
+from triaged.training.plane_probe import card_lines as plane_probe_lines
 
 REPRODUCE = """\
 ```bash
@@ -334,6 +335,7 @@ def write_model_card(model_dir: Path, report: dict[str, Any], compare: Sequence[
         "Budgets differ (see the minutes column, wall-clock on a 2-core CPU shared with other work, one torch",
         "thread each); read accordingly. The product model's minutes include every run it was continued from.",
         *lever_sections(model_dir),
+        *plane_probe_lines(model_dir),
     ]
     if "release" in report:
         lines += [
