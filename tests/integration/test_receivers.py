@@ -200,7 +200,7 @@ def test_a_receiver_registers_at_start_and_records_its_clean_stop(make_settings,
         row = session.get(Receiver, receiver_id)
         assert row is not None and row.stopped_at is not None
         [info] = receivers.list_receivers(session, timeout_seconds=TIMEOUT)
-    assert (info.receiver_id, info.state, info.open_associations) == (receiver_id, "stopped", 0)
+    assert (info.id, info.state, info.open_associations) == (receiver_id, "stopped", 0)
 
 
 def test_forget_refuses_a_live_receiver_and_names_an_unknown_id(session_factory):
@@ -228,7 +228,7 @@ def test_forget_refuses_a_live_receiver_and_names_an_unknown_id(session_factory)
     receivers.beat(session_factory, {"live:TRIAGED:1": 7}, host="h", now=T0 + timedelta(seconds=1))
     with session_factory() as session:
         [info] = receivers.list_receivers(session, timeout_seconds=TIMEOUT, now=T0 + timedelta(seconds=2))
-    assert (info.receiver_id, info.host, info.pid, info.state) == ("live:TRIAGED:1", "h", 7, "alive")
+    assert (info.id, info.host, info.pid, info.state) == ("live:TRIAGED:1", "h", 7, "alive")
 
 
 def _config(tmp_path: Path, db_url: str) -> Path:

@@ -46,7 +46,7 @@ def list_command(
             infos = receivers.list_receivers(session, timeout_seconds=settings.dicom.receiver_timeout_seconds, now=now)
     finally:
         engine.dispose()  # no pooled connection outlives the command
-    rows = [info.as_json() for info in infos]
+    rows = [info.model_dump(mode="json") for info in infos]
     if as_json:
         echo_json(rows)
         return

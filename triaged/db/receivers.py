@@ -21,7 +21,7 @@ import socket
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, Literal, cast
+from typing import Any, cast
 
 import structlog
 from sqlalchemy import Table, delete, exists, func, select, update
@@ -33,6 +33,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from triaged import metrics
 from triaged.db import audit
 from triaged.db.models import Association, Instance, Receiver, SeriesAssociation, utcnow
+from triaged.db.views import ReceiverState, ReceiverView
 from triaged.errors import NotFoundError, TriagedError
 from triaged.log import uid_hash
 
@@ -43,7 +44,6 @@ ASSOCIATIONS: Table = Association.__table__  # type: ignore[assignment]
 
 REAPER_ACTOR = "reaper"
 FORGET_ACTION = "receivers_forget"
-ReceiverState = Literal["alive", "stopped", "dead", "unknown"]
 
 
 class ReceiverAliveError(TriagedError):
@@ -60,35 +60,6 @@ class ClosedAssociation:
     peer_address: str
     instances: int
     series: int
-
-
-@dataclass(frozen=True)
-class ReceiverInfo:
-    """One line of ``triaged receivers list``."""
-
-    receiver_id: str
-    host: str
-    pid: int | None
-    started_at: datetime | None
-    heartbeat_at: datetime | None
-    stopped_at: datetime | None
-    open_associations: int
-    state: ReceiverState
-
-    def as_json(self) -> dict[str, Any]:
-        def iso(value: datetime | None) -> str | None:
-            return value.isoformat() if value is not None else None
-
-        return {
-            "id": self.receiver_id,
-            "host": self.host,
-            "pid": self.pid,
-            "started_at": iso(self.started_at),
-            "heartbeat_at": iso(self.heartbeat_at),
-            "stopped_at": iso(self.stopped_at),
-            "open_associations": self.open_associations,
-            "state": self.state,
-        }
 
 
 def _upsert(session: Session, values: dict[str, Any], on_conflict: dict[str, Any]) -> None:
@@ -330,7 +301,7 @@ def forget(
     return closed
 
 
-def list_receivers(session: Session, *, timeout_seconds: float, now: datetime | None = None) -> list[ReceiverInfo]:
+def list_receivers(session: Session, *, timeout_seconds: float, now: datetime | None = None) -> list[ReceiverView]:
     """Every receiver with a row, and every receiver id that holds open associations without one, by id."""
     now = now or utcnow()
     cutoff = now - timedelta(seconds=timeout_seconds)
@@ -342,24 +313,33 @@ def list_receivers(session: Session, *, timeout_seconds: float, now: datetime | 
             .group_by(ASSOCIATIONS.c.receiver_id)
         ).all()
     }
-    infos: dict[str, ReceiverInfo] = {}
+    infos: dict[str, ReceiverView] = {}
     for row in session.scalars(select(Receiver)):
         state: ReceiverState
         if row.stopped_at is not None:
             state = "stopped"
         else:
             state = "alive" if _is_alive(None, row.heartbeat_at, cutoff) else "dead"
-        infos[row.id] = ReceiverInfo(
-            row.id,
-            row.host,
-            row.pid,
-            row.started_at,
-            row.heartbeat_at,
-            row.stopped_at,
-            open_counts.get(row.id, 0),
-            state,
+        infos[row.id] = ReceiverView(
+            id=row.id,
+            host=row.host,
+            pid=row.pid,
+            started_at=row.started_at,
+            heartbeat_at=row.heartbeat_at,
+            stopped_at=row.stopped_at,
+            open_associations=open_counts.get(row.id, 0),
+            state=state,
         )
     for receiver_id, n in open_counts.items():
         if receiver_id not in infos:  # written before receivers had rows, or by a test's stand-in receiver
-            infos[receiver_id] = ReceiverInfo(receiver_id, "", None, None, None, None, n, "unknown")
+            infos[receiver_id] = ReceiverView(
+                id=receiver_id,
+                host="",
+                pid=None,
+                started_at=None,
+                heartbeat_at=None,
+                stopped_at=None,
+                open_associations=n,
+                state="unknown",
+            )
     return [infos[key] for key in sorted(infos)]

@@ -8,6 +8,7 @@ Only UIDs and technical metadata: patient identifiers never come from the databa
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
@@ -135,6 +136,10 @@ class SeriesDetail(SeriesSummary):
     results: list[ResultView]
 
 
+# alive, stopped, dead (heartbeat older than the time-out), unknown (holds open associations but has no row)
+ReceiverState = Literal["alive", "stopped", "dead", "unknown"]
+
+
 class ReceiverView(_View):
     """One receiver process: its liveness (alive, stopped, dead: heartbeat timed out) and open associations."""
 
@@ -145,7 +150,7 @@ class ReceiverView(_View):
     heartbeat_at: datetime | None
     stopped_at: datetime | None
     open_associations: int
-    state: str
+    state: ReceiverState
 
 
 class DestinationView(_View):

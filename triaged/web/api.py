@@ -162,8 +162,7 @@ def list_destinations(context: Context, user: User) -> list[DestinationView]:
 def receiver_views(context: WebContext) -> list[ReceiverView]:
     """What `triaged receivers list` shows, judged with this daemon's ``dicom.receiver_timeout_seconds``."""
     with context.session() as session:
-        infos = receivers.list_receivers(session, timeout_seconds=context.settings.dicom.receiver_timeout_seconds)
-    return [ReceiverView(**info.as_json()) for info in infos]
+        return receivers.list_receivers(session, timeout_seconds=context.settings.dicom.receiver_timeout_seconds)
 
 
 @router.get("/receivers", response_model=list[ReceiverView])
