@@ -71,6 +71,16 @@ def test_diffusion_series_from_dicom_is_not_assessable(data_root: Path) -> None:
     assert torch.get_num_threads() == 1
 
 
+def test_a_diffusion_series_whose_description_is_removed_is_still_refused(data_root: Path) -> None:
+    """The issue's case: a DWI with its series description and protocol name removed. ScanningSequence still
+    says EP, which the gate refuses whatever the description says, so it never reaches the model."""
+    slices, meta = read_series(data_root / "dicom" / TOSHIBA_DWI_PATH)
+    anonymous = dataclasses.replace(meta, series_description="", protocol_name="")
+    result = Triage(DEFAULT_DIR, device="cpu", threads=1).assess(slices, anonymous, cam_top_k=0)
+    assert not result.assessable and not result.urgent
+    assert "EPI" in (result.reason or ""), result.reason
+
+
 def test_a_diffusion_b0_series_whose_metadata_says_nothing_is_not_flagged(data_root: Path) -> None:
     """A Toshiba DTI b0 with description, b-values and EPI flag stripped passes the metadata gate and must never
     come back urgent. (The issue asks the OOD score to refuse it; for 2.0.0 its feature distance, 1.14, is below
