@@ -66,5 +66,5 @@ def test_unknown_sampling_or_augment_is_one_line(tiny_data_root: Path, tmp_path:
     args = ["train", "--out-dir", str(tmp_path / "o"), "--data-root", str(tiny_data_root), "--arch", "smallcnn"]
     for extra in (["--sampling", "oversample"], ["--augment", "invert"]):
         result = runner.invoke(app, [*args, *extra])
-        assert result.exit_code == 2 and "--sampling must be uniform" in result.output
+        assert result.exit_code == 2 and "--sampling must be one of uniform, balanced" in result.output
         assert "Traceback" not in result.output

@@ -79,8 +79,10 @@ def train_command(  # noqa: PLR0917 (one parameter per CLI option)
         _fail(f"--init path {init.partition(':')[2]!r} does not exist")
     if cam_loss_weight < 0 or (cam_loss_weight > 0 and arch != "densenet121"):
         _fail("--cam-loss-weight must be >= 0 and needs --arch densenet121")
-    if sampling not in ("uniform", "balanced") or augment not in ("standard", "scanner"):
-        _fail("--sampling must be uniform or balanced, --augment standard or scanner")
+    from triaged.training.choices import AUGMENTS, SAMPLINGS
+
+    if sampling not in SAMPLINGS or augment not in AUGMENTS:
+        _fail(f"--sampling must be one of {', '.join(SAMPLINGS)}; --augment one of {', '.join(AUGMENTS)}")
     if epochs < 1 or batch_size < 1 or input_size < 32:
         _fail("--epochs and --batch-size must be >= 1 and --input-size >= 32")
     cfg = TrainConfig(

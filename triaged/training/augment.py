@@ -30,7 +30,7 @@ from monai.transforms import (
 )
 from PIL import Image
 
-AUGMENTS = ("standard", "scanner")
+from triaged.training.choices import AUGMENTS
 
 
 class RandJpegRecompress(RandomizableTransform):  # type: ignore[misc]

@@ -16,8 +16,6 @@ import numpy as np
 from triaged.training.data import Sample
 from triaged.training.lgg import is_lgg, lgg_contrast
 
-SAMPLINGS = ("uniform", "balanced")
-
 
 def sampling_group(sample: Sample) -> str:
     """The (source, contrast) group of an image: tcga_lgg by its contrast, Cheng is post-contrast T1 only, and

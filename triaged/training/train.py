@@ -37,8 +37,9 @@ from triaged.ml.registry import (
 )
 from triaged.ml.transforms import PreprocessingConfig
 from triaged.training.attention import attention_loss, cell_hits, logits_and_cams
-from triaged.training.augment import AUGMENTS, PairedAugment, build_train_augment
+from triaged.training.augment import PairedAugment, build_train_augment
 from triaged.training.camscore import cheng_mask_path, load_masks
+from triaged.training.choices import AUGMENTS, SAMPLINGS
 from triaged.training.data import (
     Sample,
     assign_splits,
@@ -50,7 +51,7 @@ from triaged.training.data import (
 )
 from triaged.training.dataset import CachedImages, MaskedImages, preprocess_files, sample_labels, sample_paths
 from triaged.training.lgg import is_lgg, lgg_mask_path
-from triaged.training.sampling import SAMPLINGS, balanced_weights, effective_class_counts
+from triaged.training.sampling import balanced_weights, effective_class_counts
 
 log = structlog.get_logger()
 
