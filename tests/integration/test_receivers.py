@@ -31,7 +31,7 @@ from triaged.db.schema import upgrade
 from triaged.errors import ConfigError, NotFoundError
 from triaged.log import uid_hash
 from triaged.outputs.send import close_socket, read_dicom_file
-from triaged.receive.associations import default_receiver_id
+from triaged.receive.associations import close_stale_associations, default_receiver_id
 from triaged.receive.pool import ReceiverPool
 from triaged.receive.series import sweep_complete_series
 
@@ -387,3 +387,17 @@ def test_a_pool_registers_each_process_and_its_parent_beats_for_them(make_settin
     with session_factory() as session:
         assert all(r.stopped_at is not None for r in session.scalars(select(Receiver)))
     engine.dispose()
+
+
+def test_a_restart_closes_what_its_predecessor_left_open_and_counts_it(session_factory):
+    own = _add_association(session_factory, "host:TRIAGED:11112")
+    pool_child = _add_association(session_factory, "host:TRIAGED:11112:2")
+    other = _add_association(session_factory, "other:TRIAGED:11112")
+    before = _closed_metric("restarted")
+    assert close_stale_associations(session_factory, "host:TRIAGED:11112") == 2
+    assert _closed_metric("restarted") == before + 2
+    assert _open(session_factory, "host:TRIAGED:11112") == [] and _open(session_factory, "host:TRIAGED:11112:2") == []
+    assert _open(session_factory, "other:TRIAGED:11112") == [other]
+    closed = _events(session_factory, audit.ASSOCIATION_CLOSED)
+    assert sorted(e.detail["association_id"] for e in closed) == sorted([own, pool_child])
+    assert {e.outcome for e in closed} == {"restarted"}
