@@ -174,3 +174,38 @@ def test_card_section_states_each_levers_verdict_from_its_ci(tmp_path: Path) -> 
     text = "\n".join(lever_sections(tmp_path))
     assert "`up` (x): helped" in text and "`down` (x): hurt" in text
     assert "`flat` (x): no measurable change" in text and "3840 images" in text
+
+
+def test_compare_refuses_a_malformed_pair_and_a_directory_without_a_model(tmp_path: Path) -> None:
+    from triaged.training.levers import main
+
+    data_root = tmp_path / "data"
+    (data_root / "tcga_lgg").mkdir(parents=True)
+    with pytest.raises(SystemExit) as malformed:
+        main(["--data-root", str(data_root), "--out-dir", str(tmp_path / "out"), "--compare", "no-equals-sign"])
+    assert malformed.value.code == 2
+    with pytest.raises(SystemExit) as missing:
+        main(["--data-root", str(data_root), "--out-dir", str(tmp_path / "out"), "--compare", f"x={tmp_path}"])
+    assert missing.value.code == 2
+
+
+def test_full_runs_render_with_their_levers_and_verdict(tmp_path: Path) -> None:
+    from triaged.training.model_card_levers import FULL_RUNS_FILE, full_run_lines
+
+    assert full_run_lines(tmp_path) == []
+    metrics = {"public_acc": 0.978, "lgg_seen_auc": 0.88, "lgg_unseen_auc": 0.9, "lgg_unseen_sens_at_95spec": 0.69}
+    training = {"sampling": "balanced", "augment": "scanner", "lr": 1e-4, "init": "model:models/m-v2", "epoch": 13}
+    rows = [
+        {"model": "shipped", **metrics},
+        {
+            "model": "full",
+            **metrics,
+            "training": {**training, "compute": {"wall_seconds": 600}},
+            "delta_unseen_auc_vs_shipped": {"value": -0.007, "lo": -0.024, "hi": 0.008, "patients": 17},
+        },
+    ]
+    (tmp_path / "evaluation").mkdir()
+    (tmp_path / "evaluation" / FULL_RUNS_FILE).write_text(json.dumps(rows))
+    text = "\n".join(full_run_lines(tmp_path))
+    assert "| full | sampling balanced, augment scanner, lr 0.0001, from m-v2 | 13 | 10 | 97.8 % |" in text
+    assert "-0.007 [-0.024, +0.008]" in text and "No full run beat this model" in text

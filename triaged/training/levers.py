@@ -205,6 +205,42 @@ def run_study(
     return finished_rows(out_root)
 
 
+def compare_with_shipped(data_root: Path, out_root: Path, models: dict[str, Path]) -> list[dict[str, Any]]:
+    """The same validation metrics for finished models (full runs, not lever arms), each with its unseen-site
+    Δ AUC against the shipped model (paired bootstrap over patients). Probabilities are kept per model."""
+    cache_dir = out_root / "cache"
+    val = evaluation_samples(read_manifest(SHIPPED / "manifest.csv"), "val")
+
+    def probabilities(name: str, model_dir: Path) -> np.ndarray:
+        path = out_root / f"{name}_val_probs.npy"
+        if not path.is_file():
+            np.save(path, validation_probabilities(model_dir, data_root, val, cache_dir))
+        probs: np.ndarray = np.load(path)
+        return probs
+
+    shipped = probabilities("shipped", SHIPPED)
+    rows: list[dict[str, Any]] = [{"model": "shipped", "model_dir": str(SHIPPED), **validation_metrics(val, shipped)}]
+    for name, model_dir in models.items():
+        probs = probabilities(name, model_dir)
+        training = json.loads((model_dir / "model.json").read_text()).get("training", {})
+        config = training.get("config", {})
+        rows.append(
+            {
+                "model": name,
+                "model_dir": str(model_dir),
+                "training": {
+                    **{k: config.get(k) for k in ("init", "sampling", "augment", "lr", "time_budget_minutes", "seed")},
+                    "epoch": training.get("epoch"),
+                    "compute": training.get("compute", {}),
+                },
+                **validation_metrics(val, probs),
+                "delta_unseen_auc_vs_shipped": paired_unseen_delta(val, probs, shipped),
+            }
+        )
+    (out_root / "compare.json").write_text(json.dumps(rows, indent=1, default=str))
+    return rows
+
+
 def finished_rows(out_root: Path) -> list[dict[str, Any]]:
     """Every arm with a result so far, in the order of :func:`arms` (a later ``--arms`` run adds to the table)."""
     results = [out_root / a.name / "result.json" for a in arms()]
@@ -252,6 +288,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=120, help="optimiser steps per arm (batch 32)")
     p.add_argument("--seed", type=int, default=20310)
     p.add_argument("--arms", default=None, help="comma-separated subset of: " + ", ".join(a.name for a in arms()))
+    p.add_argument(
+        "--compare",
+        nargs="+",
+        metavar="NAME=MODEL_DIR",
+        help="instead of the study: compare finished model directories with the shipped model on validation",
+    )
     ns = p.parse_args(argv)
     if not (ns.data_root / "tcga_lgg").is_dir():
         p.error(f"{ns.data_root} has no tcga_lgg/: the study needs the shared data")
@@ -260,6 +302,21 @@ def main(argv: Sequence[str] | None = None) -> None:
     if unknown:
         p.error(f"unknown arm(s): {', '.join(sorted(unknown))}")
     ns.out_dir.mkdir(parents=True, exist_ok=True)
+    if ns.compare:
+        models = dict(item.split("=", 1) for item in ns.compare if "=" in item)
+        if len(models) != len(ns.compare):
+            p.error("--compare takes NAME=MODEL_DIR pairs")
+        missing_dirs = [d for d in models.values() if not (Path(d) / "model.json").is_file()]
+        if missing_dirs:
+            p.error(f"not a model directory (no model.json): {', '.join(missing_dirs)}")
+        for row in compare_with_shipped(ns.data_root, ns.out_dir, {k: Path(v) for k, v in models.items()}):
+            delta = row.get("delta_unseen_auc_vs_shipped")
+            shown = f"{delta['value']:+.3f} [{delta['lo']:+.3f}, {delta['hi']:+.3f}]" if delta else "-"
+            print(
+                f"{row['model']}: unseen AUC {row['lgg_unseen_auc']:.3f}, seen-site AUC {row['lgg_seen_auc']:.3f}, "
+                f"unseen sens@95%spec {row['lgg_unseen_sens_at_95spec']:.3f}, Δ unseen AUC vs shipped {shown}"
+            )
+        return
     rows = run_study(ns.data_root, ns.out_dir, ns.steps, ns.seed, only)
     print(markdown_table(rows))
 

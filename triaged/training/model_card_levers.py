@@ -10,6 +10,7 @@ from typing import Any
 from triaged.training.levers import arms, markdown_table
 
 LEVERS_FILE = "levers.json"
+FULL_RUNS_FILE = "full_runs.json"  # `levers --compare` output for full-budget runs (copied from its out-dir)
 
 
 def lever_verdict(row: dict[str, Any]) -> str:
@@ -61,4 +62,46 @@ def lever_sections(model_dir: Path) -> list[str]:
     missing = [a.name for a in arms() if a.name not in {r["arm"] for r in rows}]
     if missing:
         lines.append(f"- Not run (no compute left in that session): {', '.join(f'`{m}`' for m in missing)}.")
+    return lines + full_run_lines(model_dir)
+
+
+def full_run_lines(model_dir: Path) -> list[str]:
+    """Full-budget runs compared with this model on validation (``levers --compare``), when any were kept."""
+    path = model_dir / "evaluation" / FULL_RUNS_FILE
+    if not path.is_file():
+        return []
+    rows: list[dict[str, Any]] = json.loads(path.read_text())
+    lines = [
+        "",
+        "### Full-budget runs of the levers",
+        "",
+        "`python -m triaged.training.levers --compare NAME=MODEL_DIR ...`: finished runs against this model on the",
+        "same validation images; Δ is the unseen-site slice AUC minus this model's (paired bootstrap over patients).",
+        f"Each run's settings and compute are in `evaluation/{FULL_RUNS_FILE}`.",
+        "",
+        "| run | levers | epochs | minutes | Kaggle+Cheng acc | seen-site AUC | unseen AUC | unseen sens @95 % spec "
+        "| Δ unseen AUC [95 % CI] |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        training = row.get("training", {})
+        levers = ", ".join(f"{k} {training[k]}" for k in ("sampling", "augment", "lr") if training.get(k) is not None)
+        if training.get("init"):
+            levers += f", from {Path(str(training['init']).removeprefix('model:')).name}"
+        minutes = float(training.get("compute", {}).get("wall_seconds", 0.0)) / 60
+        delta = row.get("delta_unseen_auc_vs_shipped")
+        shown = f"{delta['value']:+.3f} [{delta['lo']:+.3f}, {delta['hi']:+.3f}]" if delta else "–"
+        lines.append(
+            f"| {row['model']} | {levers or 'as shipped'} | {training.get('epoch') or '–'} | "
+            f"{minutes:.0f} | {100 * row['public_acc']:.1f} % | {row['lgg_seen_auc']:.3f} | "
+            f"{row['lgg_unseen_auc']:.3f} | {100 * row['lgg_unseen_sens_at_95spec']:.1f} % | {shown} |"
+        )
+    verdicts = [
+        lever_verdict({"delta_unseen_auc": r["delta_unseen_auc_vs_shipped"]})
+        for r in rows
+        if r.get("delta_unseen_auc_vs_shipped")
+    ]
+    if verdicts and "helped" not in verdicts:
+        lines.append("")
+        lines.append("- No full run beat this model on the unseen site, so none replaced it.")
     return lines
