@@ -157,6 +157,21 @@ def paired_unseen_delta(
     return {"value": float(value), "lo": lo, "hi": hi, "patients": len(by_patient)}
 
 
+def format_delta(delta: dict[str, float] | None, missing: str = "–") -> str:
+    """A paired Δ AUC with its 95 % CI, as the tables and the console print it."""
+    return f"{delta['value']:+.3f} [{delta['lo']:+.3f}, {delta['hi']:+.3f}]" if delta else missing
+
+
+def cached_validation_probabilities(
+    path: Path, model_dir: Path, data_root: Path, samples: Sequence[Sample], cache_dir: Path
+) -> np.ndarray:
+    """:func:`validation_probabilities`, computed once and kept at ``path`` (a study or comparison resumes)."""
+    if not path.is_file():
+        np.save(path, validation_probabilities(model_dir, data_root, samples, cache_dir))
+    probs: np.ndarray = np.load(path)
+    return probs
+
+
 def validation_probabilities(
     model_dir: Path, data_root: Path, samples: Sequence[Sample], cache_dir: Path
 ) -> np.ndarray:
@@ -184,10 +199,7 @@ def run_study(
         model_dir = arm.model_dir or arm_dir / "model"
         if arm.model_dir is None and not (model_dir / "model.json").is_file():
             train(replace(base_config(data_root, arm_dir, steps, seed), cache_dir=cache_dir, **arm.overrides))
-        path = arm_dir / "val_probs.npy"
-        if not path.is_file():
-            np.save(path, validation_probabilities(model_dir, data_root, val, cache_dir))
-        probs = np.load(path)
+        probs = cached_validation_probabilities(arm_dir / "val_probs.npy", model_dir, data_root, val, cache_dir)
         history = arm_dir / "history.json"
         row: dict[str, Any] = {
             "arm": arm.name,
@@ -212,11 +224,7 @@ def compare_with_shipped(data_root: Path, out_root: Path, models: dict[str, Path
     val = evaluation_samples(read_manifest(SHIPPED / "manifest.csv"), "val")
 
     def probabilities(name: str, model_dir: Path) -> np.ndarray:
-        path = out_root / f"{name}_val_probs.npy"
-        if not path.is_file():
-            np.save(path, validation_probabilities(model_dir, data_root, val, cache_dir))
-        probs: np.ndarray = np.load(path)
-        return probs
+        return cached_validation_probabilities(out_root / f"{name}_val_probs.npy", model_dir, data_root, val, cache_dir)
 
     shipped = probabilities("shipped", SHIPPED)
     rows: list[dict[str, Any]] = [{"model": "shipped", "model_dir": str(SHIPPED), **validation_metrics(val, shipped)}]
@@ -270,7 +278,7 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
             value = row.get(key)
             cells.append("–" if value is None else f"{value:.3f}" if "auc" in key else f"{100 * value:.1f} %")
         delta = row.get("delta_unseen_auc")
-        cells.append(f"{delta['value']:+.3f} [{delta['lo']:+.3f}, {delta['hi']:+.3f}]" if delta else "–")
+        cells.append(format_delta(delta))
         minutes = float(row["compute"]["wall_seconds"]) / 60
         lines.append(f"| {row['arm']} | {row['change']} | " + " | ".join(cells) + f" | {minutes:.0f} |")
     return "\n".join(lines) + "\n"
@@ -310,8 +318,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         if missing_dirs:
             p.error(f"not a model directory (no model.json): {', '.join(missing_dirs)}")
         for row in compare_with_shipped(ns.data_root, ns.out_dir, {k: Path(v) for k, v in models.items()}):
-            delta = row.get("delta_unseen_auc_vs_shipped")
-            shown = f"{delta['value']:+.3f} [{delta['lo']:+.3f}, {delta['hi']:+.3f}]" if delta else "-"
+            shown = format_delta(row.get("delta_unseen_auc_vs_shipped"), "-")
             print(
                 f"{row['model']}: unseen AUC {row['lgg_unseen_auc']:.3f}, seen-site AUC {row['lgg_seen_auc']:.3f}, "
                 f"unseen sens@95%spec {row['lgg_unseen_sens_at_95spec']:.3f}, Δ unseen AUC vs shipped {shown}"

@@ -7,15 +7,15 @@ import json
 from pathlib import Path
 from typing import Any
 
-from triaged.training.levers import arms, markdown_table
+from triaged.training.levers import arms, format_delta, markdown_table
 
 LEVERS_FILE = "levers.json"
 FULL_RUNS_FILE = "full_runs.json"  # `levers --compare` output for full-budget runs (copied from its out-dir)
 
 
-def lever_verdict(row: dict[str, Any]) -> str:
-    """ "helped", "hurt" or "no measurable change" on the unseen site, from the paired 95 % CI against baseline."""
-    delta = row.get("delta_unseen_auc")
+def lever_verdict(delta: dict[str, float] | None) -> str:
+    """ "helped", "hurt" or "no measurable change" on the unseen site, from the paired 95 % CI of a Δ AUC
+    (``baseline`` when there is none: the row everything else is compared with)."""
     if not delta:
         return "baseline"
     if delta["lo"] > 0:
@@ -52,11 +52,11 @@ def lever_sections(model_dir: Path) -> list[str]:
         delta = row.get("delta_unseen_auc")
         if delta:
             lines.append(
-                f"- `{row['arm']}` ({row['change']}): {lever_verdict(row)} on the unseen site "
+                f"- `{row['arm']}` ({row['change']}): {lever_verdict(delta)} on the unseen site "
                 f"(Δ AUC {delta['value']:+.3f}, 95 % CI {delta['lo']:+.3f} to {delta['hi']:+.3f}, "
                 f"{delta['patients']} patients)."
             )
-    verdicts = [lever_verdict(r) for r in rows if r.get("delta_unseen_auc") and r.get("steps")]
+    verdicts = [lever_verdict(r["delta_unseen_auc"]) for r in rows if r.get("delta_unseen_auc") and r.get("steps")]
     if verdicts and "helped" not in verdicts:
         lines.append("- No lever helped measurably on the unseen site at this budget.")
     missing = [a.name for a in arms() if a.name not in {r["arm"] for r in rows}]
@@ -90,17 +90,13 @@ def full_run_lines(model_dir: Path) -> list[str]:
             levers += f", from {Path(str(training['init']).removeprefix('model:')).name}"
         minutes = float(training.get("compute", {}).get("wall_seconds", 0.0)) / 60
         delta = row.get("delta_unseen_auc_vs_shipped")
-        shown = f"{delta['value']:+.3f} [{delta['lo']:+.3f}, {delta['hi']:+.3f}]" if delta else "–"
+        shown = format_delta(delta)
         lines.append(
             f"| {row['model']} | {levers or 'as shipped'} | {training.get('epoch') or '–'} | "
             f"{minutes:.0f} | {100 * row['public_acc']:.1f} % | {row['lgg_seen_auc']:.3f} | "
             f"{row['lgg_unseen_auc']:.3f} | {100 * row['lgg_unseen_sens_at_95spec']:.1f} % | {shown} |"
         )
-    verdicts = [
-        lever_verdict({"delta_unseen_auc": r["delta_unseen_auc_vs_shipped"]})
-        for r in rows
-        if r.get("delta_unseen_auc_vs_shipped")
-    ]
+    verdicts = [lever_verdict(r["delta_unseen_auc_vs_shipped"]) for r in rows if r.get("delta_unseen_auc_vs_shipped")]
     if verdicts and "helped" not in verdicts:
         lines.append("")
         lines.append("- No full run beat this model on the unseen site, so none replaced it.")
