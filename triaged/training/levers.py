@@ -94,7 +94,7 @@ def base_config(data_root: Path, out_dir: Path, steps: int, seed: int) -> TrainC
     )
 
 
-def _auc(labels: np.ndarray, score: np.ndarray) -> float | None:
+def defined_auc(labels: np.ndarray, score: np.ndarray) -> float | None:
     """The AUC, or None (JSON null) where it is undefined: a group with one class only."""
     auc = roc_auc(labels, score)
     return None if np.isnan(auc) else auc
@@ -123,24 +123,32 @@ def validation_metrics(samples: Sequence[Sample], probs: np.ndarray) -> dict[str
     out: dict[str, float | None] = {
         "public_acc": float((probs[public].argmax(1) == labels[public]).mean()),
         "public_ece": expected_calibration_error(probs[public], labels[public])[0],
-        "kaggle_tumour_auc": _auc(tumour[kaggle], score[kaggle]),
-        "lgg_seen_auc": _auc(tumour[seen], score[seen]),
-        "lgg_unseen_auc": _auc(tumour[unseen], score[unseen]),
+        "kaggle_tumour_auc": defined_auc(tumour[kaggle], score[kaggle]),
+        "lgg_seen_auc": defined_auc(tumour[seen], score[seen]),
+        "lgg_unseen_auc": defined_auc(tumour[unseen], score[unseen]),
         "lgg_unseen_sens_at_95spec": sensitivity_at_specificity(tumour[unseen], score[unseen], SPECIFICITY),
     }
     for c in ("flair", "t1_pre", "t1_post"):
         sel = unseen & (contrast == c)
-        out[f"lgg_unseen_auc_{c}"] = _auc(tumour[sel], score[sel])
+        out[f"lgg_unseen_auc_{c}"] = defined_auc(tumour[sel], score[sel])
     return out
 
 
 def paired_unseen_delta(
-    samples: Sequence[Sample], probs: np.ndarray, baseline: np.ndarray, *, rounds: int = 1000, seed: int = 0
+    samples: Sequence[Sample],
+    probs: np.ndarray,
+    baseline: np.ndarray,
+    *,
+    rounds: int = 1000,
+    seed: int = 0,
+    rows: Sequence[int] | None = None,
 ) -> dict[str, float]:
     """Unseen-site slice AUC of an arm minus the baseline's, with a 95 % CI from a paired bootstrap over
-    *patients* (slices of one patient are correlated, so resampling slices would make the CI far too narrow)."""
+    *patients* (slices of one patient are correlated, so resampling slices would make the CI far too narrow).
+    ``rows`` picks other tcga_lgg images than the unseen site's axial slices (their reformats, for example)."""
     no_tumour = list(DEFAULT_CLASSES).index(NO_TUMOUR)
-    rows = [i for i, s in enumerate(samples) if is_lgg(s) and lgg_site(s.path) == UNSEEN_SITE]
+    if rows is None:
+        rows = [i for i, s in enumerate(samples) if is_lgg(s) and lgg_site(s.path) == UNSEEN_SITE]
     tumour = np.array([samples[i].label != NO_TUMOUR for i in rows], dtype=np.int64)
     arm_score, base_score = 1.0 - probs[rows, no_tumour], 1.0 - baseline[rows, no_tumour]
     patients = np.array([lgg_patient(samples[i].path) for i in rows])
