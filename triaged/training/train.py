@@ -51,6 +51,7 @@ from triaged.training.data import (
 )
 from triaged.training.dataset import CachedImages, MaskedImages, preprocess_files, sample_labels, sample_paths
 from triaged.training.lgg import is_lgg, lgg_mask_path
+from triaged.training.mpr import is_mpr, mask_path_of
 from triaged.training.sampling import balanced_weights, effective_class_counts
 
 log = structlog.get_logger()
@@ -135,11 +136,14 @@ def _load_arrays(cfg: TrainConfig, prep: PreprocessingConfig) -> tuple[dict[str,
 
 def tumour_mask_path(data_root: Path, sample: Sample) -> Path | None:
     """The tumour mask of a training image, where one exists: Cheng slices, and tcga_lgg slices labelled tumour
-    (the FLAIR-abnormality mask, co-registered with the T1 channels). Kaggle images and no-tumour slices have none."""
+    (the FLAIR-abnormality mask, co-registered with the T1 channels) and their sagittal/coronal reformats labelled
+    tumour. Kaggle images and no-tumour slices have none."""
     if sample.source == "cheng":
         return cheng_mask_path(data_root, sample.path)
     if is_lgg(sample) and sample.label != NO_TUMOUR:
         return lgg_mask_path(data_root, sample.path)
+    if is_mpr(sample) and sample.label != NO_TUMOUR:
+        return data_root / mask_path_of(sample.path)
     return None
 
 
@@ -307,13 +311,13 @@ def train(cfg: TrainConfig) -> Path:
     if cfg.sampling not in SAMPLINGS:
         raise ValueError(f"sampling must be one of {', '.join(SAMPLINGS)}, got {cfg.sampling!r}")
     gen = torch.Generator().manual_seed(cfg.seed)
-    sampler: WeightedRandomSampler | None = None
-    if cfg.sampling == "balanced":
-        weights = balanced_weights(arrays["train_samples"])
-        counts = effective_class_counts(train_y, weights, len(DEFAULT_CLASSES))
-        sampler = WeightedRandomSampler(weights.tolist(), len(train_y), replacement=True, generator=gen)
-    else:
-        counts = np.bincount(train_y, minlength=len(DEFAULT_CLASSES)).astype(np.float64)
+    balanced = cfg.sampling == "balanced"
+    weights = balanced_weights(arrays["train_samples"]) if balanced else np.full(len(train_y), 1.0 / len(train_y))
+    # the loss's class weights come from the class mix the sampler draws (uniform: the plain class counts)
+    counts = effective_class_counts(train_y, weights, len(DEFAULT_CLASSES))
+    sampler = (
+        WeightedRandomSampler(weights.tolist(), len(train_y), replacement=True, generator=gen) if balanced else None
+    )
     class_weight = torch.tensor(counts.sum() / (len(counts) * np.maximum(counts, 1)), dtype=torch.float32)
     train_set: CachedImages | MaskedImages = (
         MaskedImages(
