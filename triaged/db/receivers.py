@@ -187,11 +187,13 @@ def count_closed(outcome: str, closed: int) -> None:
         metrics.ASSOCIATIONS_CLOSED_FOR_GONE_RECEIVER.labels(outcome=outcome).inc(closed)
 
 
-def _log_closed(event: str, closed: list[ClosedAssociation], **fields: Any) -> None:
-    count_closed(event.removeprefix("association_"), len(closed))
+def _log_closed(outcome: str, closed: list[ClosedAssociation], **fields: Any) -> None:
+    """Count and log associations closed with ``outcome`` (their audit outcome, the metric's label and the log
+    event ``association_<outcome>``: one value, so the three never disagree)."""
+    count_closed(outcome, len(closed))
     for item in closed:
         log.warning(
-            event,
+            f"association_{outcome}",
             association_id=item.association_id,
             receiver_id=item.receiver_id,
             calling_ae=item.calling_ae_title,
@@ -236,7 +238,7 @@ def reap_dead_receivers(
                 session, receiver_id, now=now, outcome="reaped", reason="receiver_timeout", actor=REAPER_ACTOR
             )
         _log_closed(
-            "association_reaped",
+            "reaped",
             reaped,
             heartbeat_age_seconds=round((now - heartbeat_at).total_seconds(), 1),
             timeout_seconds=timeout_seconds,
@@ -297,7 +299,7 @@ def forget(
             },
             now=now,
         )
-    _log_closed("association_forgotten", closed, actor=who, forced=alive)
+    _log_closed("forgotten", closed, actor=who, forced=alive)
     return closed
 
 
