@@ -17,14 +17,15 @@ from triaged.ml.gate import gate_reason
 from triaged.ml.inference import Predictor, Triage
 from triaged.ml.registry import read_spec
 from triaged.training.dataset import load_image
+from triaged.training.release import RELEASE_PATHS
 from triaged.training.series_eval import read_series
 
 REPO = Path(__file__).resolve().parents[2]
 PREVIOUS_DIR = REPO / "models" / "densenet121-brainmri-v1"  # 1.2.0, the previous default: still loadable by path
 DEFAULT_DIR = REPO / "models" / "densenet121-brainmri-v2"  # 2.0.0, the daemon's default
-TOSHIBA_DWI_PATH = "neurolabusc_dcm_qa_toshiba/In/Galan/8006_DTI_AX_30d"
-UIH_T1_PATH = "neurolabusc_dcm_qa_uih/In/DTI_132225/t1_gre_fsp_3d_sag__132750"
-XA30_MPRAGE_PATH = "neurolabusc_dcm_qa_xa30/In/6_anat-T1w_acq-tfl"
+TOSHIBA_DWI_PATH = RELEASE_PATHS["toshiba_dti_b0"]
+UIH_T1_PATH = RELEASE_PATHS["uih_t1_gre_3d_sag"]
+XA30_MPRAGE_PATH = RELEASE_PATHS["siemens_xa30_mprage"]
 DATA = REPO.parent / "shared" / "data"
 EXPECTED = {
     "kaggle_4class/Testing/glioma/Te-gl_0131.jpg": "glioma",

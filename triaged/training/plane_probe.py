@@ -29,12 +29,13 @@ import numpy as np
 from triaged.ml.inference import Triage
 from triaged.ml.reformat import axial_reformat
 from triaged.ml.results import SliceGeometry
+from triaged.training.release import RELEASE_PATHS
 from triaged.training.series_eval import read_series
 
 PROBE_FILE = "plane_probe.json"
 SLAB_MM = (3.0, 4.5, 6.0)  # typical 2-D slice thicknesses; at least two voxels, or the slabs would be 3-D again
 # Normal 3-D volumes of the release set (``../shared/data/dicom``) that the axial reformat accepts.
-NORMAL_VOLUMES = {"xa30_mprage": "neurolabusc_dcm_qa_xa30/In/6_anat-T1w_acq-tfl"}
+NORMAL_VOLUMES = {"xa30_mprage": RELEASE_PATHS["siemens_xa30_mprage"]}
 # ImageOrientationPatient of each plane as scanners write it (LPS): rows then columns.
 ORIENTATION = {"sagittal": (0.0, 1.0, 0.0, 0.0, 0.0, -1.0), "coronal": (1.0, 0.0, 0.0, 0.0, 0.0, -1.0)}
 

@@ -25,6 +25,8 @@ RELEASE_SERIES: tuple[tuple[str, str, str], ...] = (
     ("ge_epi_fmri", "neurolabusc_dcm_qa_nih/In/20180918GE/mr_0004", "not_assessable"),
     ("siemens_epi_mosaic", "neurolabusc_dcm_qa_ts/In/1.dcm", "not_assessable"),
 )
+#: Release series name → its folder under ``../shared/data/dicom`` (other checks read the same series from here).
+RELEASE_PATHS: dict[str, str] = {name: path for name, path, _ in RELEASE_SERIES}
 
 
 def _summary(result: Any, slices: int) -> dict[str, Any]:
