@@ -17,7 +17,7 @@ How an image is made (one patient, one contrast, deterministic):
   (a thick 2-D slice), one slab every :data:`STEP_MM`; slabs with less than :data:`MIN_TISSUE_SHARE` of the
   plane's largest tissue area (scalp and air beside the head) are skipped.
 
-Labels follow the axial rule of :mod:`triaged.training.lgg`, scaled to the slab: ``glioma`` where the mask
+Labels follow the axial rule of :func:`triaged.training.lgg.slice_label`, applied to the slab: ``glioma`` where the mask
 covers at least ``MIN_TUMOUR_PIXELS`` pixels of the slab, *excluded* (``tiny_mask``) below that but not empty,
 *excluded* (``next_to_lesion``) where the slab is empty but abnormality lies within one step of it, ``notumor``
 otherwise. Channels that are FLAIR copies are skipped. A row has the patient's own split, so a patient is never
@@ -46,10 +46,10 @@ from tqdm import tqdm
 from triaged.training.data import Sample
 from triaged.training.lgg import (
     CONTRASTS,
-    MIN_TUMOUR_PIXELS,
     LggSlice,
     lgg_samples,
     read_index,
+    slice_label,
 )
 
 DATASET = "tcga_lgg_mpr"
@@ -114,17 +114,6 @@ def _plane_view(volume: np.ndarray, plane: str) -> np.ndarray:
     raise ValueError(f"unknown plane {plane!r}")
 
 
-def slab_label(tumour_pixels: int, lesion_nearby: bool) -> tuple[str, str]:
-    """(label, exclude_reason) of one slab, the axial rule of :func:`triaged.training.lgg.slice_label`."""
-    if tumour_pixels >= MIN_TUMOUR_PIXELS:
-        return "glioma", ""
-    if tumour_pixels > 0:
-        return "glioma", "tiny_mask"
-    if lesion_nearby:
-        return "notumor", "next_to_lesion"
-    return "notumor", ""
-
-
 def reformat(image_volume: np.ndarray, mask_volume: np.ndarray, spacing_mm: float) -> Iterator[Slab]:
     """Every kept slab of both planes of one co-registered image/mask pair (see the module docstring)."""
     image, mask = to_cubic(image_volume, spacing_mm), to_cubic(mask_volume, spacing_mm) >= 0.5
@@ -142,7 +131,7 @@ def reformat(image_volume: np.ndarray, mask_volume: np.ndarray, spacing_mm: floa
                 continue
             m = mask_view[start : start + slab].mean(axis=0) >= 0.5
             near = lesion_at[max(0, start - step) : start + slab + step].any()
-            label, reason = slab_label(int(m.sum()), bool(near))
+            label, reason = slice_label(int(m.sum()), bool(near))  # the axial rule, on the slab
             yield Slab(plane, index, np.clip(np.rint(a), 0, 255).astype(np.uint8), m, label, reason)
 
 

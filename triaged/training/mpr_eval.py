@@ -87,6 +87,27 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+CARD_FILE = "mpr_eval.json"  # this tool's output for the card, copied into MODEL_DIR/evaluation
+
+
+def card_lines(model_dir: Path) -> list[str]:
+    """The model card's section on the reformats, when ``evaluation/mpr_eval.json`` was kept for this model."""
+    path = model_dir / "evaluation" / CARD_FILE
+    if not path.is_file():
+        return []
+    rows: list[dict[str, Any]] = json.loads(path.read_text())
+    return [
+        "",
+        "### Sagittal and coronal reformats of the validation patients",
+        "",
+        "`python -m triaged.training.mpr_eval`: slice tumour AUC on 4 mm sagittal and coronal slabs reformatted",
+        "from the tcga_lgg validation volumes (`python -m triaged.training.mpr`; no model trains on them), for the",
+        "seen site (DU) and the unseen one (HT); Δ against the first row, paired bootstrap over patients.",
+        "",
+        *markdown_table(rows).splitlines(),
+    ]
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m triaged.training.mpr_eval", description=__doc__.split("\n\n")[0])
     p.add_argument("--derived", type=Path, required=True, help="data root written by python -m triaged.training.mpr")
