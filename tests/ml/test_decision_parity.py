@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import MODEL_CACHE_DIR, shared_data
+from triaged.ml.device import cpu_has_fast_bf16
 from triaged.ml.inference import Triage
 from triaged.ml.results import SeriesAssessment, SeriesMeta
 from triaged.training.data import read_manifest
@@ -27,12 +28,22 @@ from triaged.training.release import RELEASE_SERIES
 from triaged.training.series_eval import read_series, volume_series, write_volume_series
 
 REPO = Path(__file__).resolve().parents[2]
-DEFAULT_DIR = REPO / "models" / "densenet121-brainmri-v2"  # 2.0.0, the daemon's default
+DEFAULT_DIR = REPO / "models" / "densenet121-brainmri-v2"  # 2.1.0, the daemon's default
 MPRAGE = "siemens_xa30_mprage"
 RELEASE_CONTRASTS = ("flair", "t1_post")  # training.release.volume_release judges these test volumes
 # (backend, precision) as model.backend / model.precision would set them; torch fp32 is the reference. OpenVINO's
 # own "auto" precision is its bf16 where the CPU has it (the same numbers as asking for bf16), else its fp32.
-CASES = (("torch", "bf16"), ("openvino", "fp32"), ("openvino", "bf16"), ("onnxruntime", "fp32"))
+# Without native bf16 (no AVX-512 BF16, no AMX) OpenVINO runs f32 when asked for bf16, so that case does not exist
+# there; torch bf16 autocast still runs, emulated and many times slower, so there it is checked on the series nearest
+# the threshold (EMULATED_BF16_SERIES of them) plus every DICOM release series, not on all of them.
+NATIVE_BF16 = cpu_has_fast_bf16()
+CASES = (
+    ("torch", "bf16"),
+    ("openvino", "fp32"),
+    *((("openvino", "bf16"),) if NATIVE_BF16 else ()),
+    ("onnxruntime", "fp32"),
+)
+EMULATED_BF16_SERIES = 6
 # Kept from the earlier torch bf16 test (2 patients): on every release series its urgency stayed within this.
 MAX_URGENCY_SHIFT = {("torch", "bf16"): 0.02}
 
@@ -100,6 +111,17 @@ def reference(release_set: dict[str, tuple[list[np.ndarray], SeriesMeta]]) -> di
     return decisions
 
 
+def _nearest_the_threshold(
+    release_set: dict[str, tuple[list[np.ndarray], SeriesMeta]], reference: dict[str, Decision]
+) -> dict[str, tuple[list[np.ndarray], SeriesMeta]]:
+    """Every DICOM release series and the assessed tcga_lgg series whose fp32 urgency lies nearest the threshold:
+    where rounding could flip a decision at all."""
+    volumes = [n for n in release_set if "/" in n and reference[n].urgency is not None]
+    margin = {n: abs(float(reference[n].urgency or 0.0) - reference[n].threshold) for n in volumes}
+    nearest = sorted(volumes, key=margin.__getitem__)[:EMULATED_BF16_SERIES]
+    return {n: v for n, v in release_set.items() if "/" not in n or n in nearest}
+
+
 def _backend(backend: str, precision: str) -> Triage:
     if importlib.util.find_spec(backend) is None:
         pytest.skip(f"backend {backend!r} is not installed (the accel extra: pip install -e '.[accel]'); CI has it")
@@ -107,7 +129,7 @@ def _backend(backend: str, precision: str) -> Triage:
         DEFAULT_DIR, device="cpu", precision=precision, threads=1, backend=backend, cache_dir=MODEL_CACHE_DIR
     )
     ran = (triage._predictor.backend, triage._predictor.forward_precision)
-    if ran != (backend, precision):
+    if ran != (backend, precision):  # CASES holds only what this CPU runs: reaching here is a bug
         # OpenVINO runs f32 where the CPU has no native bf16 (no AVX-512 BF16, no AMX): the fp32 case covers it.
         pytest.skip(f"asked for {backend} {precision}, this CPU runs {ran[0]} {ran[1]}: not a separate case here")
     return triage
@@ -143,7 +165,10 @@ def test_backend_decides_every_release_series_as_torch_fp32(
     release_set: dict[str, tuple[list[np.ndarray], SeriesMeta]],
     reference: dict[str, Decision],
 ) -> None:
-    decisions = _decisions(_backend(backend, precision), release_set)
+    triage = _backend(backend, precision)
+    if precision == "bf16" and not NATIVE_BF16:
+        release_set = _nearest_the_threshold(release_set, reference)
+    decisions = _decisions(triage, release_set)
     summary = _report(f"{backend} {precision}", reference, decisions)
     print(summary)  # the numbers behind a pass, with -s
     flipped = {s: (reference[s].key, d.key) for s, d in decisions.items() if d.key != reference[s].key}
