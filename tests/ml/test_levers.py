@@ -208,4 +208,19 @@ def test_full_runs_render_with_their_levers_and_verdict(tmp_path: Path) -> None:
     (tmp_path / "evaluation" / FULL_RUNS_FILE).write_text(json.dumps(rows))
     text = "\n".join(full_run_lines(tmp_path))
     assert "| full | sampling balanced, augment scanner, lr 0.0001, from m-v2 | 13 | 10 | 97.8 % |" in text
-    assert "-0.007 [-0.024, +0.008]" in text and "No full run beat this model" in text
+    assert "-0.007 [-0.024, +0.008]" in text and "No full run beat 2.0.0" in text
+    # a run that helped is named with its CI and what became of it, and the "none beat it" line goes
+    better = {
+        **rows[1],
+        "model": "better",
+        "training": {**rows[1]["training"], "data": "+ reformats"},
+        "delta_unseen_auc_vs_shipped": {"value": 0.011, "lo": 0.002, "hi": 0.021, "patients": 17},
+        "outcome": "shipped as 2.1.0",
+    }
+    (tmp_path / "evaluation" / FULL_RUNS_FILE).write_text(json.dumps([*rows, better]))
+    text = "\n".join(full_run_lines(tmp_path))
+    assert "| better | + reformats, sampling balanced" in text and "No full run beat" not in text
+    assert (
+        "- `better` beat 2.0.0 on the unseen site (Δ AUC +0.011, 95 % CI +0.002 to +0.021, 17 patients): "
+        "shipped as 2.1.0." in text
+    )

@@ -52,7 +52,10 @@ class Arm:
 
 
 def arms() -> list[Arm]:
-    """The arms in the order they run (most informative first, so a study cut short still answers most)."""
+    """The arms in the order they run (most informative first, so a study cut short still answers most).
+
+    They name 2.0.0, the shipped model when the study ran (its table in the card is against 2.0.0); run again, they
+    continue from and compare with whatever model is shipped at :data:`SHIPPED` now."""
     cont = {"init": f"model:{SHIPPED}", "lr": 1e-4}
     return [
         Arm("shipped_2.0.0", "2.0.0 as shipped, not trained further (reference)", model_dir=SHIPPED),

@@ -9,10 +9,12 @@ from typing import Any
 
 from triaged.ml.networks import build_network, count_parameters
 from triaged.ml.registry import read_spec
+from triaged.training.data import read_manifest
 from triaged.training.evaluate_outputs import ci
 from triaged.training.lgg import UNSEEN_SITE
 from triaged.training.model_card_levers import lever_sections
-from triaged.training.model_card_volumes import lgg_data_lines, volume_sections
+from triaged.training.model_card_volumes import lgg_data_lines, reformat_data_lines, volume_sections
+from triaged.training.mpr_eval import card_lines as mpr_eval_lines
 from triaged.training.plane_probe import card_lines as plane_probe_lines
 
 REPRODUCE = """\
@@ -50,6 +52,14 @@ python -m triaged.training.train --out-dir RUN4 --cache-dir CACHE --manifest MAN
     --lr 3e-4 --warmup-epochs 0.3 --seed 20300 --model-version 2.0.0 --resume
 python -m triaged.training.export RUN4/best.pt models/densenet121-brainmri-v2 --final
 triaged evaluate models/densenet121-brainmri-v2 --data-root ../shared/data --calibrate --tta --cache-dir CACHE
+# 2.1.0 - 2.0.0's manifest (git history of models/densenet121-brainmri-v2) plus the sagittal/coronal reformats of
+#    the tcga_lgg training patients, continued from 2.0.0; stopped after epoch 2 (epoch 3 ran at lr < 4e-6)
+python -m triaged.training.mpr --out DERIVED --base MANIFEST2 --manifest-out MANIFEST3
+python -m triaged.training.train --out-dir RUN5 --cache-dir CACHE --manifest MANIFEST3 --data-root DERIVED \
+    --init model:models/densenet121-brainmri-v2 --cam-loss-weight 0.3 --cam-mask-sources cheng,tcga_lgg,tcga_lgg_mpr \
+    --epochs 100 --time-budget-minutes 55 --lr 1e-4 --warmup-epochs 0.3 --seed 20402 --model-version 2.1.0 --resume
+python -m triaged.training.export RUN5/best.pt models/densenet121-brainmri-v2 --final   # then "scoring_plane": "axial"
+triaged evaluate models/densenet121-brainmri-v2 --data-root DERIVED --calibrate --tta --cache-dir CACHE
 # comparison models (same split, manifest and evaluation; budgets in the table)
 python -m triaged.training.train --out-dir R50 --cache-dir CACHE --arch resnet50 --input-size 128 --epochs 200 \\
     --lr 1e-3 --warmup-epochs 1 --workers 1 --threads 1 --time-budget-minutes 30 \\
@@ -200,6 +210,7 @@ def write_model_card(model_dir: Path, report: dict[str, Any], compare: Sequence[
     total = dict(training.get("total_compute", compute))
     cfg = dict(training.get("config", {}))
     history = list(training.get("history", []))
+    manifest = read_manifest(model_dir / "manifest.csv") if (model_dir / "manifest.csv").is_file() else []
     sets = report["sets"]
     parity = dict(report.get("precision_parity", {}))
     test, clean = sets["test"], sets.get("clean_test")
@@ -268,6 +279,7 @@ def write_model_card(model_dir: Path, report: dict[str, Any], compare: Sequence[
         "  Label conflicts (`dup_group_label_conflict`, Kaggle/Cheng label mismatches) are excluded and listed in the",
         "  manifest (`excluded`, `exclude_reason`). Kaggle copies of Cheng slices are dropped from training only.",
         *(lgg_data_lines() if report.get("volumes") else []),
+        *reformat_data_lines(manifest),
         *(["", *_split_table(dict(spec.extra))] if spec.extra.get("data_split") else []),
         "",
         "## Training procedure and compute",
@@ -281,7 +293,7 @@ def write_model_card(model_dir: Path, report: dict[str, Any], compare: Sequence[
         *_attention_lines(cfg),
         f"- Compute (every run behind these weights): {total.get('epochs')} epochs, "
         f"{total.get('images_seen')} training images seen, {float(total.get('wall_seconds', 0)) / 60:.1f} min wall "
-        "clock on shared 2-core CPUs with AVX-512 BF16 (which ones: the notes under Model), "
+        "clock on shared 2-core CPUs (which ones: the notes under Model), "
         f"precision {total.get('precision')}, threads {total.get('threads')}; epoch fragments "
         "interrupted to change settings are not counted. No GPU.",
         *_continued_from(training, cfg, compute),
@@ -335,6 +347,7 @@ def write_model_card(model_dir: Path, report: dict[str, Any], compare: Sequence[
         "Budgets differ (see the minutes column, wall-clock on a 2-core CPU shared with other work, one torch",
         "thread each); read accordingly. The product model's minutes include every run it was continued from.",
         *lever_sections(model_dir),
+        *mpr_eval_lines(model_dir),
         *plane_probe_lines(model_dir),
     ]
     if "release" in report:

@@ -40,7 +40,7 @@ def lever_sections(model_dir: Path) -> list[str]:
         f"steps of 32 images ({steps * 32} images) on this model's split, evaluated on the validation split only",
         "(probabilities at temperature 1, torch fp32). Each arm changes one thing against `baseline` (2.0.0's",
         "recipe, continued from 2.0.0 at lr 1e-4); `from_1.2.0` repeats 2.0.0's own start at the same budget, and",
-        "`shipped_2.0.0` is the shipped model itself, not trained further.",
+        "`shipped_2.0.0` is 2.0.0 itself (the model shipped when the study ran), not trained further.",
         "Unseen site = tcga_lgg HT validation patients, a site no arm trains on. Δ is the arm's unseen-site slice",
         "AUC minus the baseline's, with a paired bootstrap over patients. The budget is about one epoch, so this",
         "ranks how far each lever moves a trained model in that budget, not what it would give in a full run.",
@@ -75,9 +75,9 @@ def full_run_lines(model_dir: Path) -> list[str]:
         "",
         "### Full-budget runs of the levers",
         "",
-        "`python -m triaged.training.levers --compare NAME=MODEL_DIR ...`: finished runs against this model on the",
-        "same validation images; Δ is the unseen-site slice AUC minus this model's (paired bootstrap over patients).",
-        f"Each run's settings and compute are in `evaluation/{FULL_RUNS_FILE}`.",
+        "`python -m triaged.training.levers --compare NAME=MODEL_DIR ...`: finished runs, each continued from 2.0.0,",
+        "against 2.0.0 on the same validation images; Δ is the unseen-site slice AUC minus 2.0.0's (paired bootstrap",
+        f"over patients). Each run's settings and compute are in `evaluation/{FULL_RUNS_FILE}`.",
         "",
         "| run | levers | epochs | minutes | Kaggle+Cheng acc | seen-site AUC | unseen AUC | unseen sens @95 % spec "
         "| Δ unseen AUC [95 % CI] |",
@@ -86,6 +86,8 @@ def full_run_lines(model_dir: Path) -> list[str]:
     for row in rows:
         training = row.get("training", {})
         levers = ", ".join(f"{k} {training[k]}" for k in ("sampling", "augment", "lr") if training.get(k) is not None)
+        if training.get("data"):
+            levers = f"{training['data']}, {levers}"
         if training.get("init"):
             levers += f", from {Path(str(training['init']).removeprefix('model:')).name}"
         minutes = float(training.get("compute", {}).get("wall_seconds", 0.0)) / 60
@@ -96,8 +98,15 @@ def full_run_lines(model_dir: Path) -> list[str]:
             f"{minutes:.0f} | {100 * row['public_acc']:.1f} % | {row['lgg_seen_auc']:.3f} | "
             f"{row['lgg_unseen_auc']:.3f} | {100 * row['lgg_unseen_sens_at_95spec']:.1f} % | {shown} |"
         )
-    verdicts = [lever_verdict(r["delta_unseen_auc_vs_shipped"]) for r in rows if r.get("delta_unseen_auc_vs_shipped")]
-    if verdicts and "helped" not in verdicts:
-        lines.append("")
-        lines.append("- No full run beat this model on the unseen site, so none replaced it.")
+    judged = [r for r in rows if r.get("delta_unseen_auc_vs_shipped")]
+    helped = [r for r in judged if lever_verdict(r["delta_unseen_auc_vs_shipped"]) == "helped"]
+    lines.append("")
+    if judged and not helped:
+        lines.append("- No full run beat 2.0.0 on the unseen site, so none replaced it.")
+    for r in helped:
+        d = r["delta_unseen_auc_vs_shipped"]
+        lines.append(
+            f"- `{r['model']}` beat 2.0.0 on the unseen site (Δ AUC {d['value']:+.3f}, 95 % CI {d['lo']:+.3f} to "
+            f"{d['hi']:+.3f}, {d['patients']} patients)" + (f": {r['outcome']}." if r.get("outcome") else ".")
+        )
     return lines

@@ -5,9 +5,12 @@ evaluation report."""
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
+from triaged.training.data import Sample
 from triaged.training.lgg import MIN_TUMOUR_PIXELS, UNSEEN_SITE
+from triaged.training.mpr import is_mpr
 from triaged.training.series_eval import series_rows
 
 
@@ -29,6 +32,21 @@ def lgg_data_lines() -> list[str]:
         "  hold lesion drawn on the neighbour only) are excluded from training and slice metrics; every other slice",
         "  is `notumor` (skull base and vertex included). Channels that are FLAIR copies are excluded.",
         "- Masks serve the attention loss on all three contrasts (co-registered), as Cheng masks do on T1 post.",
+    ]
+
+
+def reformat_data_lines(samples: Sequence[Sample]) -> list[str]:
+    """The sagittal/coronal reformat rows of the manifest (from 2.1.0), or nothing when it has none."""
+    rows = [s for s in samples if is_mpr(s) and not s.excluded]
+    if not rows:
+        return []
+    tumour = sum(s.label != "notumor" for s in rows)
+    return [
+        "- Sagittal and coronal reformats of the tcga_lgg *training* patients (`python -m triaged.training.mpr`):",
+        f"  {len(rows)} slabs of 4 mm every 8 mm ({tumour} glioma, {len(rows) - tumour} notumor), labelled by the",
+        "  slice rule above on the reformatted mask; in-plane 0.9 mm and the slice spacing estimated from the head",
+        "  (the source gives no spacings). They give both classes in both planes from the same scanners: before",
+        "  them every tumour-free training image was axial and the sagittal/coronal ones nearly all tumours (Cheng).",
     ]
 
 

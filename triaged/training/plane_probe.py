@@ -122,9 +122,8 @@ def card_lines(model_dir: Path) -> list[str]:
         labels = sorted({str(r["label"]) for r in flagged})
         lines.append(
             f"- {len(flagged)} of {len(rows)} slab series of a normal brain are flagged (top label "
-            f"{', '.join(labels)}): 2-D sagittal and coronal normals can be false alarms. The model has no "
-            "tumour-free training image in those planes; multi-planar reformats of the tcga_lgg volumes "
-            "would give it some."
+            f"{', '.join(labels)}): 2-D sagittal and coronal normals can be false alarms at this operating "
+            "point (urgencies against the threshold in the table; the notes under Model compare models)."
         )
     else:
         lines.append(f"- None of the {len(rows)} slab series of a normal brain is flagged.")
