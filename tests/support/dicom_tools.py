@@ -6,16 +6,23 @@ A check that quietly passes when its tool is missing proves nothing, so every ca
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 
 def tool(name: str, package: str) -> str:
-    """Path of executable ``name``, or skip naming the Debian ``package`` that provides it."""
-    found = shutil.which(name)
+    """Path of executable ``name``, or skip naming the Debian ``package`` that provides it.
+
+    The virtual environment's own ``bin`` is left out: pynetdicom installs apps named like dcmtk's (``storescu``,
+    ``echoscu``) with other options, and an activated venv would put them first on ``PATH``."""
+    venv_bin = Path(sys.prefix, "bin").resolve()
+    search = [d for d in os.environ.get("PATH", os.defpath).split(os.pathsep) if d and Path(d).resolve() != venv_bin]
+    found = shutil.which(name, path=os.pathsep.join(search))
     if found is None:
         pytest.skip(f"needs {name} (Debian package {package})")
     return found

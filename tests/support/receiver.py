@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -124,13 +123,11 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 10.0, interval: flo
     raise AssertionError(f"condition not met within {timeout} s")
 
 
-def dcmtk(tool: str) -> str:
-    import pytest
+def dcmtk(name: str) -> str:
+    """dcmtk's ``name`` (never pynetdicom's app of the same name in the venv: see :func:`dicom_tools.tool`)."""
+    from tests.support.dicom_tools import tool
 
-    found = shutil.which(tool)
-    if found is None:
-        pytest.skip(f"needs dcmtk's {tool}")
-    return found
+    return tool(name, "dcmtk")
 
 
 def run_dcmtk(args: Sequence[str], *, timeout: float = 120) -> subprocess.CompletedProcess[str]:
