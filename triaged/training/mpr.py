@@ -174,15 +174,17 @@ def build(data_root: Path, out_root: Path, patients: Sequence[str] | None = None
         by_volume[(r.patient, r.contrast)].append(r)
     samples: list[Sample] = []
     for patient in tqdm(sorted(patients or {r.patient for r in rows}), desc="reformat", mininterval=5.0):
-        flair = sorted(by_volume[(patient, "flair")], key=lambda r: r.slice_number)
-        mask = _read_stack(data_root, [r.mask_path for r in flair], binary=True)
-        spacing = estimated_slice_spacing_mm(_read_stack(data_root, [r.path for r in flair]))
+        ordered = {c: sorted(by_volume[(patient, c)], key=lambda r: r.slice_number) for c in CONTRASTS}
+        volumes = {
+            c: _read_stack(data_root, [r.path for r in rs])
+            for c, rs in ordered.items()
+            if rs and not any(r.duplicated for r in rs)
+        }
+        mask = _read_stack(data_root, [r.mask_path for r in ordered["flair"]], binary=True)
+        spacing = estimated_slice_spacing_mm(volumes["flair"])  # FLAIR is never a copy: every patient has it
         masks_written: set[str] = set()
-        for contrast in CONTRASTS:
-            volume_rows = sorted(by_volume[(patient, contrast)], key=lambda r: r.slice_number)
-            if not volume_rows or any(r.duplicated for r in volume_rows):
-                continue
-            for slab in reformat(_read_stack(data_root, [r.path for r in volume_rows]), mask, spacing):
+        for contrast, volume in volumes.items():
+            for slab in reformat(volume, mask, spacing):
                 path = image_path(patient, slab.plane, contrast, slab.index)
                 _write_png(out_root / path, slab.image)
                 if slab.label != "notumor" and mask_path_of(path) not in masks_written:
