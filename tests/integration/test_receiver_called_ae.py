@@ -7,6 +7,8 @@ recognised) — rather than have its images stored by a node it did not mean to 
 
 from __future__ import annotations
 
+import re
+
 from sqlalchemy import func, select
 from structlog.testing import capture_logs
 
@@ -44,9 +46,8 @@ def test_a_request_for_another_called_ae_is_rejected_permanently_and_takes_no_sl
         assert receiver.admission.associations_in_use() == 0
         proc = run_dcmtk([dcmtk("echoscu"), "-aet", "MODALITY", "-aec", "TRIAGEX", "127.0.0.1", str(receiver.port)])
         assert proc.returncode != 0
-        assert (
-            "called ae title not recogni" in (proc.stderr + proc.stdout).lower()
-        )  # dcmtk spells it "Recognized" or "recognised"
+        # dcmtk writes "Recognized", or "recognised" (3.6.7, on the CI machine of 2026-12-01)
+        assert re.search(r"called ae title not recogni[sz]ed", proc.stderr + proc.stdout, re.IGNORECASE)
         # One slot (max_associations = 1) and still free: the right called AE title stores.
         assert [r.status for r in send(receiver, paths, calling_ae="MODALITY")] == [0]
     rejected = [e for e in logs if e["event"] == "association_rejected"]
