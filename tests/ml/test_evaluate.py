@@ -67,6 +67,7 @@ def test_evaluate_writes_report_and_calibration(tiny_data_root: Path, tmp_path: 
     spec = read_spec(run / "model")
     assert spec.temperature == pytest.approx(report["temperature"])
     assert spec.ood["method"] == "mahalanobis" and (run / "model" / "ood.safetensors").is_file()
+    assert spec.aggregation["min_matrix"] == spec.preprocessing.input_size  # kept through calibration
     assert (run / "model" / "MODEL_CARD.md").read_text().startswith("# Model card")
     classes = spec.classes
     for name in ("val", "test", "clean_test"):

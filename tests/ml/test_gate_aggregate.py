@@ -7,7 +7,14 @@ import dataclasses
 import numpy as np
 import pytest
 
-from triaged.ml.aggregate import aggregate_series, brain_measures, in_brain_mask, neighbour_supported, relative_signal
+from triaged.ml.aggregate import (
+    aggregate_series,
+    brain_measures,
+    coarse_matrix_reason,
+    in_brain_mask,
+    neighbour_supported,
+    relative_signal,
+)
 from triaged.ml.gate import gate_reason
 from triaged.ml.registry import default_aggregation
 from triaged.ml.results import SeriesMeta
@@ -191,3 +198,17 @@ def test_contrasts_the_model_never_learned_are_refused(change: dict[str, object]
 )
 def test_anatomical_timings_pass(timing: dict[str, object]) -> None:
     assert gate_reason(dataclasses.replace(T1, series_description="AX", **timing)) is None  # type: ignore[arg-type]
+
+
+def test_images_smaller_than_the_model_input_are_refused_as_too_coarse() -> None:
+    """The longer side decides (preprocessing resizes it to the input size): 64 x 64 and 82 x 48 are refused,
+    128 x 96 and 512 x 460 pass, and a model that does not declare ``min_matrix`` scores any size."""
+    aggregation = default_aggregation(128)
+    assert aggregation["min_matrix"] == 128 and "min_matrix" not in default_aggregation()
+    for shape in ((64, 64), (82, 48), (127, 127)):
+        reason = coarse_matrix_reason([np.zeros(shape, np.float32)] * 3, aggregation)
+        assert reason is not None and f"{shape[0]} x {shape[1]}" in reason and "128-pixel input" in reason, shape
+    for shape in ((128, 96), (96, 128), (512, 460)):
+        assert coarse_matrix_reason([np.zeros(shape, np.float32)] * 3, aggregation) is None, shape
+    assert coarse_matrix_reason([np.zeros((64, 64), np.float32)], default_aggregation()) is None
+    assert coarse_matrix_reason([], aggregation) is None

@@ -48,6 +48,7 @@ def test_tiny_training_run_writes_a_loadable_model(tiny_data_root: Path, tmp_pat
     assert best.is_file() and (tmp_path / "run" / "last.pt").is_file()
     spec, model = load_model(tmp_path / "run" / "model")
     assert spec.arch == "smallcnn" and spec.preprocessing.input_size == 32
+    assert spec.aggregation["min_matrix"] == 32  # images smaller than the input are refused as too coarse
     assert spec.extra["data_manifest_sha256"] == (tmp_path / "run" / "manifest.csv.sha256").read_text().split()[0]
     assert read_manifest(tmp_path / "run" / "model" / "manifest.csv")
     torch.manual_seed(cfg.seed)

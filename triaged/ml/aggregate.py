@@ -87,6 +87,29 @@ def brain_measures(images: np.ndarray, signal: np.ndarray | None = None) -> Brai
     )
 
 
+def coarse_matrix_reason(slices: Sequence[np.ndarray], aggregation: Mapping[str, Any]) -> str | None:
+    """Why a series' images are too coarse for the model to score, or ``None``.
+
+    ``min_matrix`` is the model's input size: preprocessing resizes the longer side of each image to it, and every
+    training image was larger (Kaggle 192 px and up, Cheng 512, tcga_lgg 256), so the model has only ever seen
+    downsampled images. A series whose longer side is below it (a 64 x 64 diffusion b0, an 80 x 80 EPI) would be
+    upsampled, every pixel interpolated: a resolution and texture it never saw, which its feature-distance check
+    does not catch (a stripped 82 x 82 sagittal b0 scored 0.977 pituitary with an in-range distance). The
+    metadata gate refuses such series by their headers; this holds when the headers say nothing. Models without
+    ``min_matrix`` (1.2.0, test models) are not checked.
+    """
+    minimum = aggregation.get("min_matrix")
+    if minimum is None or not slices:
+        return None
+    rows, cols = max((np.asarray(s).shape for s in slices), key=max)
+    if max(rows, cols) >= int(minimum):
+        return None
+    return (
+        f"image matrix {rows} x {cols} is coarser than the model's {int(minimum)}-pixel input (diffusion/EPI"
+        " resolution): it would be upsampled, and no training image was"
+    )
+
+
 def in_brain_mask(measures: BrainMeasures, aggregation: Mapping[str, Any]) -> np.ndarray:
     """Slices that show brain, judged relative to the head so any field of view and skull-stripped volumes pass.
 

@@ -17,7 +17,13 @@ import torch
 from torch import nn
 
 from triaged.errors import ModelError
-from triaged.ml.aggregate import aggregate_series, brain_measures, in_brain_mask, relative_signal
+from triaged.ml.aggregate import (
+    aggregate_series,
+    brain_measures,
+    coarse_matrix_reason,
+    in_brain_mask,
+    relative_signal,
+)
 from triaged.ml.backends import Forward, build_forward, check_against_torch, resolve_backend
 from triaged.ml.cam import CamConfig, cam_to_slice, compute_cams
 from triaged.ml.device import Placement, choose_placement, faster_precision, time_cpu_precisions, torch_threads
@@ -332,6 +338,9 @@ class Triage:
     def _assess(self, slices: Sequence[np.ndarray], cam_top_k: int) -> SeriesAssessment:
         p = self._predictor
         spec = p.spec
+        coarse = coarse_matrix_reason(slices, spec.aggregation)
+        if coarse is not None:
+            return self._not_assessable(coarse, len(slices), {})
         timings: dict[str, float] = {}
         t = time.perf_counter()
         x = p.preprocess_slices(slices)

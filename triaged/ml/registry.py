@@ -109,9 +109,14 @@ def write_spec(model_dir: Path, spec: ModelSpec) -> None:
     tmp.replace(model_dir / MODEL_JSON)
 
 
-def default_aggregation() -> dict[str, Any]:
-    """Series-aggregation parameters used until evaluation tunes them (see :mod:`triaged.ml.inference`)."""
+def default_aggregation(input_size: int | None = None) -> dict[str, Any]:
+    """Series-aggregation parameters used until evaluation tunes them (see :mod:`triaged.ml.inference`).
+
+    With ``input_size``, images smaller than the model's input are refused as too coarse
+    (:func:`triaged.ml.aggregate.coarse_matrix_reason`); test models made without it keep scoring any size."""
+    matrix = {} if input_size is None else {"min_matrix": input_size}
     return {
+        **matrix,
         "top_k": 3,
         "neighbour_window": 1,
         "max_corner_fraction": 0.7,

@@ -219,7 +219,7 @@ def evaluate_model(model_dir: Path, data_root: Path, out_dir: Path, options: Eva
             temperature=temperature,
             ood=ood,
             aggregation={
-                **default_aggregation(),
+                **default_aggregation(spec.preprocessing.input_size),
                 **{k: spec.aggregation[k] for k in ("top_k", "neighbour_window") if k in spec.aggregation},
             },
             thresholds={"urgency": urgency_threshold, **thresholds},

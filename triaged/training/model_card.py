@@ -72,6 +72,31 @@ triaged evaluate SMALL/model --no-release --cache-dir CACHE
 ```"""
 
 
+def _parity_sentence(parity: Mapping[str, Any]) -> str:
+    """The reduced-precision check of evaluation, or why there was none (a CPU without bf16 runs fp32 only)."""
+    if parity.get("precision") in (None, "fp32"):
+        return (
+            "The evaluating machine ran fp32 only (no native bf16), so no reduced-precision comparison is recorded"
+            " here; `tests/ml/test_decision_parity.py` compares every CPU backend's series decisions with torch fp32."
+        )
+    return (
+        f"Measured {parity.get('precision')} vs fp32 on {parity.get('n')} test images: argmax agreement"
+        f" {parity.get('argmax_agreement', float('nan')):.4f}, max |Δp|"
+        f" {parity.get('max_abs_probability_difference', float('nan')):.4f}."
+    )
+
+
+def _matrix_sentence(aggregation: Mapping[str, Any]) -> str:
+    minimum = aggregation.get("min_matrix")
+    if minimum is None:
+        return ""
+    return (
+        f" A series whose images are smaller than {minimum} px on their longer side is refused as too coarse"
+        " (it would be upsampled; every training image was reduced): diffusion/EPI matrices whose headers were"
+        " stripped."
+    )
+
+
 def _ood_line(ood: Mapping[str, Any]) -> str:
     """The card's OOD line: 1.2.0's penultimate-layer check or the multi-layer one (see triaged.ml.ood)."""
     threshold = float(ood.get("threshold", float("nan")))
@@ -251,14 +276,14 @@ def write_model_card(model_dir: Path, report: dict[str, Any], compare: Sequence[
         f"{float(spec.aggregation.get('min_relative_signal', 0.3)):.0%} of the series' median slice, field not filled"
         f" to the corners, head ≥ {float(spec.aggregation.get('relative_head_fraction', 0.5)):.0%} of the series'"
         f" typical head and tissue ≥ {float(spec.aggregation.get('min_tissue_of_head', 0.5)):.0%} of the head"
-        " (any field of view, skull-stripped volumes included). Key images and Grad-CAM come from those slices only.",
+        " (any field of view, skull-stripped volumes included). Key images and Grad-CAM come from those slices only."
+        + _matrix_sentence(spec.aggregation),
         _ood_line(spec.ood),
         f"- Weights sha256 `{spec.weights_sha256}`; data manifest sha256 `{spec.extra.get('data_manifest_sha256')}`.",
         "- Inference: device/precision `auto` (CUDA AMP; on CPUs with native bf16, bf16 autocast only where timing the"
         " model at load shows it faster than fp32; else fp32),"
-        f" channels-last, batched. Measured {parity.get('precision')} vs fp32 on {parity.get('n')} test images:"
-        f" argmax agreement {parity.get('argmax_agreement', float('nan')):.4f}, max |Δp|"
-        f" {parity.get('max_abs_probability_difference', float('nan')):.4f}."
+        " channels-last, batched. "
+        + _parity_sentence(parity)
         + (
             " Left-right flip averaging (TTA) is on: evaluated, calibrated and used by the daemon alike."
             if dict(spec.extra.get("inference", {})).get("flip_tta")

@@ -273,16 +273,17 @@ def export_checkpoint(
         training["total_compute"] = run_compute
     model = build_network(cfg["arch"], num_classes=len(state["classes"]))
     model.load_state_dict(state["model"])
+    preprocessing = PreprocessingConfig.from_dict(state["preprocessing"])
     spec = ModelSpec(
         name=cfg["model_name"],
         version=cfg["model_version"],
         arch=cfg["arch"],
         classes=tuple(state["classes"]),
-        preprocessing=PreprocessingConfig.from_dict(state["preprocessing"]),
+        preprocessing=preprocessing,
         weights_sha256="",
         temperature=1.0,
         thresholds={"urgency": 0.5},
-        aggregation=default_aggregation(),
+        aggregation=default_aggregation(preprocessing.input_size),
         ood={},
         provisional=provisional,
         extra={
