@@ -65,7 +65,11 @@ def train_command(  # noqa: PLR0917 (one parameter per CLI option)
         str, typer.Option(help="uniform | balanced (every source and contrast an equal share of each epoch).")
     ] = "uniform",
     augment: Annotated[
-        str, typer.Option(help="standard | scanner (adds JPEG re-compression, resampling, Gibbs and Rician noise).")
+        str,
+        typer.Option(
+            help="standard | scanner (adds JPEG re-compression, resampling, Gibbs and Rician noise) | strip (adds a"
+            " random skull strip)."
+        ),
     ] = "standard",
 ) -> None:
     """Train a classifier on the leak-free split and export OUT_DIR/model."""

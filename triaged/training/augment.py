@@ -31,6 +31,7 @@ from monai.transforms import (
 from PIL import Image
 
 from triaged.training.choices import AUGMENTS
+from triaged.training.skullstrip import skull_strip
 
 
 class RandJpegRecompress(RandomizableTransform):  # type: ignore[misc]
@@ -61,6 +62,36 @@ class RandJpegRecompress(RandomizableTransform):  # type: ignore[misc]
         with Image.open(buf) as decoded:
             out = np.asarray(decoded, dtype=np.float32) / 255.0
         return torch.from_numpy(out)[None].to(x.dtype)
+
+
+class RandSkullStrip(RandomizableTransform):  # type: ignore[misc]
+    """Strip the skull from the (1, S, S) image in [0, 1] (:func:`triaged.training.skullstrip.skull_strip`, a random
+    erosion of 3-6 % of the size), then rescale as preprocessing would (upper 99.5th percentile to 1).
+
+    Why: skull-stripped series reach the daemon (BraTS-style volumes) and no training image is stripped; the
+    daemon's percentile scaling then sees a larger black background and no bright scalp, so the brain comes out
+    brighter than in any training image. Geometric augmentation runs first, so the strip follows the moved head.
+    """
+
+    def __init__(self, prob: float = 0.25, erosion: tuple[float, float] = (0.03, 0.06)) -> None:
+        super().__init__(prob)
+        self.erosion = erosion
+        self._erosion = erosion[0]
+
+    def randomize(self, data: Any = None) -> None:
+        super().randomize(None)
+        self._erosion = float(self.R.uniform(*self.erosion))
+
+    def __call__(self, img: torch.Tensor) -> torch.Tensor:
+        self.randomize()
+        if not self._do_transform:
+            return img
+        x = torch.as_tensor(img).as_subclass(torch.Tensor)
+        stripped = skull_strip(x[0].float(), self._erosion)
+        upper = torch.quantile(stripped.flatten(), 0.995)
+        if float(upper) <= 0.0:  # nothing left: an empty slice stays as it was
+            return img
+        return (stripped / upper).clamp(0.0, 1.0)[None].to(x.dtype)
 
 
 def _geometric(input_size: int) -> list[Any]:
@@ -104,7 +135,8 @@ def _scanner() -> list[Any]:
 def _intensity_for(augment: str) -> list[Any]:
     if augment not in AUGMENTS:
         raise ValueError(f"augment must be one of {', '.join(AUGMENTS)}, got {augment!r}")
-    return [*_intensity(), *(_scanner() if augment == "scanner" else [])]
+    strip = [RandSkullStrip()] if augment == "strip" else []
+    return [*strip, *_intensity(), *(_scanner() if augment == "scanner" else [])]
 
 
 def build_train_augment(input_size: int, *, seed: int = 0, augment: str = "standard") -> Compose:

@@ -8,4 +8,4 @@ mistyped option must not pay for numpy, torch or MONAI); :mod:`triaged.training.
 from __future__ import annotations
 
 SAMPLINGS = ("uniform", "balanced")
-AUGMENTS = ("standard", "scanner")
+AUGMENTS = ("standard", "scanner", "strip")  # strip: standard + a random skull strip

@@ -300,6 +300,17 @@ def write_table(rows: Sequence[dict[str, Any]], out_root: Path) -> None:
     (out_root / "levers.md").write_text(markdown_table(rows))
 
 
+def named_model_dirs(parser: argparse.ArgumentParser, items: Sequence[str]) -> dict[str, Path]:
+    """``NAME=MODEL_DIR`` arguments of the comparison tools as a dict; a usage error (not a traceback) otherwise."""
+    models: dict[str, Path] = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not (Path(path) / "model.json").is_file():
+            parser.error(f"{item!r}: expected NAME=MODEL_DIR with a model.json in MODEL_DIR")
+        models[name] = Path(path)
+    return models
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m triaged.training.levers", description=__doc__)
     p.add_argument("--data-root", type=Path, default=REPO.parent / "shared" / "data")
@@ -322,13 +333,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         p.error(f"unknown arm(s): {', '.join(sorted(unknown))}")
     ns.out_dir.mkdir(parents=True, exist_ok=True)
     if ns.compare:
-        models = dict(item.split("=", 1) for item in ns.compare if "=" in item)
-        if len(models) != len(ns.compare):
-            p.error("--compare takes NAME=MODEL_DIR pairs")
-        missing_dirs = [d for d in models.values() if not (Path(d) / "model.json").is_file()]
-        if missing_dirs:
-            p.error(f"not a model directory (no model.json): {', '.join(missing_dirs)}")
-        for row in compare_with_shipped(ns.data_root, ns.out_dir, {k: Path(v) for k, v in models.items()}):
+        for row in compare_with_shipped(ns.data_root, ns.out_dir, named_model_dirs(p, ns.compare)):
             shown = format_delta(row.get("delta_unseen_auc_vs_shipped"), "-")
             print(
                 f"{row['model']}: unseen AUC {row['lgg_unseen_auc']:.3f}, seen-site AUC {row['lgg_seen_auc']:.3f}, "

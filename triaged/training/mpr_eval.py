@@ -28,6 +28,7 @@ from triaged.training.levers import (
     cached_validation_probabilities,
     defined_auc,
     format_delta,
+    named_model_dirs,
     paired_unseen_delta,
     sensitivity_at_specificity,
 )
@@ -116,12 +117,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     ns = p.parse_args(argv)
     if not (ns.derived / DATASET / "index.csv").is_file():
         p.error(f"{ns.derived / DATASET} has no index.csv: run python -m triaged.training.mpr --out {ns.derived}")
-    models: dict[str, Path] = {}
-    for item in ns.models:
-        name, sep, path = item.partition("=")
-        if not sep or not (Path(path) / "model.json").is_file():
-            p.error(f"{item!r}: expected NAME=MODEL_DIR with a model.json in MODEL_DIR")
-        models[name] = Path(path)
+    models = named_model_dirs(p, ns.models)
     print(markdown_table(compare(ns.derived, ns.out_dir, models)))
 
 
