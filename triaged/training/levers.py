@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -171,6 +171,26 @@ def paired_unseen_delta(
 def format_delta(delta: dict[str, float] | None, missing: str = "–") -> str:
     """A paired Δ AUC with its 95 % CI, as the tables and the console print it."""
     return f"{delta['value']:+.3f} [{delta['lo']:+.3f}, {delta['hi']:+.3f}]" if delta else missing
+
+
+def auc_cell(value: float | None) -> str:
+    """An AUC in a markdown table; an undefined one (a group with one class) as a dash."""
+    return "–" if value is None else f"{value:.3f}"
+
+
+def card_table_section(
+    model_dir: Path,
+    card_file: str,
+    heading: str,
+    intro: Sequence[str],
+    table: Callable[[list[dict[str, Any]]], str],
+) -> list[str]:
+    """A model-card section from a comparison tool's JSON kept in ``MODEL_DIR/evaluation`` (none if absent)."""
+    path = model_dir / "evaluation" / card_file
+    if not path.is_file():
+        return []
+    rows: list[dict[str, Any]] = json.loads(path.read_text())
+    return ["", f"### {heading}", "", *intro, "", *table(rows).splitlines()]
 
 
 def cached_validation_probabilities(

@@ -16,6 +16,7 @@ from triaged.training.model_card_levers import lever_sections
 from triaged.training.model_card_volumes import lgg_data_lines, reformat_data_lines, volume_sections
 from triaged.training.mpr_eval import card_lines as mpr_eval_lines
 from triaged.training.plane_probe import card_lines as plane_probe_lines
+from triaged.training.strip_eval import card_lines as strip_eval_lines
 
 REPRODUCE = """\
 ```bash
@@ -373,6 +374,7 @@ def write_model_card(model_dir: Path, report: dict[str, Any], compare: Sequence[
         "thread each); read accordingly. The product model's minutes include every run it was continued from.",
         *lever_sections(model_dir),
         *mpr_eval_lines(model_dir),
+        *strip_eval_lines(model_dir),
         *plane_probe_lines(model_dir),
     ]
     if "release" in report:

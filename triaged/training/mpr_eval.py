@@ -25,7 +25,9 @@ from triaged.training.dataset import sample_labels
 from triaged.training.levers import (
     SHIPPED,
     SPECIFICITY,
+    auc_cell,
     cached_validation_probabilities,
+    card_table_section,
     defined_auc,
     format_delta,
     named_model_dirs,
@@ -75,14 +77,11 @@ def compare(derived: Path, out_dir: Path, models: dict[str, Path]) -> list[dict[
 
 
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
-    def num(v: float | None) -> str:
-        return "–" if v is None else f"{v:.3f}"
-
     head = ["model"] + [f"{p} {g} AUC" for p in PLANES for g in ("seen", "unseen")]
     head += [f"Δ {p} unseen AUC [95 % CI]" for p in PLANES]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r["model"]] + [num(r[f"{p}_{g}_auc"]) for p in PLANES for g in ("seen", "unseen")]
+        cells = [r["model"]] + [auc_cell(r[f"{p}_{g}_auc"]) for p in PLANES for g in ("seen", "unseen")]
         cells += [format_delta(r.get(f"delta_{p}_unseen_auc")) for p in PLANES]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -93,20 +92,13 @@ CARD_FILE = "mpr_eval.json"  # this tool's output for the card, copied into MODE
 
 def card_lines(model_dir: Path) -> list[str]:
     """The model card's section on the reformats, when ``evaluation/mpr_eval.json`` was kept for this model."""
-    path = model_dir / "evaluation" / CARD_FILE
-    if not path.is_file():
-        return []
-    rows: list[dict[str, Any]] = json.loads(path.read_text())
-    return [
-        "",
-        "### Sagittal and coronal reformats of the validation patients",
-        "",
+    intro = [
         "`python -m triaged.training.mpr_eval`: slice tumour AUC on 4 mm sagittal and coronal slabs reformatted",
         "from the tcga_lgg validation volumes (`python -m triaged.training.mpr`; no model trains on them), for the",
         "seen site (DU) and the unseen one (HT); Δ against the first row, paired bootstrap over patients.",
-        "",
-        *markdown_table(rows).splitlines(),
     ]
+    heading = "Sagittal and coronal reformats of the validation patients"
+    return card_table_section(model_dir, CARD_FILE, heading, intro, markdown_table)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

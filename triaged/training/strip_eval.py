@@ -28,7 +28,15 @@ from triaged.ml.registry import DEFAULT_CLASSES, NO_TUMOUR
 from triaged.ml.transforms import preprocess_stack
 from triaged.training.data import Sample, evaluation_samples, read_manifest
 from triaged.training.dataset import load_image, sample_labels
-from triaged.training.levers import SHIPPED, defined_auc, format_delta, named_model_dirs, paired_unseen_delta
+from triaged.training.levers import (
+    SHIPPED,
+    auc_cell,
+    card_table_section,
+    defined_auc,
+    format_delta,
+    named_model_dirs,
+    paired_unseen_delta,
+)
 from triaged.training.lgg import UNSEEN_SITE, is_lgg, lgg_contrast, lgg_site
 from triaged.training.skullstrip import skull_strip
 
@@ -86,14 +94,11 @@ def compare(data_root: Path, out_dir: Path, models: dict[str, Path]) -> list[dic
 
 
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
-    def num(v: float | None) -> str:
-        return "–" if v is None else f"{v:.3f}"
-
     keys = [f"stripped_{g}_auc" for g in ("seen", "unseen")] + [f"stripped_unseen_auc_{c}" for c in CONTRASTS]
     head = ["model", "seen AUC", "unseen AUC", *(f"unseen {c}" for c in CONTRASTS), "Δ unseen AUC [95 % CI]"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r["model"], *(num(r[k]) for k in keys), format_delta(r.get("delta_stripped_unseen_auc"))]
+        cells = [r["model"], *(auc_cell(r[k]) for k in keys), format_delta(r.get("delta_stripped_unseen_auc"))]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -103,20 +108,12 @@ CARD_FILE = "strip_eval.json"  # this tool's output for the card, copied into MO
 
 def card_lines(model_dir: Path) -> list[str]:
     """The model card's section on stripped slices, when ``evaluation/strip_eval.json`` was kept for this model."""
-    path = model_dir / "evaluation" / CARD_FILE
-    if not path.is_file():
-        return []
-    rows: list[dict[str, Any]] = json.loads(path.read_text())
-    return [
-        "",
-        "### Skull-stripped validation slices",
-        "",
+    intro = [
         "`python -m triaged.training.strip_eval`: slice tumour AUC on the tcga_lgg validation slices after a crude",
         "skull strip (`triaged.training.skullstrip`), for the seen site (DU) and the unseen one (HT); Δ against the",
         "first row, paired bootstrap over patients.",
-        "",
-        *markdown_table(rows).splitlines(),
     ]
+    return card_table_section(model_dir, CARD_FILE, "Skull-stripped validation slices", intro, markdown_table)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
