@@ -109,4 +109,7 @@ def full_run_lines(model_dir: Path) -> list[str]:
             f"- `{r['model']}` beat 2.0.0 on the unseen site (Δ AUC {d['value']:+.3f}, 95 % CI {d['lo']:+.3f} to "
             f"{d['hi']:+.3f}, {d['patients']} patients)" + (f": {r['outcome']}." if r.get("outcome") else ".")
         )
+    for r in judged:
+        if r not in helped and r.get("outcome"):
+            lines.append(f"- `{r['model']}` ({r.get('baseline', 'Δ against the model shipped then')}): {r['outcome']}.")
     return lines
