@@ -67,13 +67,20 @@ def _span(t: np.ndarray, axis: int) -> np.ndarray:
     return span
 
 
+def head_span(tissue: np.ndarray) -> np.ndarray:
+    """The head of boolean tissue masks (..., H, W): pixels inside both the row span and the column span of the
+    tissue, so dark skull, ventricles or a cavity inside the head count as head."""
+    head: np.ndarray = _span(tissue, -1) & _span(tissue, -2)
+    return head
+
+
 def brain_measures(images: np.ndarray, signal: np.ndarray | None = None) -> BrainMeasures:
     """:class:`BrainMeasures` of preprocessed images (N, 1, S, S); tissue is brighter than :data:`BRAIN_INTENSITY`.
 
     ``signal`` is :func:`relative_signal` of the raw slices (all ones when unknown, e.g. single training images).
     """
     t = images.reshape(images.shape[0], images.shape[-2], images.shape[-1]) > BRAIN_INTENSITY
-    head = _span(t, 2) & _span(t, 1)
+    head = head_span(t)
     head_px = head.reshape(len(t), -1).sum(axis=1)
     size = t.shape[-1]
     yy, xx = np.mgrid[0:size, 0:size]

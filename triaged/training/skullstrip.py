@@ -14,24 +14,18 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F  # noqa: N812
 
+from triaged.ml.aggregate import head_span
+
 HEAD_LEVEL = 0.12  # of the smoothed slice's 99th percentile: scalp, fat and brain are above it, air below
 DEFAULT_EROSION = 0.047  # of the image size: 12 px of a 256 px tcga_lgg slice (about 11 mm at 0.9 mm pixels)
 
 
 def head_mask(image: torch.Tensor) -> torch.Tensor:
-    """(H, W) → bool: pixels inside both the row span and the column span of the tissue (skull and cavities too)."""
+    """(H, W) → bool: pixels inside both the row span and the column span of the tissue (skull and cavities too),
+    the daemon's own head measure (:func:`triaged.ml.aggregate.head_span`)."""
     smooth = F.avg_pool2d(image[None, None].float(), 5, 1, 2)[0, 0]
     tissue = smooth > HEAD_LEVEL * torch.quantile(smooth.flatten(), 0.99)
-    rows = _span(tissue, dim=1)
-    cols = _span(tissue, dim=0)
-    return rows & cols
-
-
-def _span(tissue: torch.Tensor, dim: int) -> torch.Tensor:
-    """Pixels between the first and the last tissue pixel along ``dim`` (a filled outline, holes closed)."""
-    forward = torch.cummax(tissue.int(), dim=dim).values.bool()
-    backward = torch.flip(torch.cummax(torch.flip(tissue, (dim,)).int(), dim=dim).values.bool(), (dim,))
-    return forward & backward
+    return torch.from_numpy(head_span(tissue.numpy()))
 
 
 def brain_mask(image: torch.Tensor, erosion: float = DEFAULT_EROSION) -> torch.Tensor:
