@@ -68,3 +68,10 @@ def test_unknown_sampling_or_augment_is_one_line(tiny_data_root: Path, tmp_path:
         result = runner.invoke(app, [*args, *extra])
         assert result.exit_code == 2 and "--sampling must be one of uniform, balanced" in result.output
         assert "Traceback" not in result.output
+
+
+def test_a_strip_probability_outside_zero_to_one_is_one_line(tiny_data_root: Path, tmp_path: Path) -> None:
+    args = ["train", "--out-dir", str(tmp_path / "o"), "--data-root", str(tiny_data_root), "--arch", "smallcnn"]
+    result = runner.invoke(app, [*args, "--augment", "strip", "--strip-prob", "1.5"])
+    assert result.exit_code == 2 and "--strip-prob must be between 0 and 1" in result.output
+    assert "Traceback" not in result.output

@@ -5,10 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
-from triaged.training.augment import RandSkullStrip, build_train_augment
-from triaged.training.skullstrip import brain_mask, head_mask, skull_strip
+from triaged.training.augment import RandSkullStrip, StripOptions, build_train_augment
+from triaged.training.skullstrip import brain_mask, head_inside_frame, head_mask, skull_strip
 
 
 def _head(size: int = 128) -> torch.Tensor:
@@ -64,6 +65,35 @@ def test_the_strip_augment_choice_adds_the_strip_and_nothing_else() -> None:
         torch.from_numpy(np.random.default_rng(0).random((1, 64, 64)))
     )
     assert out.shape == (1, 64, 64)
+
+
+def test_a_head_cropped_by_the_frame_is_not_a_whole_head() -> None:
+    head = _head()  # the scalp reaches 0.9 of the half-height: 6 px of air above and below at 128 px
+    assert head_inside_frame(head)
+    cropped = head[10:-10, 10:-10]  # cropped to the skull, as most Kaggle exports are
+    assert not head_inside_frame(cropped)
+
+
+def test_whole_heads_only_leaves_cropped_slices_alone_and_strips_whole_heads() -> None:
+    transform = RandSkullStrip(prob=1.0, whole_heads_only=True)
+    transform.set_random_state(0)
+    cropped = _head()[10:-10, 10:-10][None]
+    assert torch.equal(transform(cropped), cropped)
+    whole = _head()[None]
+    assert float(transform(whole)[0, 64, 64 + 58]) == 0.0  # the whole head is stripped: scalp gone
+
+
+def test_the_strip_probability_sets_how_often_slices_are_stripped() -> None:
+    def stripped_share(prob: float) -> float:
+        aug = build_train_augment(128, augment="strip", strip=StripOptions(prob), seed=5)
+        strip = aug.transforms[[type(t).__name__ for t in aug.transforms].index("RandSkullStrip")]
+        head = _head()[None]
+        return sum(not torch.equal(strip(head), head) for _ in range(200)) / 200
+
+    assert stripped_share(0.0) == 0.0 and stripped_share(1.0) == 1.0
+    assert 0.03 < stripped_share(0.1) < 0.2
+    with pytest.raises(ValueError, match="strip probability"):
+        build_train_augment(64, augment="strip", strip=StripOptions(1.5))
 
 
 def test_stripped_metrics_split_sites_and_contrasts() -> None:

@@ -71,6 +71,11 @@ def train_command(  # noqa: PLR0917 (one parameter per CLI option)
             " random skull strip)."
         ),
     ] = "standard",
+    strip_prob: Annotated[float, typer.Option(help="--augment strip: share of training slices stripped.")] = 0.25,
+    strip_whole_heads_only: Annotated[
+        bool,
+        typer.Option("--strip-whole-heads-only", help="--augment strip: only slices with the whole head in view."),
+    ] = False,
 ) -> None:
     """Train a classifier on the leak-free split and export OUT_DIR/model."""
     from triaged.ml.networks import ARCHITECTURES
@@ -87,6 +92,8 @@ def train_command(  # noqa: PLR0917 (one parameter per CLI option)
 
     if sampling not in SAMPLINGS or augment not in AUGMENTS:
         _fail(f"--sampling must be one of {', '.join(SAMPLINGS)}; --augment one of {', '.join(AUGMENTS)}")
+    if not 0.0 <= strip_prob <= 1.0:
+        _fail(f"--strip-prob must be between 0 and 1, got {strip_prob}")
     if epochs < 1 or batch_size < 1 or input_size < 32:
         _fail("--epochs and --batch-size must be >= 1 and --input-size >= 32")
     cfg = TrainConfig(
@@ -114,6 +121,8 @@ def train_command(  # noqa: PLR0917 (one parameter per CLI option)
         cam_mask_sources=cam_mask_sources,
         sampling=sampling,
         augment=augment,
+        strip_prob=strip_prob,
+        strip_whole_heads_only=strip_whole_heads_only,
     )
     try:
         best = train(cfg)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -31,7 +32,7 @@ from monai.transforms import (
 from PIL import Image
 
 from triaged.training.choices import AUGMENTS
-from triaged.training.skullstrip import skull_strip
+from triaged.training.skullstrip import head_inside_frame, skull_strip
 
 
 class RandJpegRecompress(RandomizableTransform):  # type: ignore[misc]
@@ -71,11 +72,15 @@ class RandSkullStrip(RandomizableTransform):  # type: ignore[misc]
     Why: skull-stripped series reach the daemon (BraTS-style volumes) and no training image is stripped; the
     daemon's percentile scaling then sees a larger black background and no bright scalp, so the brain comes out
     brighter than in any training image. Geometric augmentation runs first, so the strip follows the moved head.
+    ``whole_heads_only`` strips only slices whose whole head is in the frame (:func:`head_inside_frame`).
     """
 
-    def __init__(self, prob: float = 0.25, erosion: tuple[float, float] = (0.03, 0.06)) -> None:
+    def __init__(
+        self, prob: float = 0.25, erosion: tuple[float, float] = (0.03, 0.06), *, whole_heads_only: bool = False
+    ) -> None:
         super().__init__(prob)
         self.erosion = erosion
+        self.whole_heads_only = whole_heads_only
         self._erosion = erosion[0]
 
     def randomize(self, data: Any = None) -> None:
@@ -87,6 +92,8 @@ class RandSkullStrip(RandomizableTransform):  # type: ignore[misc]
         if not self._do_transform:
             return img
         x = torch.as_tensor(img).as_subclass(torch.Tensor)
+        if self.whole_heads_only and not head_inside_frame(x[0].float()):
+            return img
         stripped = skull_strip(x[0].float(), self._erosion)
         upper = torch.quantile(stripped.flatten(), 0.995)
         if float(upper) <= 0.0:  # nothing left: an empty slice stays as it was
@@ -132,16 +139,28 @@ def _scanner() -> list[Any]:
     ]
 
 
-def _intensity_for(augment: str) -> list[Any]:
+@dataclass(frozen=True)
+class StripOptions:
+    """How ``--augment strip`` strips: how often, and whether only slices whose whole head is in the frame."""
+
+    prob: float = 0.25
+    whole_heads_only: bool = False
+
+
+def _intensity_for(augment: str, strip: StripOptions) -> list[Any]:
     if augment not in AUGMENTS:
         raise ValueError(f"augment must be one of {', '.join(AUGMENTS)}, got {augment!r}")
-    strip = [RandSkullStrip()] if augment == "strip" else []
-    return [*strip, *_intensity(), *(_scanner() if augment == "scanner" else [])]
+    if not 0.0 <= strip.prob <= 1.0:
+        raise ValueError(f"strip probability must be in [0, 1], got {strip.prob}")
+    stripping = [RandSkullStrip(strip.prob, whole_heads_only=strip.whole_heads_only)] if augment == "strip" else []
+    return [*stripping, *_intensity(), *(_scanner() if augment == "scanner" else [])]
 
 
-def build_train_augment(input_size: int, *, seed: int = 0, augment: str = "standard") -> Compose:
+def build_train_augment(
+    input_size: int, *, seed: int = 0, augment: str = "standard", strip: StripOptions = StripOptions()
+) -> Compose:
     """Return the random augmentation ``Compose`` for training (seeded via ``set_random_state``)."""
-    aug = Compose([*_geometric(input_size), *_intensity_for(augment)])
+    aug = Compose([*_geometric(input_size), *_intensity_for(augment, strip)])
     aug.set_random_state(seed=seed)
     return aug
 
@@ -152,9 +171,11 @@ class PairedAugment:
     Input and output are (2, S, S): channel 0 the image, channel 1 the mask (bilinear-resampled, so soft at edges).
     """
 
-    def __init__(self, input_size: int, *, seed: int = 0, augment: str = "standard") -> None:
+    def __init__(
+        self, input_size: int, *, seed: int = 0, augment: str = "standard", strip: StripOptions = StripOptions()
+    ) -> None:
         self.geometric = Compose(_geometric(input_size))
-        self.intensity = Compose(_intensity_for(augment))
+        self.intensity = Compose(_intensity_for(augment, strip))
         self.set_random_state(seed)
 
     def set_random_state(self, seed: int) -> None:

@@ -17,15 +17,33 @@ import torch.nn.functional as F  # noqa: N812
 from triaged.ml.aggregate import head_span
 
 HEAD_LEVEL = 0.12  # of the smoothed slice's 99th percentile: scalp, fat and brain are above it, air below
+FRAME_MARGIN = 0.02  # of the image size: tissue this close to an edge means the head is cropped by the frame
 DEFAULT_EROSION = 0.047  # of the image size: 12 px of a 256 px tcga_lgg slice (about 11 mm at 0.9 mm pixels)
+
+
+def _tissue(image: torch.Tensor) -> torch.Tensor:
+    smooth = F.avg_pool2d(image[None, None].float(), 5, 1, 2)[0, 0]
+    return smooth > HEAD_LEVEL * torch.quantile(smooth.flatten(), 0.99)
 
 
 def head_mask(image: torch.Tensor) -> torch.Tensor:
     """(H, W) → bool: pixels inside both the row span and the column span of the tissue (skull and cavities too),
     the daemon's own head measure (:func:`triaged.ml.aggregate.head_span`)."""
-    smooth = F.avg_pool2d(image[None, None].float(), 5, 1, 2)[0, 0]
-    tissue = smooth > HEAD_LEVEL * torch.quantile(smooth.flatten(), 0.99)
-    return torch.from_numpy(head_span(tissue.numpy()))
+    return torch.from_numpy(head_span(_tissue(image).numpy()))
+
+
+def head_inside_frame(image: torch.Tensor, margin: float = FRAME_MARGIN) -> bool:
+    """True when no tissue lies within ``margin`` × the image size of its edges: the whole head is in the picture.
+
+    Why: a skull-stripped volume's slices show the whole brain with air around it. A slice cropped to the skull
+    (most Kaggle exports) stripped by :func:`skull_strip` loses brain at the frame, peripheral lesions with it,
+    which no real stripper does, so ``RandSkullStrip(whole_heads_only=True)`` leaves such slices as they are.
+    """
+    tissue = _tissue(image)
+    edge = max(1, round(margin * max(image.shape)))
+    inner = torch.zeros_like(tissue)
+    inner[edge:-edge, edge:-edge] = True
+    return not bool((tissue & ~inner).any())
 
 
 def brain_mask(image: torch.Tensor, erosion: float = DEFAULT_EROSION) -> torch.Tensor:

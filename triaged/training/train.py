@@ -37,7 +37,7 @@ from triaged.ml.registry import (
 )
 from triaged.ml.transforms import PreprocessingConfig
 from triaged.training.attention import attention_loss, cell_hits, logits_and_cams
-from triaged.training.augment import PairedAugment, build_train_augment
+from triaged.training.augment import PairedAugment, StripOptions, build_train_augment
 from triaged.training.camscore import cheng_mask_path, load_masks
 from triaged.training.choices import AUGMENTS, SAMPLINGS
 from triaged.training.data import (
@@ -91,6 +91,8 @@ class TrainConfig:
     cam_mask_sources: str = "cheng,tcga_lgg"
     sampling: str = "uniform"
     augment: str = "standard"
+    strip_prob: float = 0.25  # --augment strip: share of training slices stripped
+    strip_whole_heads_only: bool = False  # --augment strip: strip only slices whose whole head is in the frame
     validate: bool = True  # off: no per-epoch validation pass (the lever study evaluates each arm itself)
 
     def to_json(self) -> dict[str, Any]:
@@ -320,16 +322,19 @@ def train(cfg: TrainConfig) -> Path:
         WeightedRandomSampler(weights.tolist(), len(train_y), replacement=True, generator=gen) if balanced else None
     )
     class_weight = torch.tensor(counts.sum() / (len(counts) * np.maximum(counts, 1)), dtype=torch.float32)
+    strip = StripOptions(cfg.strip_prob, cfg.strip_whole_heads_only)
     train_set: CachedImages | MaskedImages = (
         MaskedImages(
             train_x,
             train_y,
             arrays["train"][2],
             arrays["train"][3],
-            PairedAugment(cfg.input_size, seed=cfg.seed, augment=cfg.augment),
+            PairedAugment(cfg.input_size, seed=cfg.seed, augment=cfg.augment, strip=strip),
         )
         if cfg.cam_loss_weight > 0
-        else CachedImages(train_x, train_y, build_train_augment(cfg.input_size, seed=cfg.seed, augment=cfg.augment))
+        else CachedImages(
+            train_x, train_y, build_train_augment(cfg.input_size, seed=cfg.seed, augment=cfg.augment, strip=strip)
+        )
     )
     train_loader = DataLoader(
         train_set,
@@ -530,12 +535,14 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
         "max_minutes",
         "time_budget_minutes",
         "cam_loss_weight",
+        "strip_prob",
     ):
         p.add_argument("--" + name.replace("_", "-"), type=float, default=defaults[name])
     p.add_argument("--sampling", choices=SAMPLINGS, default=defaults["sampling"])
     p.add_argument("--augment", choices=AUGMENTS, default=defaults["augment"])
     p.add_argument("--manifest", type=Path, default=None)
     p.add_argument("--cache-dir", type=Path, default=None)
+    p.add_argument("--strip-whole-heads-only", action="store_true", help="--augment strip: only whole heads")
     p.add_argument("--resume", action="store_true")
     ns = p.parse_args(argv)
     return TrainConfig(**vars(ns))
