@@ -133,3 +133,32 @@ def test_comparison_tools_refuse_a_malformed_model_argument(tmp_path: Path) -> N
     for bad in ("no-equals-sign", f"missing={tmp_path / 'nothing'}", f"={tmp_path / 'm'}"):
         with pytest.raises(SystemExit):
             named_model_dirs(parser, [bad])
+
+
+def test_stripped_probabilities_score_each_slice_stripped(random_model_dir: Path, tmp_path: Path) -> None:
+    """Each slice is stripped before the daemon's preprocessing; the unstripped comparison
+    (``validation_probabilities``) scores the same files differently; kept probabilities are read back, not redone."""
+    from PIL import Image
+
+    from triaged.ml.inference import Predictor
+    from triaged.ml.transforms import preprocess_stack
+    from triaged.training import levers, strip_eval
+    from triaged.training.data import Sample
+
+    heads = [(_head(96 + 8 * k) * 255).to(torch.uint8).numpy() for k in range(3)]
+    samples = []
+    for k, pixels in enumerate(heads):
+        Image.fromarray(pixels).save(tmp_path / f"{k}.png")
+        samples.append(Sample(f"{k}.png", "tcga_lgg", "notumor", "val", f"p{k}", False, "", False, False))
+    probs = strip_eval.stripped_probabilities(random_model_dir, tmp_path, samples)
+    predictor = Predictor.from_dir(random_model_dir, device="cpu", precision="fp32", backend="torch")
+    one = torch.as_tensor(
+        preprocess_stack(predictor.spec.preprocessing, [skull_strip(torch.from_numpy(heads[1])).numpy()])
+    )
+    expected = torch.softmax(torch.from_numpy(predictor.logits(one)), dim=1).numpy()[0]
+    assert probs.shape == (3, 4) and np.allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+    assert np.allclose(probs[1], expected, atol=1e-5)
+    kept = levers.kept_probabilities(tmp_path / "kept.npy", lambda: probs)
+    assert np.array_equal(kept, levers.kept_probabilities(tmp_path / "kept.npy", lambda: probs * 0))  # read back
+    plain = levers.validation_probabilities(random_model_dir, tmp_path, samples, tmp_path / "cache")
+    assert plain.shape == (3, 4) and not np.allclose(plain, probs, atol=1e-4)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -39,6 +39,7 @@ REPO = Path(__file__).resolve().parents[2]
 SHIPPED = REPO / "models" / "densenet121-brainmri-v2"
 EARLIER = REPO / "models" / "densenet121-brainmri-v1"
 SPECIFICITY = 0.95
+COMPARISON_BATCH = 128  # images per forward pass when a comparison scores a model
 
 
 @dataclass(frozen=True)
@@ -193,27 +194,42 @@ def card_table_section(
     return ["", f"### {heading}", "", *intro, "", *table(rows).splitlines()]
 
 
+def kept_probabilities(path: Path, compute: Callable[[], np.ndarray]) -> np.ndarray:
+    """``compute()``, run once and kept at ``path``, so that a study or comparison resumes where it stopped."""
+    if not path.is_file():
+        np.save(path, compute())
+    probs: np.ndarray = np.load(path)
+    return probs
+
+
 def cached_validation_probabilities(
     path: Path, model_dir: Path, data_root: Path, samples: Sequence[Sample], cache_dir: Path
 ) -> np.ndarray:
-    """:func:`validation_probabilities`, computed once and kept at ``path`` (a study or comparison resumes)."""
-    if not path.is_file():
-        np.save(path, validation_probabilities(model_dir, data_root, samples, cache_dir))
-    probs: np.ndarray = np.load(path)
+    """:func:`validation_probabilities`, computed once and kept at ``path``."""
+    return kept_probabilities(path, lambda: validation_probabilities(model_dir, data_root, samples, cache_dir))
+
+
+def comparison_predictor(model_dir: Path) -> Predictor:
+    """How every comparison scores a model: torch, fp32, on the CPU (temperature 1: softmax of the raw logits)."""
+    return Predictor.from_dir(model_dir, device="cpu", precision="fp32", backend="torch")
+
+
+def batch_probabilities(predictor: Predictor, batches: Iterable[torch.Tensor], total: int, desc: str) -> np.ndarray:
+    """Softmax of ``predictor``'s logits over preprocessed batches, concatenated (``total`` batches, for tqdm)."""
+    logits = [predictor.logits(batch) for batch in tqdm(batches, total=total, desc=desc, mininterval=10.0)]
+    probs: np.ndarray = F.softmax(torch.from_numpy(np.concatenate(logits)), dim=1).numpy()
     return probs
 
 
 def validation_probabilities(
     model_dir: Path, data_root: Path, samples: Sequence[Sample], cache_dir: Path
 ) -> np.ndarray:
-    """Probabilities of an exported model (torch, fp32, temperature 1) on the validation images."""
-    predictor = Predictor.from_dir(model_dir, device="cpu", precision="fp32", backend="torch")
+    """Probabilities of an exported model (:func:`comparison_predictor`) on the validation images."""
+    predictor = comparison_predictor(model_dir)
     images = preprocess_files(sample_paths(data_root, samples), predictor.spec.preprocessing, cache_dir=cache_dir)
-    logits = []
-    for start in tqdm(range(0, len(images), 128), desc="validate", mininterval=10.0):
-        logits.append(predictor.logits(torch.from_numpy(images[start : start + 128].astype(np.float32))))
-    probs: np.ndarray = F.softmax(torch.from_numpy(np.concatenate(logits)), dim=1).numpy()
-    return probs
+    starts = range(0, len(images), COMPARISON_BATCH)
+    batches = (torch.from_numpy(images[start : start + COMPARISON_BATCH].astype(np.float32)) for start in starts)
+    return batch_probabilities(predictor, batches, len(starts), "validate")
 
 
 def run_study(

@@ -20,20 +20,21 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F  # noqa: N812
-from tqdm import tqdm
 
-from triaged.ml.inference import Predictor
 from triaged.ml.registry import DEFAULT_CLASSES, NO_TUMOUR
 from triaged.ml.transforms import preprocess_stack
 from triaged.training.data import Sample, evaluation_samples, read_manifest
 from triaged.training.dataset import load_image, sample_labels
 from triaged.training.levers import (
+    COMPARISON_BATCH,
     SHIPPED,
     auc_cell,
+    batch_probabilities,
     card_table_section,
+    comparison_predictor,
     defined_auc,
     format_delta,
+    kept_probabilities,
     named_model_dirs,
     paired_unseen_delta,
 )
@@ -41,19 +42,19 @@ from triaged.training.lgg import UNSEEN_SITE, is_lgg, lgg_contrast, lgg_site
 from triaged.training.skullstrip import skull_strip
 
 CONTRASTS = ("flair", "t1_pre", "t1_post")
-_BATCH = 128
 
 
 def stripped_probabilities(model_dir: Path, data_root: Path, samples: Sequence[Sample]) -> np.ndarray:
-    """Probabilities (torch, fp32, temperature 1, as in the lever comparison) on the stripped slices."""
-    predictor = Predictor.from_dir(model_dir, device="cpu", precision="fp32", backend="torch")
-    probs = []
-    for start in tqdm(range(0, len(samples), _BATCH), desc="stripped", mininterval=10.0):
-        chunk = samples[start : start + _BATCH]
+    """Probabilities (scored as in the lever comparison) on the slices, each stripped before preprocessing."""
+    predictor = comparison_predictor(model_dir)
+
+    def stripped(chunk: Sequence[Sample]) -> torch.Tensor:
         raw = [skull_strip(torch.from_numpy(load_image(data_root / s.path))).numpy() for s in chunk]
-        logits = predictor.logits(preprocess_stack(predictor.spec.preprocessing, raw))
-        probs.append(F.softmax(torch.from_numpy(logits), dim=1).numpy())
-    return np.concatenate(probs)
+        return torch.as_tensor(preprocess_stack(predictor.spec.preprocessing, raw))
+
+    starts = range(0, len(samples), COMPARISON_BATCH)
+    batches = (stripped(samples[start : start + COMPARISON_BATCH]) for start in starts)
+    return batch_probabilities(predictor, batches, len(starts), "stripped")
 
 
 def strip_metrics(samples: Sequence[Sample], probs: np.ndarray) -> dict[str, float | None]:
@@ -78,10 +79,7 @@ def compare(data_root: Path, out_dir: Path, models: dict[str, Path]) -> list[dic
 
     def probabilities(name: str, model_dir: Path) -> np.ndarray:
         path = out_dir / f"{name}_stripped_probs.npy"
-        if not path.is_file():
-            np.save(path, stripped_probabilities(model_dir, data_root, samples))
-        probs: np.ndarray = np.load(path)
-        return probs
+        return kept_probabilities(path, lambda: stripped_probabilities(model_dir, data_root, samples))
 
     shipped = probabilities("shipped", SHIPPED)
     rows: list[dict[str, Any]] = [{"model": "shipped", **strip_metrics(samples, shipped)}]
