@@ -279,12 +279,15 @@ def compare_with_shipped(data_root: Path, out_root: Path, models: dict[str, Path
         probs = probabilities(name, model_dir)
         training = json.loads((model_dir / "model.json").read_text()).get("training", {})
         config = training.get("config", {})
+        keys: tuple[str, ...] = ("init", "sampling", "augment", "lr", "time_budget_minutes", "seed")
+        if config.get("augment") == "strip":
+            keys += ("strip_prob", "strip_whole_heads_only")
         rows.append(
             {
                 "model": name,
                 "model_dir": str(model_dir),
                 "training": {
-                    **{k: config.get(k) for k in ("init", "sampling", "augment", "lr", "time_budget_minutes", "seed")},
+                    **{k: config.get(k) for k in keys},
                     "epoch": training.get("epoch"),
                     "compute": training.get("compute", {}),
                 },
