@@ -224,3 +224,20 @@ def test_full_runs_render_with_their_levers_and_verdict(tmp_path: Path) -> None:
         "- `better` beat 2.0.0 on the unseen site (Δ AUC +0.011, 95 % CI +0.002 to +0.021, 17 patients): "
         "shipped as 2.1.0." in text
     )
+
+
+def test_a_strip_run_shows_how_it_stripped(tmp_path: Path) -> None:
+    from triaged.training.model_card_levers import FULL_RUNS_FILE, full_run_lines
+
+    metrics = {"public_acc": 0.98, "lgg_seen_auc": 0.9, "lgg_unseen_auc": 0.92, "lgg_unseen_sens_at_95spec": 0.7}
+    training = {"sampling": "uniform", "augment": "strip", "lr": 1e-4, "strip_prob": 0.25, "epoch": 3}
+    rows = [
+        {"model": "shipped", **metrics},
+        {"model": "heads", **metrics, "training": {**training, "strip_whole_heads_only": True}},
+        {"model": "all", **metrics, "training": {**training, "strip_whole_heads_only": False}},
+    ]
+    (tmp_path / "evaluation").mkdir()
+    (tmp_path / "evaluation" / FULL_RUNS_FILE).write_text(json.dumps(rows))
+    text = "\n".join(full_run_lines(tmp_path))
+    assert "| heads | sampling uniform, augment strip (p 0.25 of whole heads), lr 0.0001 |" in text
+    assert "| all | sampling uniform, augment strip (p 0.25), lr 0.0001 |" in text

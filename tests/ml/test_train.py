@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -121,11 +122,12 @@ def test_init_from_a_model_directory_starts_from_its_weights_and_sums_compute(
 
 
 def test_init_from_a_model_of_another_input_size_is_refused(tiny_data_root: Path, tmp_path: Path) -> None:
-    base = {"data_root": tiny_data_root, "arch": "smallcnn", "batch_size": 8, "threads": 1, "workers": 0}
-    train(TrainConfig(**base, out_dir=tmp_path / "first", input_size=32, epochs=1, max_steps=1))  # type: ignore[arg-type]
+    base: dict[str, Any] = {"data_root": tiny_data_root, "arch": "smallcnn", "batch_size": 8, "threads": 1}
+    base["workers"] = 0
+    train(TrainConfig(**base, out_dir=tmp_path / "first", input_size=32, epochs=1, max_steps=1))
     with pytest.raises(ValueError, match="at 32 px"):
         train(
-            TrainConfig(  # type: ignore[arg-type]
+            TrainConfig(
                 **base, out_dir=tmp_path / "second", input_size=48, init=f"model:{tmp_path / 'first' / 'model'}"
             )
         )
