@@ -122,8 +122,13 @@ def test_init_from_a_model_directory_starts_from_its_weights_and_sums_compute(
 
 
 def test_init_from_a_model_of_another_input_size_is_refused(tiny_data_root: Path, tmp_path: Path) -> None:
-    base: dict[str, Any] = {"data_root": tiny_data_root, "arch": "smallcnn", "batch_size": 8, "threads": 1}
-    base["workers"] = 0
+    base: dict[str, Any] = {
+        "data_root": tiny_data_root,
+        "arch": "smallcnn",
+        "batch_size": 8,
+        "threads": 1,
+        "workers": 0,
+    }
     train(TrainConfig(**base, out_dir=tmp_path / "first", input_size=32, epochs=1, max_steps=1))
     with pytest.raises(ValueError, match="at 32 px"):
         train(

@@ -146,12 +146,14 @@ class StripOptions:
     prob: float = 0.25
     whole_heads_only: bool = False
 
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.prob <= 1.0:
+            raise ValueError(f"strip probability must be in [0, 1], got {self.prob}")
+
 
 def _intensity_for(augment: str, strip: StripOptions) -> list[Any]:
     if augment not in AUGMENTS:
         raise ValueError(f"augment must be one of {', '.join(AUGMENTS)}, got {augment!r}")
-    if not 0.0 <= strip.prob <= 1.0:
-        raise ValueError(f"strip probability must be in [0, 1], got {strip.prob}")
     stripping = [RandSkullStrip(strip.prob, whole_heads_only=strip.whole_heads_only)] if augment == "strip" else []
     return [*stripping, *_intensity(), *(_scanner() if augment == "scanner" else [])]
 

@@ -85,10 +85,11 @@ def full_run_lines(model_dir: Path) -> list[str]:
     ]
     for row in rows:
         training = row.get("training", {})
-        levers = ", ".join(f"{k} {training[k]}" for k in ("sampling", "augment", "lr") if training.get(k) is not None)
+        settings = dict(training)
         if training.get("strip_prob") is not None:
             heads = " of whole heads" if training.get("strip_whole_heads_only") else ""
-            levers = levers.replace("augment strip", f"augment strip (p {training['strip_prob']}{heads})")
+            settings["augment"] = f"{training['augment']} (p {training['strip_prob']}{heads})"
+        levers = ", ".join(f"{k} {settings[k]}" for k in ("sampling", "augment", "lr") if settings.get(k) is not None)
         if training.get("data"):
             levers = f"{training['data']}, {levers}"
         if training.get("init"):

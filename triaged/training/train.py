@@ -91,8 +91,8 @@ class TrainConfig:
     cam_mask_sources: str = "cheng,tcga_lgg"
     sampling: str = "uniform"
     augment: str = "standard"
-    strip_prob: float = 0.25  # --augment strip: share of training slices stripped
-    strip_whole_heads_only: bool = False  # --augment strip: strip only slices whose whole head is in the frame
+    strip_prob: float = StripOptions.prob  # --augment strip: share of training slices stripped
+    strip_whole_heads_only: bool = StripOptions.whole_heads_only  # --augment strip: only whole heads in the frame
     validate: bool = True  # off: no per-epoch validation pass (the lever study evaluates each arm itself)
 
     def to_json(self) -> dict[str, Any]:
