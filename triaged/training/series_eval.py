@@ -40,6 +40,7 @@ from triaged.training.lgg import (
     lgg_slice_number,
 )
 from triaged.training.metrics import roc_auc
+from triaged.training.mpr import estimated_slice_spacing_mm
 
 log = structlog.get_logger()
 
@@ -65,7 +66,6 @@ CONTRAST_HEADERS: dict[str, dict[str, Any]] = {
     },
 }
 PIXEL_SPACING = 0.9  # mm; the source resampled to 256 px (README: raw series checked had 0.9 mm pixels)
-SLICE_THICKNESS = 5.5
 BITS_STORED = 12
 
 
@@ -125,7 +125,11 @@ def write_volume_series(data_root: Path, series: VolumeSeries, out_dir: Path) ->
     """Write ``series`` as a DICOM MR series (one file per slice, slice 1 at the bottom); return the paths.
 
     A modality LUT maps the 12-bit stored values back onto the source's grey levels, so decoding gives the JPEG
-    pixels again (to within half a stored step).
+    pixels again (to within half a stored step). The source gives no slice spacing: one raw series had 5.5 mm,
+    but stacks run from 20 to 88 slices over the same skull-base-to-vertex range, so one spacing for all would
+    make the tallest stacks 480 mm high and let the below-the-brain rule drop real brain. Each series is
+    spaced by :func:`triaged.training.mpr.estimated_slice_spacing_mm` of its own slices, the head-length estimate
+    the reformats use.
     """
     slices = load_volume(data_root, series)
     low = min(float(s.min()) for s in slices)
@@ -142,7 +146,7 @@ def write_volume_series(data_root: Path, series: VolumeSeries, out_dir: Path) ->
         patient_name="ANON^LGG",
         patient_id="LGG",
         pixel_spacing=PIXEL_SPACING,
-        slice_thickness=SLICE_THICKNESS,
+        slice_thickness=estimated_slice_spacing_mm(np.stack(slices)),
         bits_stored=BITS_STORED,
         rescale=(slope, low),
         seed=f"{series.patient}/{series.contrast}",
