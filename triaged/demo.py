@@ -99,12 +99,15 @@ def build_study(options: DemoOptions, out_dir: Path) -> tuple[list[tuple[str, li
             raise DemoError(f"no PNG/JPEG images in {options.images}")
         slices = slices_from_images(files)
         description = "T1 AX (from images)"
+        # The images may be unrelated crops, so their slices carry no position: a made-up spacing would let the
+        # below-the-brain rule drop images more than 170 mm "below" the last one.
         paths = write_mr_series(
-            slices, out_dir / "images", study_instance_uid=study_uid, series_description=description
+            slices, out_dir / "images", study_instance_uid=study_uid, series_description=description, positions=False
         )
         note = (
             f"demo study: {len(files)} images from {options.images} (sorted, first {options.limit}), each "
-            "wrapped as one slice of one MR series by triaged; the images are not a real volume."
+            "wrapped as one slice of one MR series by triaged, with no slice positions; the images are not a real"
+            " volume."
         )
         return [(description, paths)], note
     series = []

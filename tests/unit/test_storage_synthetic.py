@@ -90,3 +90,18 @@ def test_bad_input_raises(tmp_path: Path) -> None:
         write_mr_series([np.zeros((2, 2, 2))], tmp_path)
     with pytest.raises(ValueError):
         write_mr_series([np.zeros((4, 4)), np.zeros((5, 4))], tmp_path)
+
+
+def test_images_of_no_known_position_carry_none(tmp_path: Path) -> None:
+    """The demo's folder-of-images series: no invented position, so decoding gives no geometry to act on (no
+    reformat, no below-the-brain rule) and the slices stay in instance order."""
+    from triaged.dicom.pixels import decode_series
+    from triaged.pipeline import slice_geometry
+
+    paths = write_mr_series(_slices(4), tmp_path, seed=3, positions=False)
+    for path in paths:
+        ds = pydicom.dcmread(path)
+        assert "ImagePositionPatient" not in ds and "SliceLocation" not in ds and "SpacingBetweenSlices" not in ds
+    decoded = decode_series(paths)
+    assert [s.instance_number for s in decoded.slices] == [1, 2, 3, 4]
+    assert slice_geometry(decoded.slices) is None

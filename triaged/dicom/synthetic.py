@@ -130,6 +130,7 @@ def write_mr_series(
     series_number: int = 1,
     pixel_spacing: float = 0.9,
     slice_thickness: float = 5.0,
+    positions: bool = True,
     image_type: Sequence[str] = ("ORIGINAL", "PRIMARY", "M", "ND"),
     scanning_sequence: Sequence[str] = ("SE",),
     sequence_variant: Sequence[str] = ("NONE",),
@@ -149,6 +150,10 @@ def write_mr_series(
     from it, so the same call writes byte-identical UIDs; without, fresh random ``2.25`` UIDs are used.
     Compressed transfer syntaxes (RLE, JPEG 2000, JPEG-LS) use pydicom's encoders. ``attributes`` (keyword →
     value) are set on every instance last, e.g. the ``EchoTime``/``RepetitionTime``/``InversionTime`` of a FLAIR.
+    ``positions=False`` leaves out where each slice lies (ImagePositionPatient, SliceLocation, SpacingBetweenSlices),
+    for images that are not known to be one volume: no position is better than an invented one, which would let
+    the reformat and the below-the-brain rule act on a geometry nobody measured. Such files are kept in the
+    instance-number order and are not conformant MR objects (the position is Type 1), so only the demo uses it.
     """
     if photometric not in ("MONOCHROME1", "MONOCHROME2"):
         raise ValueError("photometric must be MONOCHROME1 or MONOCHROME2")
@@ -188,6 +193,9 @@ def write_mr_series(
             bits_stored=bits_stored,
             bits_allocated=bits_allocated,
         )
+        if not positions:
+            for keyword in ("ImagePositionPatient", "SliceLocation", "SpacingBetweenSlices"):
+                delattr(ds, keyword)
         ds.SOPInstanceUID = derived_uid("instance", salt, series_uid, index)
         ds.PhotometricInterpretation = photometric
         if rescale is not None:
