@@ -13,8 +13,10 @@ import numpy as np
 import pytest
 import torch
 
+from triaged.ml.extent import MAX_BRAIN_HEIGHT_MM
 from triaged.ml.gate import gate_reason
 from triaged.ml.inference import Predictor, Triage
+from triaged.ml.reformat import axial_reformat
 from triaged.ml.registry import read_spec
 from triaged.training.dataset import load_image
 from triaged.training.release import RELEASE_PATHS
@@ -126,3 +128,19 @@ def test_accepts_the_real_anatomical_series(data_root: Path, model_dir: Path) ->
         if reformatted:
             assert set(result.key_images) == set(result.key_slice_indices)
             assert all(result.cams[i].shape == result.key_images[i].shape for i in result.cams)
+
+
+def test_the_neck_of_the_whole_head_mprage_is_not_brain(data_root: Path) -> None:
+    """The XA30 MPRAGE covers the head down to the upper neck. Its lowest axial reformat slices (cervical spine,
+    mandible) pass the image-based in-brain rule, and a skull-strip candidate chose three of them as the key images
+    of a false urgent flag. With the shipped model, no in-brain slice lies more than 170 mm below the highest one,
+    and the neck slice at the bottom of the reformat is out."""
+    slices, meta = read_series(data_root / "dicom" / XA30_MPRAGE_PATH)
+    reformat = axial_reformat(slices, meta.geometry)
+    assert reformat is not None
+    result = Triage(DEFAULT_DIR, device="cpu", threads=1).assess(slices, meta, cam_top_k=0)
+    assert result.assessable and result.reformat is not None
+    heights = reformat.heights_mm[result.slice_in_brain]
+    assert heights.max() - heights.min() <= MAX_BRAIN_HEIGHT_MM
+    assert not result.slice_in_brain[0]
+    assert min(result.key_slice_indices[:3]) > 0

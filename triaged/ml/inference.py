@@ -27,6 +27,7 @@ from triaged.ml.aggregate import (
 from triaged.ml.backends import Forward, build_forward, check_against_torch, resolve_backend
 from triaged.ml.cam import CamConfig, cam_to_slice, compute_cams
 from triaged.ml.device import Placement, choose_placement, faster_precision, time_cpu_precisions, torch_threads
+from triaged.ml.extent import below_brain, slice_heights_mm
 from triaged.ml.gate import gate_reason
 from triaged.ml.networks import cam_target_layer
 from triaged.ml.ood import OOD, FeatureTap, ood_layers
@@ -322,8 +323,9 @@ class Triage:
         reformat = axial_reformat(slices, meta.geometry) if plane == "axial" else None
         with self._lock, torch_threads(self._threads):
             if reformat is None:
-                return self._assess(slices, cam_top_k)
-            result = self._assess(reformat.slices, cam_top_k)
+                heights = slice_heights_mm([np.shape(s) for s in slices], meta.geometry)
+                return self._assess(slices, cam_top_k, heights)
+            result = self._assess(reformat.slices, cam_top_k, reformat.heights_mm)
         log.info("series_reformatted", reformat=reformat.description, slices=len(reformat.slices))
         return dataclasses.replace(
             result,
@@ -335,7 +337,7 @@ class Triage:
         """The ``not_assessable`` result for a series refused before its pixels were read (e.g. undecodable)."""
         return self._not_assessable(reason, n_slices, {})
 
-    def _assess(self, slices: Sequence[np.ndarray], cam_top_k: int) -> SeriesAssessment:
+    def _assess(self, slices: Sequence[np.ndarray], cam_top_k: int, heights_mm: np.ndarray | None) -> SeriesAssessment:
         p = self._predictor
         spec = p.spec
         coarse = coarse_matrix_reason(slices, spec.aggregation)
@@ -345,6 +347,8 @@ class Triage:
         t = time.perf_counter()
         x = p.preprocess_slices(slices)
         in_brain = in_brain_mask(brain_measures(x.numpy(), relative_signal(slices)), spec.aggregation)
+        neck = below_brain(in_brain, heights_mm, spec.aggregation.get("max_brain_height_mm"))
+        in_brain &= ~neck
         timings["preprocess"] = time.perf_counter() - t
         t = time.perf_counter()
         logits, features = p.logits_and_features(x)
@@ -391,6 +395,7 @@ class Triage:
             urgent=urgent,
             slices=len(slices),
             in_brain=int(in_brain.sum()),
+            below_brain=int(neck.sum()),
             ood_score=round(ood_score, 3),
             **{f"{k}_s": round(v, 4) for k, v in timings.items()},
         )

@@ -37,6 +37,11 @@ class Reformat:
     spacing_mm: float
 
     @property
+    def heights_mm(self) -> np.ndarray:
+        """Each slice's height above the lowest one (mm): the slices are inferior first, ``spacing_mm`` apart."""
+        return np.arange(len(self.slices), dtype=np.float64) * self.spacing_mm
+
+    @property
     def description(self) -> str:
         return f"axial reformat of a 3-D {self.source_plane} acquisition ({self.spacing_mm:.1f} mm voxels)"
 

@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from triaged.errors import ModelError
+from triaged.ml.extent import MAX_BRAIN_HEIGHT_MM
 from triaged.ml.networks import build_network
 from triaged.ml.ood import OOD, FeatureOOD, LayeredOOD
 from triaged.ml.spec import (
@@ -124,6 +125,7 @@ def default_aggregation(input_size: int | None = None) -> dict[str, Any]:
         "relative_head_fraction": 0.5,
         "min_tissue_of_head": 0.5,
         "min_relative_signal": 0.3,
+        "max_brain_height_mm": MAX_BRAIN_HEIGHT_MM,
     }
 
 

@@ -98,6 +98,17 @@ def _matrix_sentence(aggregation: Mapping[str, Any]) -> str:
     )
 
 
+def _height_sentence(aggregation: Mapping[str, Any]) -> str:
+    limit = aggregation.get("max_brain_height_mm")
+    if limit is None:
+        return ""
+    return (
+        f" Where the headers place the slices (axial series, axial reformats), a slice more than {float(limit):.0f} mm"
+        " below the series' highest such slice is not brain whatever it looks like: the neck of a whole-head volume"
+        " (triaged.ml.extent)."
+    )
+
+
 def _ood_line(ood: Mapping[str, Any]) -> str:
     """The card's OOD line: 1.2.0's penultimate-layer check or the multi-layer one (see triaged.ml.ood)."""
     threshold = float(ood.get("threshold", float("nan")))
@@ -277,7 +288,9 @@ def write_model_card(model_dir: Path, report: dict[str, Any], compare: Sequence[
         f"{float(spec.aggregation.get('min_relative_signal', 0.3)):.0%} of the series' median slice, field not filled"
         f" to the corners, head ≥ {float(spec.aggregation.get('relative_head_fraction', 0.5)):.0%} of the series'"
         f" typical head and tissue ≥ {float(spec.aggregation.get('min_tissue_of_head', 0.5)):.0%} of the head"
-        " (any field of view, skull-stripped volumes included). Key images and Grad-CAM come from those slices only."
+        " (any field of view, skull-stripped volumes included)."
+        + _height_sentence(spec.aggregation)
+        + " Key images and Grad-CAM come from those slices only."
         + _matrix_sentence(spec.aggregation),
         _ood_line(spec.ood),
         f"- Weights sha256 `{spec.weights_sha256}`; data manifest sha256 `{spec.extra.get('data_manifest_sha256')}`.",

@@ -1,8 +1,9 @@
 """The slice-score strip: tumour probability per slice as an inline SVG bar chart, key slices marked.
 
-Server-side SVG (no JavaScript, no chart library): one bar per slice, dimmed where the slice has too
-little brain to count, the model's urgency threshold as a dashed line, key slices (the ones the series
-score and the Grad-CAM images come from) with a marker above. Each bar has a ``<title>`` tooltip.
+Server-side SVG (no JavaScript, no chart library): one bar per slice, dimmed where the slice does not count as
+brain (too little of it, or the neck of a whole-head volume), the model's urgency threshold as a dashed line, key
+slices (the ones the series score and the Grad-CAM images come from) with a marker above.
+Each bar has a ``<title>`` tooltip.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ def slice_strip(slices: Sequence[SliceView], threshold: float | None) -> Markup:
         kind = "key" if item.is_key else ("in" if item.in_brain else "out")
         tip = escape(
             f"slice {item.slice_index + 1}: p(tumour) {item.tumour_probability:.3f}"
-            + ("" if item.in_brain else " (too little brain: not counted)")
+            + ("" if item.in_brain else " (not counted: too little brain, or below the brain)")
             + (" — key slice" if item.is_key else "")
         )
         parts.append(
