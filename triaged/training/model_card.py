@@ -87,26 +87,24 @@ def _parity_sentence(parity: Mapping[str, Any]) -> str:
     )
 
 
-def _matrix_sentence(aggregation: Mapping[str, Any]) -> str:
-    minimum = aggregation.get("min_matrix")
-    if minimum is None:
-        return ""
-    return (
-        f" A series whose images are smaller than {minimum} px on their longer side is refused as too coarse"
+#: Sentences for the card's series-urgency line, each shown only when model.json sets its aggregation key.
+_AGGREGATION_SENTENCES = {
+    "max_brain_height_mm": (
+        " Where the headers place the slices (axial series, axial reformats), a slice more than {:.0f} mm below the"
+        " series' highest such slice is not brain whatever it looks like: the neck of a whole-head volume"
+        " (triaged.ml.extent)."
+    ),
+    "min_matrix": (
+        " A series whose images are smaller than {} px on their longer side is refused as too coarse"
         " (it would be upsampled; every training image was reduced): diffusion/EPI matrices whose headers were"
         " stripped."
-    )
+    ),
+}
 
 
-def _height_sentence(aggregation: Mapping[str, Any]) -> str:
-    limit = aggregation.get("max_brain_height_mm")
-    if limit is None:
-        return ""
-    return (
-        f" Where the headers place the slices (axial series, axial reformats), a slice more than {float(limit):.0f} mm"
-        " below the series' highest such slice is not brain whatever it looks like: the neck of a whole-head volume"
-        " (triaged.ml.extent)."
-    )
+def _aggregation_sentence(aggregation: Mapping[str, Any], key: str) -> str:
+    value = aggregation.get(key)
+    return "" if value is None else _AGGREGATION_SENTENCES[key].format(value)
 
 
 def _ood_line(ood: Mapping[str, Any]) -> str:
@@ -289,9 +287,9 @@ def write_model_card(model_dir: Path, report: dict[str, Any], compare: Sequence[
         f" to the corners, head ≥ {float(spec.aggregation.get('relative_head_fraction', 0.5)):.0%} of the series'"
         f" typical head and tissue ≥ {float(spec.aggregation.get('min_tissue_of_head', 0.5)):.0%} of the head"
         " (any field of view, skull-stripped volumes included)."
-        + _height_sentence(spec.aggregation)
+        + _aggregation_sentence(spec.aggregation, "max_brain_height_mm")
         + " Key images and Grad-CAM come from those slices only."
-        + _matrix_sentence(spec.aggregation),
+        + _aggregation_sentence(spec.aggregation, "min_matrix"),
         _ood_line(spec.ood),
         f"- Weights sha256 `{spec.weights_sha256}`; data manifest sha256 `{spec.extra.get('data_manifest_sha256')}`.",
         "- Inference: device/precision `auto` (CUDA AMP; on CPUs with native bf16, bf16 autocast only where timing the"
