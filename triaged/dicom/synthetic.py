@@ -192,10 +192,8 @@ def write_mr_series(
             slice_thickness=slice_thickness,
             bits_stored=bits_stored,
             bits_allocated=bits_allocated,
+            positions=positions,
         )
-        if not positions:
-            for keyword in ("ImagePositionPatient", "SliceLocation", "SpacingBetweenSlices"):
-                delattr(ds, keyword)
         ds.SOPInstanceUID = derived_uid("instance", salt, series_uid, index)
         ds.PhotometricInterpretation = photometric
         if rescale is not None:
@@ -217,21 +215,23 @@ def _instance(
     slice_thickness: float,
     bits_stored: int,
     bits_allocated: int,
+    positions: bool,
 ) -> Dataset:
     ds = Dataset()
     ds.update(base)
     rows, columns = pixels.shape
-    location = index * slice_thickness
-    # Centre the slice on the isocentre in x/y; slices stack along +z (feet to head).
-    ds.ImagePositionPatient = [
-        f"{-columns * pixel_spacing / 2:g}",
-        f"{-rows * pixel_spacing / 2:g}",
-        f"{location:g}",
-    ]
-    ds.SliceLocation = f"{location:g}"
+    if positions:
+        location = index * slice_thickness
+        # Centre the slice on the isocentre in x/y; slices stack along +z (feet to head).
+        ds.ImagePositionPatient = [
+            f"{-columns * pixel_spacing / 2:g}",
+            f"{-rows * pixel_spacing / 2:g}",
+            f"{location:g}",
+        ]
+        ds.SliceLocation = f"{location:g}"
+        ds.SpacingBetweenSlices = f"{slice_thickness:g}"
     ds.InstanceNumber = index + 1
     ds.SliceThickness = f"{slice_thickness:g}"
-    ds.SpacingBetweenSlices = f"{slice_thickness:g}"
     ds.PixelSpacing = [f"{pixel_spacing:g}", f"{pixel_spacing:g}"]
     ds.Rows, ds.Columns = rows, columns
     ds.BitsAllocated = bits_allocated

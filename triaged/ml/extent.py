@@ -26,6 +26,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from triaged.ml.reformat import acquisition_plane
 from triaged.ml.results import SliceGeometry
 
 MAX_BRAIN_HEIGHT_MM = 170.0
@@ -38,13 +39,12 @@ def slice_heights_mm(shapes: Sequence[tuple[int, ...]], geometry: SliceGeometry 
     position: the position is the first pixel's corner, which on a tilted slice lies tens of mm above or
     below the slice's middle. ``shapes`` are the slices' (rows, columns), in the order of the positions.
     """
-    if geometry is None or len(geometry.orientation) != 6 or len(geometry.positions) != len(shapes):
+    if geometry is None or not shapes or len(geometry.orientation) != 6 or len(geometry.positions) != len(shapes):
+        return None
+    if acquisition_plane(geometry.orientation) != "axial":
         return None
     row_dir = np.asarray(geometry.orientation[:3], dtype=np.float64)
     col_dir = np.asarray(geometry.orientation[3:6], dtype=np.float64)
-    normal = np.cross(row_dir, col_dir)
-    if not shapes or int(np.argmax(np.abs(normal))) != 2:
-        return None
     between_rows, between_columns = geometry.pixel_spacing
     heights = []
     for shape, position in zip(shapes, geometry.positions, strict=True):
@@ -64,11 +64,10 @@ def below_brain(in_brain: np.ndarray, heights_mm: np.ndarray | None, max_height_
     Returns all False where heights are unknown, the limit is not set (models from before the rule), or no slice
     is in the brain.
     """
-    below = np.zeros(in_brain.shape, dtype=bool)
     if heights_mm is None or max_height_mm is None or not in_brain.any():
-        return below
+        return np.zeros(in_brain.shape, dtype=bool)
     if heights_mm.shape != in_brain.shape:
         raise ValueError(f"{heights_mm.size} slice heights for {in_brain.size} slices")
     top = float(heights_mm[in_brain].max())
-    below[:] = in_brain & (heights_mm < top - float(max_height_mm))
+    below: np.ndarray = in_brain & (heights_mm < top - float(max_height_mm))
     return below
