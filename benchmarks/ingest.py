@@ -4,6 +4,7 @@ dcmtk ``storescp`` and Orthanc, with one association and with four at once; prin
     python benchmarks/ingest.py                 # N = 2000 (~132 KB each), all three receivers
     python benchmarks/ingest.py -n 500 --targets triaged,orthanc
     python benchmarks/ingest.py -n 1000 --targets triaged,orthanc --processes 1,2   # triaged with 1 and 2 processes
+    python benchmarks/ingest.py -n 600 --targets orthanc,storescp-fork,sink-fork   # this machine's ceilings
 
 Every receiver gets a fresh storage directory per run and ``TCP_NODELAY=1`` in its environment (dcmtk and
 Orthanc disable Nagle's algorithm only then). triaged runs as its own process (the real
@@ -123,19 +124,22 @@ def _count_rows(db: Path) -> int:
 
 
 @contextmanager
-def storescp_receiver(workdir: Path) -> Iterator[tuple[int, str, Callable[[], int]]]:
+def storescp_receiver(
+    workdir: Path, options: tuple[str, ...] = (), stores: bool = True
+) -> Iterator[tuple[int, str, Callable[[], int]]]:
+    """dcmtk's storescp (C++, writes each instance without fsync); ``options`` add e.g. ``--fork``."""
     port = free_port()
     out = workdir / "out"
     out.mkdir()
     proc = subprocess.Popen(
-        ["storescp", "+xa", "-aet", "STORESCP", "-od", str(out), str(port)],
+        ["storescp", "+xa", *options, "-aet", "STORESCP", "-od", str(out), str(port)],
         env=ENV,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
     try:
         wait_port(port, proc)
-        yield port, "STORESCP", lambda: sum(1 for _ in out.iterdir())
+        yield port, "STORESCP", (lambda: sum(1 for _ in out.iterdir())) if stores else (lambda: -1)
     finally:
         proc.terminate()
         proc.wait(30)
@@ -171,7 +175,16 @@ def orthanc_receiver(workdir: Path) -> Iterator[tuple[int, str, Callable[[], int
         proc.wait(30)
 
 
-RECEIVERS = {"triaged": triaged_receiver, "storescp": storescp_receiver, "orthanc": orthanc_receiver}
+# Ceilings: "storescp-fork" is a C++ receiver that uses every core (one process per association) and never
+# fsyncs; "sink-fork" (storescp --fork --ignore) reads each instance and answers success without storing it:
+# what the sender and the machine allow any receiver at all.
+RECEIVERS: dict[str, Callable[[Path], Any]] = {
+    "triaged": triaged_receiver,
+    "storescp": storescp_receiver,
+    "storescp-fork": partial(storescp_receiver, options=("--fork",)),
+    "sink-fork": partial(storescp_receiver, options=("--fork", "--ignore"), stores=False),
+    "orthanc": orthanc_receiver,
+}
 
 
 def serve_triaged(settings_json: str, port_file: Path) -> None:
@@ -228,7 +241,7 @@ def main() -> None:
         for n in counts:
             receivers["triaged" if n == 1 else f"triaged-x{n}"] = partial(triaged_receiver, processes=n)
     targets = list(receivers)
-    for tool in ["storescu"] + (["storescp"] if "storescp" in targets else []):
+    for tool in ["storescu"] + (["storescp"] if any(t.startswith(("storescp", "sink")) for t in targets) else []):
         if shutil.which(tool) is None:
             sys.exit(f"{tool} not found: apt-get install dcmtk")
     with tempfile.TemporaryDirectory(prefix="triaged-bench-") as tmp:
@@ -257,7 +270,7 @@ def main() -> None:
         print(f"{'receiver':12s} {'1 assoc':>10s} {'4 assoc':>10s}   (instances/s, N={args.n})")
         for target in targets:
             print(f"{target:12s} {rates[target, 1]:10.1f} {rates[target, 4]:10.1f}")
-        for baseline in ("orthanc", "storescp"):
+        for baseline in ("orthanc", "storescp", "storescp-fork", "sink-fork"):
             for mine in (t for t in targets if t.startswith("triaged")):
                 if baseline in targets:
                     ratio_1 = rates[mine, 1] / rates[baseline, 1]
