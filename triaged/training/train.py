@@ -51,6 +51,7 @@ from triaged.training.data import (
 )
 from triaged.training.dataset import CachedImages, MaskedImages, preprocess_files, sample_labels, sample_paths
 from triaged.training.lgg import is_lgg, lgg_mask_path
+from triaged.training.mixstyle import MixStyleOptions, attach_mixstyle
 from triaged.training.mpr import is_mpr, mask_path_of
 from triaged.training.sampling import balanced_weights, effective_class_counts
 
@@ -93,6 +94,7 @@ class TrainConfig:
     augment: str = "standard"
     strip_prob: float = StripOptions.prob  # --augment strip: share of training slices stripped
     strip_whole_heads_only: bool = StripOptions.whole_heads_only  # --augment strip: only whole heads in the frame
+    mixstyle_prob: float = 0.0  # > 0: MixStyle after the first two dense blocks with this chance per batch
     validate: bool = True  # off: no per-epoch validation pass (the lever study evaluates each arm itself)
 
     def to_json(self) -> dict[str, Any]:
@@ -352,6 +354,8 @@ def train(cfg: TrainConfig) -> Path:
     model, init_from = _build_model(cfg)
     model = model.to(placement.device)
     model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    if cfg.mixstyle_prob > 0:
+        attach_mixstyle(model, MixStyleOptions(prob=cfg.mixstyle_prob))
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = len(train_loader)
     # A --max-steps run (the lever study's equal budget) decays its cosine over those steps, not the epochs.
@@ -536,6 +540,7 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
         "time_budget_minutes",
         "cam_loss_weight",
         "strip_prob",
+        "mixstyle_prob",
     ):
         p.add_argument("--" + name.replace("_", "-"), type=float, default=defaults[name])
     p.add_argument("--sampling", choices=SAMPLINGS, default=defaults["sampling"])
