@@ -241,3 +241,20 @@ def test_a_strip_run_shows_how_it_stripped(tmp_path: Path) -> None:
     text = "\n".join(full_run_lines(tmp_path))
     assert "| heads | sampling uniform, augment strip (p 0.25 of whole heads), lr 0.0001 |" in text
     assert "| all | sampling uniform, augment strip (p 0.25), lr 0.0001 |" in text
+
+
+def test_a_mixstyle_run_shows_its_mixing_probability_and_its_control_does_not(tmp_path: Path) -> None:
+    from triaged.training.model_card_levers import FULL_RUNS_FILE, full_run_lines
+
+    metrics = {"public_acc": 0.98, "lgg_seen_auc": 0.9, "lgg_unseen_auc": 0.92, "lgg_unseen_sens_at_95spec": 0.7}
+    training = {"sampling": "uniform", "augment": "standard", "lr": 1e-4, "epoch": "300 steps"}
+    rows = [
+        {"model": "shipped", **metrics},
+        {"model": "control", **metrics, "training": training},
+        {"model": "mixstyle", **metrics, "training": {**training, "mixstyle_prob": 0.5}},
+    ]
+    (tmp_path / "evaluation").mkdir()
+    (tmp_path / "evaluation" / FULL_RUNS_FILE).write_text(json.dumps(rows))
+    text = "\n".join(full_run_lines(tmp_path))
+    assert "| control | sampling uniform, augment standard, lr 0.0001 | 300 steps |" in text
+    assert "| mixstyle | sampling uniform, augment standard, MixStyle p 0.5, lr 0.0001 | 300 steps |" in text

@@ -282,6 +282,8 @@ def compare_with_shipped(data_root: Path, out_root: Path, models: dict[str, Path
         keys: tuple[str, ...] = ("init", "sampling", "augment", "lr", "time_budget_minutes", "seed")
         if config.get("augment") == "strip":
             keys += ("strip_prob", "strip_whole_heads_only")
+        if config.get("mixstyle_prob"):
+            keys += ("mixstyle_prob",)
         rows.append(
             {
                 "model": name,

@@ -89,7 +89,10 @@ def full_run_lines(model_dir: Path) -> list[str]:
         if training.get("strip_prob") is not None:
             heads = " of whole heads" if training.get("strip_whole_heads_only") else ""
             settings["augment"] = f"{training['augment']} (p {training['strip_prob']}{heads})"
-        levers = ", ".join(f"{k} {settings[k]}" for k in ("sampling", "augment", "lr") if settings.get(k) is not None)
+        if training.get("mixstyle_prob"):
+            settings["MixStyle"] = f"p {training['mixstyle_prob']}"
+        shown_keys = ("sampling", "augment", "MixStyle", "lr")
+        levers = ", ".join(f"{k} {settings[k]}" for k in shown_keys if settings.get(k) is not None)
         if training.get("data"):
             levers = f"{training['data']}, {levers}"
         if training.get("init"):
