@@ -29,6 +29,7 @@ from triaged.training.series_eval import (
     load_volume,
     read_series,
     series_meta_of,
+    threshold_interval,
     volume_series,
     wilson_interval,
     write_volume_series,
@@ -140,6 +141,45 @@ def test_choose_threshold_counts_refusals_as_misses() -> None:
     refused = [_outcome(None), *outcomes[1:]]
     assert choose_threshold(refused, 0.9) == pytest.approx(0.5)  # the refusal is the one miss
     assert choose_threshold([_outcome(0.999)] * 4, 0.95) == pytest.approx(0.99)  # ceiling
+
+
+def _rows(urgencies_by_patient: dict[str, list[float | None]]) -> list[dict[str, object]]:
+    return [
+        {"patient": patient, "assessable": u is not None, "urgency": u}
+        for patient, urgencies in urgencies_by_patient.items()
+        for u in urgencies
+    ]
+
+
+def test_threshold_interval_is_a_point_when_every_patient_looks_alike() -> None:
+    rows = _rows({f"p{i}": [0.3, 0.8, 0.9] for i in range(6)})
+    interval = threshold_interval(rows, 0.9)
+    assert interval["lo"] == interval["hi"] == pytest.approx(0.3)  # the rule on every resample picks the same
+    assert interval["patients"] == 6
+
+
+def test_threshold_interval_spans_what_other_patients_would_have_chosen() -> None:
+    # one patient with a low-scoring series decides the threshold: resamples without it choose far higher
+    rows = _rows({"low": [0.1, 0.9, 0.9], **{f"p{i}": [0.8, 0.9, 0.95] for i in range(9)}})
+    chosen = choose_threshold([_outcome(float(r["urgency"])) for r in rows], 0.95)  # type: ignore[arg-type]
+    interval = threshold_interval(rows, 0.95, rounds=500)
+    assert interval["lo"] <= chosen <= interval["hi"]
+    assert interval["lo"] == pytest.approx(0.1) and interval["hi"] == pytest.approx(0.8)
+    refused = _rows({"low": [None, 0.9, 0.9], **{f"p{i}": [0.8, 0.9, 0.95] for i in range(9)}})
+    assert threshold_interval(refused, 0.95, rounds=500)["lo"] == 0.0  # a refusal is a miss, as in the rule
+
+
+def test_the_card_says_how_far_the_threshold_moves_and_what_that_does_to_test_sensitivity() -> None:
+    from triaged.training.model_card_volumes import threshold_stability_lines
+
+    val = [{**r, "site": UNSEEN_SITE} for r in _rows({"low": [0.1, 0.9], **{f"p{i}": [0.8, 0.9] for i in range(9)}})]
+    val += [{**r, "site": "DU"} for r in _rows({"seen": [0.0, 0.0]})]  # not the site the rule uses: ignored
+    test = _rows({"t1": [0.5, 0.85], "t2": [0.95, None]})
+    text = " ".join(threshold_stability_lines({"val": {"series": val}, "test": {"series": test}}))
+    assert "10 validation patients" in text
+    assert "from 0.100 to 0.800 (90 % of rounds)" in text
+    assert "3/4 and 2/4 test tumour series would be urgent" in text
+    assert threshold_stability_lines({"val": {"series": []}, "test": {"series": test}}) == []
 
 
 def test_wilson_interval() -> None:

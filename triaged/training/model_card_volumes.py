@@ -9,9 +9,10 @@ from collections.abc import Sequence
 from typing import Any
 
 from triaged.training.data import Sample
+from triaged.training.evaluate_volumes import SERIES_TARGET_SENSITIVITY
 from triaged.training.lgg import MIN_TUMOUR_PIXELS, UNSEEN_SITE
 from triaged.training.mpr import is_mpr
-from triaged.training.series_eval import series_rows
+from triaged.training.series_eval import series_rows, threshold_interval
 
 
 def _pct(value: float) -> str:
@@ -50,6 +51,30 @@ def reformat_data_lines(samples: Sequence[Sample]) -> list[str]:
     ]
 
 
+def threshold_stability_lines(volumes: dict[str, Any]) -> list[str]:
+    """How much the operating point would move with other patients of the unseen site, and what that would do to
+    test sensitivity: the rule re-run on patient resamples of the validation series it was chosen on."""
+    chosen_on = [s for s in volumes["val"].get("series", []) if s.get("site") == UNSEEN_SITE]
+    if not chosen_on:
+        return []
+    interval = threshold_interval(chosen_on, SERIES_TARGET_SENSITIVITY)
+    test = volumes["test"].get("series", [])
+
+    def test_sensitivity(threshold: float) -> str:
+        urgent = sum(1 for s in test if s["assessable"] and s["urgency"] is not None and s["urgency"] >= threshold)
+        return f"{urgent}/{len(test)}"
+
+    return [
+        "",
+        f"How stable that choice is: the same rule on the unseen site's {interval['patients']} validation patients "
+        f"drawn again with replacement ({interval['rounds']} rounds, each patient with all its series) gives "
+        f"thresholds from {interval['lo']:.3f} to {interval['hi']:.3f} ({interval['coverage'] * 100:.0f} % of rounds); "
+        f"at those two thresholds {test_sensitivity(interval['lo'])} and {test_sensitivity(interval['hi'])} test "
+        "tumour series would be urgent. A few dozen series of one site set it, so a site adopting the model should "
+        "check it on series of its own before relying on it.",
+    ]
+
+
 def volume_sections(report: dict[str, Any]) -> list[str]:
     """The series table (test), the per-source table and the FLAIR pointing game, or nothing without volumes."""
     volumes = report.get("volumes")
@@ -65,6 +90,7 @@ def volume_sections(report: dict[str, Any]) -> list[str]:
         " series is the series sensitivity (Wilson 95 % CI); `not_assessable` counts as missed.",
         "",
         f"Operating point: {volumes['rule']} → **{float(report['urgency_threshold']):.4f}**.",
+        *threshold_stability_lines(volumes),
         "",
         "| test group | series | urgent | sensitivity [95 % CI] | not assessable | slice tumour AUC | "
         "key image on lesion | key-image pointing game |",

@@ -310,12 +310,47 @@ def choose_threshold(outcomes: Sequence[SeriesOutcome], target_sensitivity: floa
     are urgent; not-assessable series count as missed, so a refusal can never buy sensitivity. Never above
     ``ceiling``: a threshold in the last percent of probability is a statement about rounding, not about patients.
     """
-    urgencies = np.sort(np.array([o.urgency if o.assessable and o.urgency is not None else -1.0 for o in outcomes]))
+    urgencies = np.array([o.urgency if o.assessable and o.urgency is not None else -1.0 for o in outcomes])
+    return _threshold_of(urgencies, target_sensitivity, ceiling)
+
+
+def _threshold_of(urgencies: np.ndarray, target_sensitivity: float, ceiling: float) -> float:
+    """:func:`choose_threshold` on urgencies (a refused series as -1)."""
     if urgencies.size == 0:
         raise ValueError("no series to choose a threshold on")
-    allowed_misses = int(np.floor((1.0 - target_sensitivity) * urgencies.size + 1e-9))
-    value = float(urgencies[min(allowed_misses, urgencies.size - 1)])
+    ordered = np.sort(urgencies)
+    allowed_misses = int(np.floor((1.0 - target_sensitivity) * ordered.size + 1e-9))
+    value = float(ordered[min(allowed_misses, ordered.size - 1)])
     return float(min(max(value, 0.0), ceiling))
+
+
+def threshold_interval(
+    series: Sequence[dict[str, Any]],
+    target_sensitivity: float,
+    *,
+    rounds: int = 2000,
+    seed: int = 0,
+    coverage: float = 0.9,
+    ceiling: float = 0.99,
+) -> dict[str, float]:
+    """How far :func:`choose_threshold` moves when its series are drawn again: the rule re-run on ``rounds``
+    resamples of the *patients* (with replacement, each with all its series, since one patient's contrasts are
+    correlated) of ``series`` (report rows with ``patient``, ``assessable`` and ``urgency``). Returns the central
+    ``coverage`` interval of the re-chosen thresholds. A threshold taken from the third-lowest of 45 urgencies
+    moves a lot, and a site that adopts it should know by how much."""
+    urgencies = np.array([s["urgency"] if s["assessable"] and s["urgency"] is not None else -1.0 for s in series])
+    patients = np.array([s["patient"] for s in series])
+    groups = [np.flatnonzero(patients == p) for p in np.unique(patients)]
+    if not groups:
+        raise ValueError("no series to resample")
+    rng = np.random.default_rng(seed)
+    chosen = []
+    for _ in range(rounds):
+        pick = np.concatenate([groups[i] for i in rng.integers(0, len(groups), len(groups))])
+        chosen.append(_threshold_of(urgencies[pick], target_sensitivity, ceiling))
+    tail = (1.0 - coverage) / 2
+    lo, hi = np.quantile(chosen, [tail, 1.0 - tail])
+    return {"lo": float(lo), "hi": float(hi), "coverage": coverage, "rounds": rounds, "patients": len(groups)}
 
 
 def _fmt(value: float, pattern: str) -> str:
