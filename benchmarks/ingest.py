@@ -117,17 +117,26 @@ def triaged_receiver(workdir: Path, processes: int = 1) -> Iterator[tuple[int, s
 
 
 @contextmanager
+def _serving(
+    proc: subprocess.Popen[bytes], port: int, called: str, count: Callable[[], int]
+) -> Iterator[tuple[int, str, Callable[[], int]]]:
+    """A receiver process already started: wait for its port, hand out (port, AE title, counter), stop it after."""
+    try:
+        wait_port(port, proc)
+        yield port, called, count
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+@contextmanager
 def pynetdicom_null_receiver(workdir: Path) -> Iterator[tuple[int, str, Callable[[], int]]]:
     """A bare pynetdicom SCP in its own process that answers every C-STORE 0x0000 and keeps nothing: the ceiling
     of any receiver built on pynetdicom's upper layer on this machine, whatever it does with the data."""
     port = free_port()
     proc = subprocess.Popen([sys.executable, __file__, "--serve-pynetdicom-null", str(port)], env=ENV, cwd=REPO_ROOT)
-    try:
-        wait_port(port, proc)
-        yield port, "NULLSCP", lambda: -1
-    finally:
-        proc.terminate()
-        proc.wait(30)
+    with _serving(proc, port, "NULLSCP", lambda: -1) as served:
+        yield served
 
 
 def serve_pynetdicom_null(port: int) -> None:
@@ -163,12 +172,10 @@ def storescp_receiver(
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    try:
-        wait_port(port, proc)
-        yield port, "STORESCP", (lambda: sum(1 for _ in out.iterdir())) if stores else (lambda: -1)
-    finally:
-        proc.terminate()
-        proc.wait(30)
+    with _serving(
+        proc, port, "STORESCP", (lambda: sum(1 for _ in out.iterdir())) if stores else (lambda: -1)
+    ) as served:
+        yield served
 
 
 @contextmanager
@@ -193,12 +200,8 @@ def orthanc_receiver(workdir: Path) -> Iterator[tuple[int, str, Callable[[], int
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    try:
-        wait_port(port, proc)
-        yield port, "ORTHANC", lambda: -1
-    finally:
-        proc.terminate()
-        proc.wait(30)
+    with _serving(proc, port, "ORTHANC", lambda: -1) as served:
+        yield served
 
 
 # Ceilings: "storescp-fork" is a C++ receiver that uses every core (one process per association) and never
