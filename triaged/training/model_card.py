@@ -48,19 +48,29 @@ triaged evaluate models/densenet121-brainmri-v1 --data-root ../shared/data --cal
 # 2.0.0 - the 1.2.0 manifest plus every tcga_lgg slice (split by patient and site), continued from 1.2.0 with the
 #    attention loss on Cheng and tcga_lgg masks (directory models/densenet121-brainmri-v2)
 python -m triaged.training.lgg --base models/densenet121-brainmri-v1/manifest.csv --out MANIFEST2
-python -m triaged.training.train --out-dir RUN4 --cache-dir CACHE --manifest MANIFEST2 \
-    --init model:models/densenet121-brainmri-v1 --cam-loss-weight 0.3 --epochs 100 --time-budget-minutes 100 \
+python -m triaged.training.train --out-dir RUN4 --cache-dir CACHE --manifest MANIFEST2 \\
+    --init model:models/densenet121-brainmri-v1 --cam-loss-weight 0.3 --epochs 100 --time-budget-minutes 100 \\
     --lr 3e-4 --warmup-epochs 0.3 --seed 20300 --model-version 2.0.0 --resume
 python -m triaged.training.export RUN4/best.pt models/densenet121-brainmri-v2 --final
 triaged evaluate models/densenet121-brainmri-v2 --data-root ../shared/data --calibrate --tta --cache-dir CACHE
 # 2.1.0 - 2.0.0's manifest (git history of models/densenet121-brainmri-v2) plus the sagittal/coronal reformats of
 #    the tcga_lgg training patients, continued from 2.0.0; stopped after epoch 2 (epoch 3 ran at lr < 4e-6)
 python -m triaged.training.mpr --out DERIVED --base MANIFEST2 --manifest-out MANIFEST3
-python -m triaged.training.train --out-dir RUN5 --cache-dir CACHE --manifest MANIFEST3 --data-root DERIVED \
-    --init model:models/densenet121-brainmri-v2 --cam-loss-weight 0.3 --cam-mask-sources cheng,tcga_lgg,tcga_lgg_mpr \
+python -m triaged.training.train --out-dir RUN5 --cache-dir CACHE --manifest MANIFEST3 --data-root DERIVED \\
+    --init model:models/densenet121-brainmri-v2 --cam-loss-weight 0.3 --cam-mask-sources cheng,tcga_lgg,tcga_lgg_mpr \\
     --epochs 100 --time-budget-minutes 55 --lr 1e-4 --warmup-epochs 0.3 --seed 20402 --model-version 2.1.0 --resume
 python -m triaged.training.export RUN5/best.pt models/densenet121-brainmri-v2 --final   # then "scoring_plane": "axial"
 triaged evaluate models/densenet121-brainmri-v2 --data-root DERIVED --calibrate --tta --cache-dir CACHE
+# MixStyle lever (not shipped; table "Full-budget runs"): 300 steps from 2.1.0 on its recipe, with and without
+for arm in control mixstyle; do
+    python -m triaged.training.train --out-dir LEVER/$arm --cache-dir CACHE --data-root DERIVED \\
+        --manifest models/densenet121-brainmri-v2/manifest.csv --init model:models/densenet121-brainmri-v2 \\
+        --cam-loss-weight 0.3 --cam-mask-sources cheng,tcga_lgg,tcga_lgg_mpr --lr 1e-4 --warmup-epochs 0.05 \\
+        --epochs 1 --max-steps 300 --seed 20500 --model-version 0.0.0-lever \\
+        $([ $arm = mixstyle ] && echo --mixstyle-prob 0.5)
+done
+python -m triaged.training.levers --data-root DERIVED --out-dir CMP --compare control=LEVER/control/model \\
+    mixstyle=LEVER/mixstyle/model
 # comparison models (same split, manifest and evaluation; budgets in the table)
 python -m triaged.training.train --out-dir R50 --cache-dir CACHE --arch resnet50 --input-size 128 --epochs 200 \\
     --lr 1e-3 --warmup-epochs 1 --workers 1 --threads 1 --time-budget-minutes 30 \\
