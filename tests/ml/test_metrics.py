@@ -83,3 +83,18 @@ def test_bootstrap_ci_brackets_the_mean() -> None:
     x = np.arange(100, dtype=float)
     lo, hi = bootstrap_ci(lambda i: float(x[i].mean()), 100, rounds=200, seed=1)
     assert lo < 49.5 < hi
+
+
+def test_cluster_resamples_draw_whole_clusters_with_replacement() -> None:
+    from triaged.training.metrics import cluster_resamples
+
+    clusters = np.array(["a", "b", "a", "c", "b", "a"])
+    count, draws = cluster_resamples(clusters, rounds=50, seed=1)
+    picks = list(draws)
+    assert count == 3 and len(picks) == 50
+    sizes = {"a": 3, "b": 2, "c": 1}
+    for pick in picks:
+        drawn = clusters[pick]
+        for name, size in sizes.items():
+            assert (drawn == name).sum() % size == 0  # a drawn cluster comes with all its rows
+    assert any(len(set(clusters[p])) < 3 for p in picks)  # with replacement: some draws miss a cluster

@@ -32,7 +32,7 @@ from triaged.ml.registry import DEFAULT_CLASSES, NO_TUMOUR
 from triaged.training.data import Sample, evaluation_samples, read_manifest
 from triaged.training.dataset import preprocess_files, sample_labels, sample_paths
 from triaged.training.lgg import UNSEEN_SITE, is_lgg, lgg_contrast, lgg_patient, lgg_site
-from triaged.training.metrics import expected_calibration_error, roc_auc, roc_curve
+from triaged.training.metrics import cluster_resamples, expected_calibration_error, roc_auc, roc_curve
 from triaged.training.train import TrainConfig, train
 
 REPO = Path(__file__).resolve().parents[2]
@@ -156,17 +156,15 @@ def paired_unseen_delta(
     tumour = np.array([samples[i].label != NO_TUMOUR for i in rows], dtype=np.int64)
     arm_score, base_score = 1.0 - probs[rows, no_tumour], 1.0 - baseline[rows, no_tumour]
     patients = np.array([lgg_patient(samples[i].path) for i in rows])
-    by_patient = [np.flatnonzero(patients == p) for p in np.unique(patients)]
-    rng = np.random.default_rng(seed)
+    n_patients, resamples = cluster_resamples(patients, rounds, seed)
     deltas = []
-    for _ in range(rounds):
-        pick = np.concatenate([by_patient[j] for j in rng.integers(0, len(by_patient), len(by_patient))])
+    for pick in resamples:
         d = roc_auc(tumour[pick], arm_score[pick]) - roc_auc(tumour[pick], base_score[pick])
         if np.isfinite(d):
             deltas.append(d)
     value = roc_auc(tumour, arm_score) - roc_auc(tumour, base_score)
     lo, hi = (float(np.quantile(deltas, 0.025)), float(np.quantile(deltas, 0.975))) if deltas else (np.nan, np.nan)
-    return {"value": float(value), "lo": lo, "hi": hi, "patients": len(by_patient)}
+    return {"value": float(value), "lo": lo, "hi": hi, "patients": n_patients}
 
 
 def format_delta(delta: dict[str, float] | None, missing: str = "–") -> str:

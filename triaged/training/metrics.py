@@ -7,7 +7,7 @@ for Cheng), so they are optimistic, and the model card says so.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -149,6 +149,20 @@ def bootstrap_ci(
     if finite.size == 0:
         return float("nan"), float("nan")
     return float(np.quantile(finite, alpha / 2)), float(np.quantile(finite, 1 - alpha / 2))
+
+
+def cluster_resamples(clusters: np.ndarray, rounds: int, seed: int) -> tuple[int, Iterator[np.ndarray]]:
+    """The number of distinct ``clusters`` (patients, say) and ``rounds`` bootstrap resamples of them: each a row
+    index array that draws whole clusters with replacement, every row of a drawn cluster included. Rows of one
+    patient are correlated, so resampling rows instead would make a CI far too narrow."""
+    groups = [np.flatnonzero(clusters == c) for c in np.unique(clusters)]
+    rng = np.random.default_rng(seed)
+
+    def draws() -> Iterator[np.ndarray]:
+        for _ in range(rounds):
+            yield np.concatenate([groups[i] for i in rng.integers(0, len(groups), len(groups))])
+
+    return len(groups), draws()
 
 
 def with_ci(value: float, ci: tuple[float, float]) -> dict[str, Any]:

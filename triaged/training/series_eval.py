@@ -39,7 +39,7 @@ from triaged.training.lgg import (
     lgg_site,
     lgg_slice_number,
 )
-from triaged.training.metrics import roc_auc
+from triaged.training.metrics import cluster_resamples, roc_auc
 from triaged.training.mpr import estimated_slice_spacing_mm
 
 log = structlog.get_logger()
@@ -310,8 +310,13 @@ def choose_threshold(outcomes: Sequence[SeriesOutcome], target_sensitivity: floa
     are urgent; not-assessable series count as missed, so a refusal can never buy sensitivity. Never above
     ``ceiling``: a threshold in the last percent of probability is a statement about rounding, not about patients.
     """
-    urgencies = np.array([o.urgency if o.assessable and o.urgency is not None else -1.0 for o in outcomes])
+    urgencies = np.array([_counted_urgency(o.assessable, o.urgency) for o in outcomes])
     return _threshold_of(urgencies, target_sensitivity, ceiling)
+
+
+def _counted_urgency(assessable: bool, urgency: float | None) -> float:
+    """The urgency a series counts with when a threshold is chosen: a refused series is -1, below any threshold."""
+    return urgency if assessable and urgency is not None else -1.0
 
 
 def _threshold_of(urgencies: np.ndarray, target_sensitivity: float, ceiling: float) -> float:
@@ -338,19 +343,14 @@ def threshold_interval(
     correlated) of ``series`` (report rows with ``patient``, ``assessable`` and ``urgency``). Returns the central
     ``coverage`` interval of the re-chosen thresholds. A threshold taken from the third-lowest of 45 urgencies
     moves a lot, and a site that adopts it should know by how much."""
-    urgencies = np.array([s["urgency"] if s["assessable"] and s["urgency"] is not None else -1.0 for s in series])
-    patients = np.array([s["patient"] for s in series])
-    groups = [np.flatnonzero(patients == p) for p in np.unique(patients)]
-    if not groups:
+    if not series:
         raise ValueError("no series to resample")
-    rng = np.random.default_rng(seed)
-    chosen = []
-    for _ in range(rounds):
-        pick = np.concatenate([groups[i] for i in rng.integers(0, len(groups), len(groups))])
-        chosen.append(_threshold_of(urgencies[pick], target_sensitivity, ceiling))
+    urgencies = np.array([_counted_urgency(s["assessable"], s["urgency"]) for s in series])
+    n_patients, resamples = cluster_resamples(np.array([s["patient"] for s in series]), rounds, seed)
+    chosen = [_threshold_of(urgencies[pick], target_sensitivity, ceiling) for pick in resamples]
     tail = (1.0 - coverage) / 2
     lo, hi = np.quantile(chosen, [tail, 1.0 - tail])
-    return {"lo": float(lo), "hi": float(hi), "coverage": coverage, "rounds": rounds, "patients": len(groups)}
+    return {"lo": float(lo), "hi": float(hi), "coverage": coverage, "rounds": rounds, "patients": n_patients}
 
 
 def _fmt(value: float, pattern: str) -> str:
