@@ -9,6 +9,7 @@ from typing import Any
 
 from triaged.ml.networks import build_network, count_parameters
 from triaged.ml.registry import read_spec
+from triaged.training.contrast_read import card_lines as contrast_read_lines
 from triaged.training.data import read_manifest
 from triaged.training.evaluate_outputs import ci
 from triaged.training.lgg import UNSEEN_SITE
@@ -71,6 +72,10 @@ for arm in control mixstyle; do
 done
 python -m triaged.training.levers --data-root DERIVED --out-dir CMP --compare control=LEVER/control/model \\
     mixstyle=LEVER/mixstyle/model
+# contrast of the Kaggle test images (section "Contrast of the Kaggle test images"): 480 images on 12 numbered
+#    sheets, read by eye into evaluation/kaggle_contrast_reads.csv (index,path,contrast), then counted by the card
+python -m triaged.training.contrast_read sheets models/densenet121-brainmri-v2 --out SHEETS --count 480
+python -m triaged.training.contrast_read summary models/densenet121-brainmri-v2
 # comparison models (same split, manifest and evaluation; budgets in the table)
 python -m triaged.training.train --out-dir R50 --cache-dir CACHE --arch resnet50 --input-size 128 --epochs 200 \\
     --lr 1e-3 --warmup-epochs 1 --workers 1 --threads 1 --time-budget-minutes 30 \\
@@ -271,7 +276,9 @@ def write_model_card(model_dir: Path, report: dict[str, Any], compare: Sequence[
         "- Prioritise brain MR series that may show a tumour (glioma, meningioma, pituitary) so a radiologist",
         "  sees them earlier.",
         "  Every study is still read by a human; a 'not urgent' result means nothing clinically.",
-        "- In scope: 2-D slices of anatomical brain MR (T1, T1 post-contrast, T2, FLAIR) of adults.",
+        "- In scope: 2-D slices of anatomical brain MR (T1, T1 post-contrast, T2, FLAIR) of adults. T2 series are",
+        "  assessed, but the shared data hold no T2 tumour image that we know of (tcga_lgg has no T2, and a read",
+        "  sample of Kaggle found none): T2 tumour sensitivity is unknown.",
         "- Out of scope (the metadata gate returns `not_assessable`): DWI/ADC, EPI (fMRI, perfusion), localizers,",
         "  derived maps, non-brain series. Series unlike the training data are also `not_assessable` (feature OOD).",
         "",
@@ -397,6 +404,7 @@ def write_model_card(model_dir: Path, report: dict[str, Any], compare: Sequence[
         *mpr_eval_lines(model_dir),
         *strip_eval_lines(model_dir),
         *plane_probe_lines(model_dir),
+        *contrast_read_lines(model_dir),
     ]
     if "release" in report:
         lines += [
