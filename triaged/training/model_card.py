@@ -17,6 +17,7 @@ from triaged.training.model_card_levers import lever_sections
 from triaged.training.model_card_volumes import lgg_data_lines, reformat_data_lines, volume_sections
 from triaged.training.mpr_eval import card_lines as mpr_eval_lines
 from triaged.training.plane_probe import card_lines as plane_probe_lines
+from triaged.training.specificity import card_lines as specificity_lines
 from triaged.training.strip_eval import card_lines as strip_eval_lines
 
 REPRODUCE = """\
@@ -403,6 +404,7 @@ def write_model_card(model_dir: Path, report: dict[str, Any], compare: Sequence[
         *lever_sections(model_dir),
         *mpr_eval_lines(model_dir),
         *strip_eval_lines(model_dir),
+        *specificity_lines(model_dir),
         *plane_probe_lines(model_dir),
         *contrast_read_lines(model_dir),
     ]

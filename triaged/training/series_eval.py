@@ -353,6 +353,59 @@ def threshold_interval(
     return {"lo": float(lo), "hi": float(hi), "coverage": coverage, "rounds": rounds, "patients": n_patients}
 
 
+def balanced_threshold(tumour: np.ndarray, tumour_free: np.ndarray, min_sensitivity: float) -> float:
+    """The threshold that maximises sensitivity + specificity over tumour series and tumour-free series
+    (urgencies, a refused series as -1), among those keeping at least ``min_sensitivity`` of the tumour series
+    urgent; the lowest such threshold on a tie. Unlike :func:`choose_threshold` it pays for false alarms, so it
+    shows what counting the tumour-free series would do to the operating point."""
+    if tumour.size == 0 or tumour_free.size == 0:
+        raise ValueError("a balanced threshold needs tumour and tumour-free series")
+    candidates = np.unique(np.concatenate([tumour, tumour_free]))
+    candidates = candidates[candidates >= 0.0]  # a refused series (-1) is below every threshold, never one itself
+    sensitivity = (tumour[None, :] >= candidates[:, None]).mean(axis=1)
+    specificity = (tumour_free[None, :] < candidates[:, None]).mean(axis=1)
+    allowed = sensitivity >= min_sensitivity - 1e-9
+    if not allowed.any():
+        return 0.0
+    score = np.where(allowed, sensitivity + specificity, -np.inf)
+    return float(candidates[int(np.argmax(score))])  # argmax takes the first, i.e. lowest, of equal scores
+
+
+def balanced_threshold_interval(
+    tumour_series: Sequence[dict[str, Any]],
+    tumour_free_series: Sequence[dict[str, Any]],
+    min_sensitivity: float,
+    *,
+    rounds: int = 2000,
+    seed: int = 0,
+    coverage: float = 0.9,
+) -> dict[str, float]:
+    """:func:`balanced_threshold` and its central ``coverage`` interval over patient resamples (each drawn patient
+    with all its tumour and tumour-free series), as :func:`threshold_interval` does for the sensitivity rule."""
+    rows = [*tumour_series, *tumour_free_series]
+    if not tumour_series or not tumour_free_series:
+        raise ValueError("a balanced threshold needs tumour and tumour-free series")
+    urgencies = np.array([_counted_urgency(r["assessable"], r["urgency"]) for r in rows])
+    is_tumour = np.arange(len(rows)) < len(tumour_series)
+    n_patients, resamples = cluster_resamples(np.array([r["patient"] for r in rows]), rounds, seed)
+    chosen = []
+    for pick in resamples:
+        tumour, free = urgencies[pick][is_tumour[pick]], urgencies[pick][~is_tumour[pick]]
+        if tumour.size and free.size:  # a draw of patients may hold no series of one kind
+            chosen.append(balanced_threshold(tumour, free, min_sensitivity))
+    tail = (1.0 - coverage) / 2
+    lo, hi = np.quantile(chosen, [tail, 1.0 - tail])
+    value = balanced_threshold(urgencies[is_tumour], urgencies[~is_tumour], min_sensitivity)
+    return {
+        "threshold": value,
+        "lo": float(lo),
+        "hi": float(hi),
+        "coverage": coverage,
+        "rounds": len(chosen),
+        "patients": n_patients,
+    }
+
+
 def _fmt(value: float, pattern: str) -> str:
     return "–" if np.isnan(value) else pattern.format(value)
 
