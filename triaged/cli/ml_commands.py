@@ -62,8 +62,18 @@ def train_command(  # noqa: PLR0917 (one parameter per CLI option)
         str, typer.Option(help="Comma-separated sources whose tumour masks the attention loss uses.")
     ] = "cheng,tcga_lgg",
     sampling: Annotated[
-        str, typer.Option(help="uniform | balanced (every source and contrast an equal share of each epoch).")
+        str,
+        typer.Option(
+            help="uniform | balanced (every source and contrast an equal share of each epoch) | kaggle_contrast"
+            " (the classes of each estimated Kaggle contrast an equal share; needs --contrast-estimates)."
+        ),
     ] = "uniform",
+    contrast_estimates: Annotated[
+        Path | None,
+        typer.Option(
+            help="--sampling kaggle_contrast: path,contrast CSV from python -m triaged.training.contrast_probe."
+        ),
+    ] = None,
     augment: Annotated[
         str,
         typer.Option(
@@ -92,6 +102,8 @@ def train_command(  # noqa: PLR0917 (one parameter per CLI option)
 
     if sampling not in SAMPLINGS or augment not in AUGMENTS:
         _fail(f"--sampling must be one of {', '.join(SAMPLINGS)}; --augment one of {', '.join(AUGMENTS)}")
+    if sampling == "kaggle_contrast" and (contrast_estimates is None or not contrast_estimates.is_file()):
+        _fail("--sampling kaggle_contrast needs --contrast-estimates FILE (python -m triaged.training.contrast_probe)")
     if not 0.0 <= strip_prob <= 1.0:
         _fail(f"--strip-prob must be between 0 and 1, got {strip_prob}")
     if epochs < 1 or batch_size < 1 or input_size < 32:
@@ -123,6 +135,7 @@ def train_command(  # noqa: PLR0917 (one parameter per CLI option)
         augment=augment,
         strip_prob=strip_prob,
         strip_whole_heads_only=strip_whole_heads_only,
+        contrast_estimates=contrast_estimates,
     )
     try:
         best = train(cfg)

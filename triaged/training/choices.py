@@ -7,5 +7,5 @@ mistyped option must not pay for numpy, torch or MONAI); :mod:`triaged.training.
 
 from __future__ import annotations
 
-SAMPLINGS = ("uniform", "balanced")
+SAMPLINGS = ("uniform", "balanced", "kaggle_contrast")
 AUGMENTS = ("standard", "scanner", "strip")  # strip: standard + a random skull strip

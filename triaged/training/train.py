@@ -40,6 +40,7 @@ from triaged.training.attention import attention_loss, cell_hits, logits_and_cam
 from triaged.training.augment import PairedAugment, StripOptions, build_train_augment
 from triaged.training.camscore import cheng_mask_path, load_masks
 from triaged.training.choices import AUGMENTS, SAMPLINGS
+from triaged.training.contrast_probe import read_estimates
 from triaged.training.data import (
     Sample,
     assign_splits,
@@ -53,7 +54,7 @@ from triaged.training.dataset import CachedImages, MaskedImages, preprocess_file
 from triaged.training.lgg import is_lgg, lgg_mask_path
 from triaged.training.mixstyle import MixStyleOptions, attach_mixstyle
 from triaged.training.mpr import is_mpr, mask_path_of
-from triaged.training.sampling import balanced_weights, effective_class_counts
+from triaged.training.sampling import balanced_weights, effective_class_counts, kaggle_contrast_weights
 
 log = structlog.get_logger()
 
@@ -95,6 +96,7 @@ class TrainConfig:
     strip_prob: float = StripOptions.prob  # --augment strip: share of training slices stripped
     strip_whole_heads_only: bool = StripOptions.whole_heads_only  # --augment strip: only whole heads in the frame
     mixstyle_prob: float = 0.0  # > 0: MixStyle after the first two dense blocks with this chance per batch
+    contrast_estimates: Path | None = None  # --sampling kaggle_contrast: path,contrast of every Kaggle image
     validate: bool = True  # off: no per-epoch validation pass (the lever study evaluates each arm itself)
 
     def to_json(self) -> dict[str, Any]:
@@ -303,6 +305,20 @@ def export_checkpoint(
     return written
 
 
+def _sampling_weights(cfg: TrainConfig, samples: Sequence[Sample]) -> np.ndarray:
+    """Per-sample draw probabilities of ``cfg.sampling`` (uniform: all equal)."""
+    if cfg.sampling == "balanced":
+        return balanced_weights(samples)
+    if cfg.sampling == "kaggle_contrast":
+        if cfg.contrast_estimates is None or not cfg.contrast_estimates.is_file():
+            raise ValueError(
+                "--sampling kaggle_contrast needs --contrast-estimates FILE "
+                "(python -m triaged.training.contrast_probe MODEL_DIR --out FILE)"
+            )
+        return kaggle_contrast_weights(samples, read_estimates(cfg.contrast_estimates))
+    return np.full(len(samples), 1.0 / len(samples))
+
+
 def train(cfg: TrainConfig) -> Path:
     """Run (or resume) training; returns the path of the best checkpoint."""
     torch.set_num_threads(cfg.threads)
@@ -316,8 +332,8 @@ def train(cfg: TrainConfig) -> Path:
     if cfg.sampling not in SAMPLINGS:
         raise ValueError(f"sampling must be one of {', '.join(SAMPLINGS)}, got {cfg.sampling!r}")
     gen = torch.Generator().manual_seed(cfg.seed)
-    balanced = cfg.sampling == "balanced"
-    weights = balanced_weights(arrays["train_samples"]) if balanced else np.full(len(train_y), 1.0 / len(train_y))
+    weights = _sampling_weights(cfg, arrays["train_samples"])
+    balanced = cfg.sampling != "uniform"
     # the loss's class weights come from the class mix the sampler draws (uniform: the plain class counts)
     counts = effective_class_counts(train_y, weights, len(DEFAULT_CLASSES))
     sampler = (
@@ -547,6 +563,9 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
     p.add_argument("--augment", choices=AUGMENTS, default=defaults["augment"])
     p.add_argument("--manifest", type=Path, default=None)
     p.add_argument("--cache-dir", type=Path, default=None)
+    p.add_argument(
+        "--contrast-estimates", type=Path, default=None, help="--sampling kaggle_contrast: contrast_probe's output"
+    )
     p.add_argument("--strip-whole-heads-only", action="store_true", help="--augment strip: only whole heads")
     p.add_argument("--resume", action="store_true")
     ns = p.parse_args(argv)
