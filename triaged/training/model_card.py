@@ -19,6 +19,7 @@ from triaged.training.mpr_eval import card_lines as mpr_eval_lines
 from triaged.training.plane_probe import card_lines as plane_probe_lines
 from triaged.training.specificity import card_lines as specificity_lines
 from triaged.training.strip_eval import card_lines as strip_eval_lines
+from triaged.training.strip_series import card_lines as strip_series_lines
 
 REPRODUCE = """\
 ```bash
@@ -73,6 +74,8 @@ for arm in control mixstyle; do
 done
 python -m triaged.training.levers --data-root DERIVED --out-dir CMP --compare control=LEVER/control/model \\
     mixstyle=LEVER/mixstyle/model
+# skull-stripped test volumes as series (section "Skull-stripped test series through the daemon path")
+python -m triaged.training.strip_series models/densenet121-brainmri-v2 --data-root ../shared/data
 # contrast of the Kaggle test images (section "Contrast of the Kaggle test images"): 480 images on 12 numbered
 #    sheets, read by eye into evaluation/kaggle_contrast_reads.csv (index,path,contrast), then counted by the card
 python -m triaged.training.contrast_read sheets models/densenet121-brainmri-v2 --out SHEETS --count 480
@@ -404,6 +407,7 @@ def write_model_card(model_dir: Path, report: dict[str, Any], compare: Sequence[
         *lever_sections(model_dir),
         *mpr_eval_lines(model_dir),
         *strip_eval_lines(model_dir),
+        *strip_series_lines(model_dir),
         *specificity_lines(model_dir),
         *plane_probe_lines(model_dir),
         *contrast_read_lines(model_dir),
