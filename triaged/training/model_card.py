@@ -74,6 +74,9 @@ for arm in control mixstyle; do
 done
 python -m triaged.training.levers --data-root DERIVED --out-dir CMP --compare control=LEVER/control/model \\
     mixstyle=LEVER/mixstyle/model
+# contrast-aware Kaggle sampling lever (not shipped): estimate every Kaggle image's contrast from the read sample,
+#    then the control's command above with --sampling kaggle_contrast --contrast-estimates ESTIMATES.csv
+python -m triaged.training.contrast_probe models/densenet121-brainmri-v2 --out ESTIMATES.csv
 # skull-stripped test volumes as series (section "Skull-stripped test series through the daemon path")
 python -m triaged.training.strip_series models/densenet121-brainmri-v2 --data-root ../shared/data
 # contrast of the Kaggle test images (section "Contrast of the Kaggle test images"): 480 images on 12 numbered
