@@ -143,3 +143,42 @@ def _assert_temperature_minimises_val_nll(path: Path, classes: tuple[str, ...], 
     best = nll(temperature)
     assert best <= nll(1.0) + 1e-4
     assert best <= min(nll(temperature * 0.8), nll(temperature * 1.25)) + 1e-4
+
+
+def test_the_cam_is_chosen_on_every_masked_source_not_on_cheng_alone(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Two candidates: Grad-CAM++ wins on Cheng by one slice and points at FLAIR lesions far less often; the mean
+    over both sources' validation slices must choose Grad-CAM (2.2.0's case). Pointing games are stubbed: what is
+    tested is the choice, not Grad-CAM."""
+    from types import SimpleNamespace
+
+    from triaged.training import evaluate as ev
+    from triaged.training.data import Sample
+
+    def slice_of(path: str, source: str, label: str) -> Sample:
+        return Sample(path, source, label, "val", path, False, "", False, source == "cheng")
+
+    val = [slice_of(f"cheng_figshare/images/cheng_{i:04d}.jpg", "cheng", "glioma") for i in range(4)]
+    val += [slice_of(f"tcga_lgg/TCGA_HT_A{i}/flair/01.jpg", "tcga_lgg", "glioma") for i in range(4)]
+    val += [slice_of("tcga_lgg/TCGA_HT_A9/flair/02.jpg", "tcga_lgg", "notumor")]
+    played = {("L", "gradcam", "cheng"): 0.979, ("L", "gradcampp", "cheng"): 0.990}
+    played |= {("L", "gradcam", "flair"): 0.948, ("L", "gradcampp", "flair"): 0.573}
+
+    def fake_score(_model: object, x: object, _labels: object, masks: np.ndarray, layer: str, **kw: object) -> object:
+        source = "flair" if masks.shape[0] == 4 and masks.sum() == 0 else "cheng"
+        value = played[(layer, str(kw["method"]), source)]
+        return {"pointing_game": {"value": value}, "mean_iou": {"value": 0.2}, "n": 4}, None
+
+    monkeypatch.setattr(ev, "score_cams", fake_score)
+    monkeypatch.setattr(ev, "cam_layer_candidates", lambda _arch: [("L", 1)])
+    monkeypatch.setattr(ev, "_cheng_masks", lambda *_a: np.ones((4, 8, 8), dtype=bool))
+    monkeypatch.setattr(ev, "load_masks", lambda paths, _size: np.zeros((len(paths), 8, 8), dtype=bool))
+    spec = SimpleNamespace(arch="densenet121", preprocessing=SimpleNamespace(input_size=8))
+    predictor = SimpleNamespace(spec=spec, model=None, cam_config=None)
+    images = np.zeros((len(val), 1, 8, 8), dtype=np.float16)
+    labels = np.zeros(len(val), dtype=np.int64)
+    choice, table = ev._select_cam(predictor, tmp_path, val, images, labels, rounds=1)  # type: ignore[arg-type]
+    assert choice.method == "gradcam", table
+    assert {row["method"]: row["by_source"]["cheng"]["pointing_game"] for row in table}["gradcampp"] == 0.990
+    assert all(row["n"] == 8 for row in table)  # 4 Cheng + 4 FLAIR tumour slices, the tumour-free one left out
