@@ -30,7 +30,7 @@ from triaged.training.data import read_manifest
 from triaged.training.lgg import lgg_mask_path
 from triaged.training.series_eval import volume_series, write_volume_series
 
-CANDIDATE_MODEL = SHIPPED_MODEL  # 2.1.0, the daemon default
+CANDIDATE_MODEL = SHIPPED_MODEL  # 2.2.0, the daemon default
 # Test-split patients (never trained on): one of the seen site, one of the site that never trained at all.
 SERIES = (("TCGA_DU_7018", "flair"), ("TCGA_HT_7616", "t1_post"))
 

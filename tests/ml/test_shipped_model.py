@@ -24,7 +24,7 @@ from triaged.training.series_eval import read_series
 
 REPO = Path(__file__).resolve().parents[2]
 PREVIOUS_DIR = REPO / "models" / "densenet121-brainmri-v1"  # 1.2.0, the previous default: still loadable by path
-DEFAULT_DIR = REPO / "models" / "densenet121-brainmri-v2"  # 2.1.0, the daemon's default
+DEFAULT_DIR = REPO / "models" / "densenet121-brainmri-v2"  # 2.2.0, the daemon's default
 TOSHIBA_DWI_PATH = RELEASE_PATHS["toshiba_dti_b0"]
 UIH_T1_PATH = RELEASE_PATHS["uih_t1_gre_3d_sag"]
 XA30_MPRAGE_PATH = RELEASE_PATHS["siemens_xa30_mprage"]
@@ -110,7 +110,7 @@ def test_a_diffusion_or_epi_series_whose_metadata_says_nothing_is_refused_by_its
     assert "coarser than the model's 128-pixel input" in (result.reason or ""), result.reason
 
 
-@pytest.mark.parametrize("model_dir", [DEFAULT_DIR, PREVIOUS_DIR], ids=["2.1.0", "1.2.0"])
+@pytest.mark.parametrize("model_dir", [DEFAULT_DIR, PREVIOUS_DIR], ids=["2.2.0", "1.2.0"])
 def test_accepts_the_real_anatomical_series(data_root: Path, model_dir: Path) -> None:
     """Neither the gate nor the OOD score refuses the real normal T1 volumes, and neither model flags them. The
     isotropic 3-D MPRAGE is scored on its axial reformat (in its acquired sagittal plane 2.0.0 read the sella as

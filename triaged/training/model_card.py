@@ -384,7 +384,7 @@ def write_model_card(model_dir: Path, report: dict[str, Any], compare: Sequence[
         f"{ci(clean['accuracy']) if clean else 'not available'}.",
         "",
         "Grad-CAM localisation on test Cheng slices (true class; pointing game = map maximum within 15 px at 224 px,"
-        " i.e. 9 px here, of the tumour mask; layer and method chosen on validation Cheng slices):",
+        " i.e. 9 px here, of the tumour mask; layer and method chosen on validation Cheng and tcga_lgg FLAIR slices):",
         "",
         "| method | layer (map density) | n | pointing game | mean IoU (map ≥ 0.5) |",
         "|---|---|---|---|---|",
