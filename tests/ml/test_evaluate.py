@@ -173,7 +173,7 @@ def test_the_cam_is_chosen_on_every_masked_source_not_on_cheng_alone(
     monkeypatch.setattr(ev, "score_cams", fake_score)
     monkeypatch.setattr(ev, "cam_layer_candidates", lambda _arch: [("L", 1)])
     monkeypatch.setattr(ev, "_cheng_masks", lambda *_a: np.ones((4, 8, 8), dtype=bool))
-    monkeypatch.setattr(ev, "load_masks", lambda paths, _size: np.zeros((len(paths), 8, 8), dtype=bool))
+    monkeypatch.setattr(ev, "flair_masks", lambda _root, _val, rows, _size: np.zeros((len(rows), 8, 8), dtype=bool))
     spec = SimpleNamespace(arch="densenet121", preprocessing=SimpleNamespace(input_size=8))
     predictor = SimpleNamespace(spec=spec, model=None, cam_config=None)
     images = np.zeros((len(val), 1, 8, 8), dtype=np.float16)

@@ -29,8 +29,14 @@ from triaged.ml.registry import default_aggregation, load_model, load_ood, read_
 from triaged.training.camscore import cheng_mask_path, evenly_spaced, load_masks, score_cams
 from triaged.training.data import Sample, evaluation_samples, read_manifest, split_summary, training_samples
 from triaged.training.dataset import preprocess_files, sample_labels, sample_paths
-from triaged.training.evaluate_volumes import flair_pointing_game, per_source_table, volume_evaluation
-from triaged.training.lgg import is_lgg, lgg_contrast, lgg_mask_path, trained_sites
+from triaged.training.evaluate_volumes import (
+    flair_masks,
+    flair_pointing_game,
+    flair_tumour_rows,
+    per_source_table,
+    volume_evaluation,
+)
+from triaged.training.lgg import is_lgg, trained_sites
 from triaged.training.metrics import fit_temperature, roc_curve, sensitivity_threshold, youden_threshold
 from triaged.training.report import set_report
 
@@ -368,34 +374,27 @@ def _select_cam(
     Ties keep the earlier, cheaper candidate (plain before denser grids).
     """
     size = predictor.spec.preprocessing.input_size
-    sources = []
+    masked: list[tuple[str, list[int], np.ndarray]] = []
     cheng = _cheng_rows(val, CAM_SELECTION_SLICES)
     if cheng:
-        sources.append(("cheng", cheng, _cheng_masks(data_root, val, cheng, size)))
-    flair = evenly_spaced(
-        [i for i, s in enumerate(val) if is_lgg(s) and lgg_contrast(s.path) == "flair" and s.label != "notumor"],
-        CAM_SELECTION_SLICES,
-    )
+        masked.append(("cheng", cheng, _cheng_masks(data_root, val, cheng, size)))
+    flair = flair_tumour_rows(val, CAM_SELECTION_SLICES)
     if flair:
-        sources.append(
-            ("tcga_lgg_flair", flair, load_masks([lgg_mask_path(data_root, val[i].path) for i in flair], size))
-        )
+        masked.append(("tcga_lgg_flair", flair, flair_masks(data_root, val, flair, size)))
+    # each source's images once, not once per candidate
+    sources = [
+        (name, torch.from_numpy(images[rows].astype(np.float32)), labels[rows].tolist(), masks)
+        for name, rows, masks in masked
+    ]
     if not sources:
         return predictor.cam_config, []
     table: list[dict[str, Any]] = []
     for layer, atrous in cam_layer_candidates(predictor.spec.arch):
         for method in ("gradcam", "gradcampp"):
             by_source: dict[str, dict[str, float]] = {}
-            for name, rows, masks in sources:
+            for name, x, targets, masks in sources:
                 rep, _ = score_cams(
-                    predictor.model,
-                    torch.from_numpy(images[rows].astype(np.float32)),
-                    labels[rows].tolist(),
-                    masks,
-                    layer,
-                    method=method,
-                    atrous=atrous,
-                    rounds=rounds,
+                    predictor.model, x, targets, masks, layer, method=method, atrous=atrous, rounds=rounds
                 )
                 by_source[name] = {"pointing_game": rep["pointing_game"]["value"], "mean_iou": rep["mean_iou"]["value"]}
             table.append(
@@ -405,7 +404,7 @@ def _select_cam(
                     "atrous": atrous,
                     "pointing_game": float(np.mean([v["pointing_game"] for v in by_source.values()])),
                     "mean_iou": float(np.mean([v["mean_iou"] for v in by_source.values()])),
-                    "n": sum(len(rows) for _, rows, _ in sources),
+                    "n": sum(len(targets) for _, _, targets, _ in sources),
                     "by_source": by_source,
                 }
             )

@@ -70,6 +70,19 @@ def per_source_table(
     return rows
 
 
+def flair_tumour_rows(samples: Sequence[Sample], limit: int) -> list[int]:
+    """Up to ``limit`` evenly spaced indices of the tcga_lgg FLAIR tumour slices of ``samples``."""
+    return evenly_spaced(
+        [i for i, s in enumerate(samples) if is_lgg(s) and lgg_contrast(s.path) == "flair" and s.label != "notumor"],
+        limit,
+    )
+
+
+def flair_masks(data_root: Path, samples: Sequence[Sample], rows: Sequence[int], size: int) -> np.ndarray:
+    """The FLAIR-abnormality masks of those slices at the model's input size."""
+    return load_masks([lgg_mask_path(data_root, samples[i].path) for i in rows], size)
+
+
 def flair_pointing_game(
     predictor: Predictor,
     data_root: Path,
@@ -81,15 +94,10 @@ def flair_pointing_game(
     rounds: int,
 ) -> dict[str, Any]:
     """Grad-CAM pointing game on tcga_lgg FLAIR tumour slices against their FLAIR-abnormality masks."""
-    rows = evenly_spaced(
-        [i for i, s in enumerate(samples) if is_lgg(s) and lgg_contrast(s.path) == "flair" and s.label != "notumor"],
-        limit,
-    )
+    rows = flair_tumour_rows(samples, limit)
     if not rows:
         return {"n": 0}
-    masks = load_masks(
-        [lgg_mask_path(data_root, samples[i].path) for i in rows], predictor.spec.preprocessing.input_size
-    )
+    masks = flair_masks(data_root, samples, rows, predictor.spec.preprocessing.input_size)
     c = predictor.cam_config
     report, _ = score_cams(
         predictor.model,

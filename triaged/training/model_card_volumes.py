@@ -12,7 +12,7 @@ from triaged.training.data import Sample
 from triaged.training.evaluate_volumes import SERIES_TARGET_SENSITIVITY
 from triaged.training.lgg import MIN_TUMOUR_PIXELS, UNSEEN_SITE
 from triaged.training.mpr import is_mpr
-from triaged.training.series_eval import series_rows, threshold_interval
+from triaged.training.series_eval import series_rows, threshold_interval, urgent_count
 
 
 def _pct(value: float) -> str:
@@ -61,8 +61,7 @@ def threshold_stability_lines(volumes: dict[str, Any]) -> list[str]:
     test = volumes["test"].get("series", [])
 
     def test_sensitivity(threshold: float) -> str:
-        urgent = sum(1 for s in test if s["assessable"] and s["urgency"] is not None and s["urgency"] >= threshold)
-        return f"{urgent}/{len(test)}"
+        return f"{urgent_count(test, threshold)}/{len(test)}"
 
     return [
         "",

@@ -319,6 +319,11 @@ def _counted_urgency(assessable: bool, urgency: float | None) -> float:
     return urgency if assessable and urgency is not None else -1.0
 
 
+def urgent_count(series: Sequence[dict[str, Any]], threshold: float) -> int:
+    """How many report rows (``assessable``, ``urgency``) would be urgent at ``threshold``; a refused series never."""
+    return sum(1 for s in series if _counted_urgency(s["assessable"], s["urgency"]) >= threshold)
+
+
 def _threshold_of(urgencies: np.ndarray, target_sensitivity: float, ceiling: float) -> float:
     """:func:`choose_threshold` on urgencies (a refused series as -1)."""
     if urgencies.size == 0:

@@ -32,6 +32,7 @@ from triaged.training.series_eval import (
     VolumeSeries,
     assess_dicom_files,
     balanced_threshold_interval,
+    urgent_count,
     volume_series,
     wilson_interval,
     write_volume_series,
@@ -106,10 +107,6 @@ def specificity_report(triage: Triage, data_root: Path, runs: Sequence[VolumeSer
     return report
 
 
-def _urgent_count(series: Sequence[dict[str, Any]], threshold: float) -> int:
-    return sum(1 for s in series if s["assessable"] and s["urgency"] is not None and s["urgency"] >= threshold)
-
-
 def card_lines(model_dir: Path) -> list[str]:
     """The model-card section: tumour-free runs per contrast at the shipped threshold, and the operating point a
     rule that also counts the unseen site's tumour-free validation runs would choose; nothing without the file."""
@@ -146,9 +143,9 @@ def card_lines(model_dir: Path) -> list[str]:
     shipped = float(report["threshold"])
     test_tumour = volumes.get("test", {}).get("series", [])
     test_free = [r for r in runs if r["split"] == "test"]
-    lost = _urgent_count(test_tumour, shipped) - _urgent_count(test_tumour, rule["threshold"])
-    flagged = _urgent_count(test_free, shipped)
-    spared = flagged - _urgent_count(test_free, rule["threshold"])
+    lost = urgent_count(test_tumour, shipped) - urgent_count(test_tumour, rule["threshold"])
+    flagged = urgent_count(test_free, shipped)
+    spared = flagged - urgent_count(test_free, rule["threshold"])
     lines += [
         "",
         "- Counting false alarms when choosing the operating point: the threshold that maximises sensitivity +",

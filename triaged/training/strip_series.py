@@ -26,6 +26,7 @@ import torch
 from tqdm import tqdm
 
 from triaged.ml.inference import Triage
+from triaged.ml.results import SeriesAssessment
 from triaged.training.data import read_manifest
 from triaged.training.series_eval import VolumeSeries, read_series, volume_series, wilson_interval, write_volume_series
 from triaged.training.skullstrip import skull_strip
@@ -33,7 +34,7 @@ from triaged.training.skullstrip import skull_strip
 SERIES_FILE = "strip_series.json"
 
 
-def _row(volume: VolumeSeries, stripped: Any, unstripped: Any) -> dict[str, Any]:
+def _row(volume: VolumeSeries, stripped: SeriesAssessment, unstripped: SeriesAssessment) -> dict[str, Any]:
     return {
         "patient": volume.patient,
         "site": volume.site,

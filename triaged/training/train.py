@@ -333,11 +333,11 @@ def train(cfg: TrainConfig) -> Path:
         raise ValueError(f"sampling must be one of {', '.join(SAMPLINGS)}, got {cfg.sampling!r}")
     gen = torch.Generator().manual_seed(cfg.seed)
     weights = _sampling_weights(cfg, arrays["train_samples"])
-    balanced = cfg.sampling != "uniform"
+    weighted = cfg.sampling != "uniform"
     # the loss's class weights come from the class mix the sampler draws (uniform: the plain class counts)
     counts = effective_class_counts(train_y, weights, len(DEFAULT_CLASSES))
     sampler = (
-        WeightedRandomSampler(weights.tolist(), len(train_y), replacement=True, generator=gen) if balanced else None
+        WeightedRandomSampler(weights.tolist(), len(train_y), replacement=True, generator=gen) if weighted else None
     )
     class_weight = torch.tensor(counts.sum() / (len(counts) * np.maximum(counts, 1)), dtype=torch.float32)
     strip = StripOptions(cfg.strip_prob, cfg.strip_whole_heads_only)
